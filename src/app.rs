@@ -1,0 +1,71 @@
+//! Wiring: config -> runtime -> listeners; then wait for a signal and drain.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::config::{Loaded, Overrides};
+use crate::runtime::{self, Runtime, SharedRuntime};
+use crate::server::{self, BindError, Listeners};
+
+/// Where the config came from, so it can be read again the same way.
+#[derive(Clone, Debug)]
+pub struct ConfigSource {
+    pub path: PathBuf,
+    pub required: bool,
+    pub overrides: Overrides,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+/// Runs balancer until SIGTERM or SIGINT, then drains within `shutdown_grace`.
+pub async fn run(loaded: Loaded, _source: ConfigSource) -> Result<(), AppError> {
+    let rt = runtime::build(loaded.config, None, 1);
+    let listeners = server::bind(&rt.config.server.listen)?;
+    log_upstreams(&rt);
+    if rt.config.routes.is_empty() && rt.upstreams.len() > 1 {
+        tracing::warn!("there are several upstreams and no [[routes]]: every request will get 404");
+    }
+    let runtime: SharedRuntime = Arc::new(ArcSwap::from_pointee(rt));
+    let running = Listeners::start(listeners, runtime.clone());
+
+    wait_for_stop().await.map_err(AppError::Signals)?;
+    let grace = runtime.load().config.server.shutdown_grace;
+    if running.shutdown(grace).await {
+        tracing::info!("all connections drained; exiting");
+    } else {
+        tracing::warn!(grace = %humantime::format_duration(grace), "shutdown grace ran out; closing the remaining connections");
+    }
+    Ok(())
+}
+
+fn log_upstreams(rt: &Runtime) {
+    for up in &rt.upstreams {
+        let backends: Vec<String> = up
+            .backends
+            .iter()
+            .zip(&up.weights)
+            .map(|(b, w)| format!("{} (weight {w})", b.url))
+            .collect();
+        tracing::info!(upstream = %up.name, strategy = %up.strategy, backends = %backends.join(", "), "upstream");
+    }
+}
+
+async fn wait_for_stop() -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let which = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::info!(signal = which, "shutting down");
+    Ok(())
+}

@@ -1,0 +1,192 @@
+//! Configuration: `balancer.toml` + command-line overrides -> [`RawConfig`] (serde, the
+//! file as written) -> `validate` -> [`Config`] (checked, typed) -> `runtime::build`.
+//!
+//! The same [`load`] runs at start-up and on every reload, so overrides keep winning.
+
+mod raw;
+mod source;
+pub mod units;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http::uri::{Authority, Scheme};
+use ipnet::IpNet;
+
+pub use raw::{LogFormat, LogLevel, RawConfig, StrategyName};
+pub use source::{Location, Overrides};
+
+/// Why a config could not be loaded; `Display` is the one line an operator sees.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{}: cannot read config file: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{location}: {message}")]
+    Invalid { location: Location, message: String },
+}
+
+/// A loaded config: the checked form for the runtime, and the merged raw form for
+/// `--print-config`.
+#[derive(Debug)]
+pub struct Loaded {
+    pub config: Config,
+    pub raw: RawConfig,
+}
+
+/// Reads `path` (missing is fine unless `required`), applies `overrides`, validates.
+pub fn load(path: &Path, required: bool, overrides: &Overrides) -> Result<Loaded, ConfigError> {
+    let src = source::Source::read(path, required)?;
+    let merged = src.merge(overrides)?;
+    let config = validate::validate(&merged.raw).map_err(|e| ConfigError::Invalid {
+        location: merged.index.locate(&e.key),
+        message: e.message,
+    })?;
+    Ok(Loaded {
+        config,
+        raw: merged.raw,
+    })
+}
+
+/// The checked config. Everything the runtime needs, in its own types, no serde.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub server: ServerConfig,
+    /// `None` when the admin listener is `off`.
+    pub admin: Option<SocketAddr>,
+    pub log: LogConfig,
+    pub upstreams: Vec<UpstreamConfig>,
+    pub rate_limits: BTreeMap<String, RateLimitConfig>,
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub listen: Vec<SocketAddr>,
+    /// Worker threads; already resolved (0 in the file means one per core).
+    pub workers: usize,
+    pub max_connections: usize,
+    pub max_request_body: u64,
+    pub max_header_bytes: usize,
+    pub shutdown_grace: Duration,
+    pub trusted_proxies: Vec<IpNet>,
+    pub rate_limit: Vec<String>,
+    /// Timeouts that apply to client connections (`[timeouts]`).
+    pub timeouts: Timeouts,
+}
+
+#[derive(Clone, Debug)]
+pub struct LogConfig {
+    pub level: LogLevel,
+    pub format: LogFormat,
+    pub access: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub client_header: Duration,
+    pub upstream_header: Duration,
+    pub idle: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamConfig {
+    pub name: String,
+    pub strategy: StrategyName,
+    pub backends: Vec<BackendConfig>,
+    pub preserve_host: bool,
+    pub retries: u32,
+    pub pool: PoolConfig,
+    pub timeouts: Timeouts,
+    pub health_check: Option<HealthCheckConfig>,
+    pub passive: PassiveConfig,
+}
+
+/// How connections to one backend are pooled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolConfig {
+    /// Idle connections kept per backend.
+    pub keepalive: usize,
+    pub idle_timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendConfig {
+    /// As written, for logs, metrics and `/status`.
+    pub url: String,
+    pub scheme: Scheme,
+    pub authority: Authority,
+    pub weight: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheckConfig {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub healthy_threshold: u32,
+    pub unhealthy_threshold: u32,
+    /// Inclusive status ranges that count as healthy.
+    pub expect_status: Vec<(u16, u16)>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PassiveConfig {
+    /// 0: passive checks off.
+    pub max_fails: u32,
+    pub fail_timeout: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RateLimitConfig {
+    pub rate: u64,
+    pub per: Duration,
+    pub burst: u64,
+    pub key: LimitKey,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LimitKey {
+    ClientIp,
+    Header(http::HeaderName),
+    Global,
+}
+
+#[derive(Clone, Debug)]
+pub struct RouteConfig {
+    pub host: Option<HostMatch>,
+    /// Normalised, without a trailing slash unless it is `/`.
+    pub path_prefix: String,
+    pub upstream: String,
+    pub rate_limit: Vec<String>,
+    pub strip_prefix: bool,
+}
+
+/// A route's host: exact (`api.example.com`) or a wildcard suffix (`*.example.com`
+/// matches `a.example.com` and `a.b.example.com`, not `example.com`). Lower-case.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HostMatch {
+    Exact(String),
+    Suffix(String),
+}
+
+impl HostMatch {
+    pub fn matches(&self, host: &str) -> bool {
+        match self {
+            HostMatch::Exact(h) => h.eq_ignore_ascii_case(host),
+            HostMatch::Suffix(s) => {
+                host.len() > s.len() && host[host.len() - s.len()..].eq_ignore_ascii_case(s) && {
+                    let cut = host.len() - s.len();
+                    host.as_bytes()[cut - 1] == b'.' && cut > 1
+                }
+            }
+        }
+    }
+}

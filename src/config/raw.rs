@@ -1,0 +1,419 @@
+//! The config file as written: serde types that mirror the TOML one to one.
+//!
+//! Nothing here is checked beyond its shape; `validate` turns a [`RawConfig`] into a
+//! [`crate::config::Config`]. Every struct denies unknown keys so a typo is an error with
+//! its file position, and every default lives here so `--print-config` shows it.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::de::{self, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use super::units::{ByteSize, HumanDuration};
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfig {
+    pub server: RawServer,
+    pub admin: RawAdmin,
+    pub log: RawLog,
+    pub timeouts: RawTimeouts,
+    pub upstreams: BTreeMap<String, RawUpstream>,
+    pub rate_limits: BTreeMap<String, RawRateLimit>,
+    pub routes: Vec<RawRoute>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawServer {
+    pub listen: OneOrMany,
+    pub workers: usize,
+    pub max_connections: usize,
+    pub max_request_body: ByteSize,
+    pub max_header_bytes: ByteSize,
+    pub shutdown_grace: HumanDuration,
+    pub trusted_proxies: Vec<String>,
+    pub rate_limit: OneOrMany,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<RawTls>,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        RawServer {
+            listen: OneOrMany(vec!["127.0.0.1:8080".into()]),
+            workers: 0,
+            max_connections: 10_000,
+            max_request_body: ByteSize::mib(10),
+            max_header_bytes: ByteSize::kib(64),
+            shutdown_grace: HumanDuration::secs(30),
+            trusted_proxies: Vec::new(),
+            rate_limit: OneOrMany(Vec::new()),
+            tls: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub listen: OneOrMany,
+    pub cert: String,
+    pub key: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sni: Vec<RawSni>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSni {
+    pub host: String,
+    pub cert: String,
+    pub key: String,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAdmin {
+    /// An address, or `"off"`.
+    pub listen: String,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        RawAdmin {
+            listen: "127.0.0.1:9901".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLog {
+    pub level: LogLevel,
+    pub format: LogFormat,
+    pub access: bool,
+}
+
+impl Default for RawLog {
+    fn default() -> Self {
+        RawLog {
+            level: LogLevel::Info,
+            format: LogFormat::Text,
+            access: true,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTimeouts {
+    pub connect: HumanDuration,
+    pub client_header: HumanDuration,
+    pub upstream_header: HumanDuration,
+    pub idle: HumanDuration,
+}
+
+impl Default for RawTimeouts {
+    fn default() -> Self {
+        RawTimeouts {
+            connect: HumanDuration::secs(2),
+            client_header: HumanDuration::secs(10),
+            upstream_header: HumanDuration::secs(30),
+            idle: HumanDuration::secs(60),
+        }
+    }
+}
+
+/// Per-upstream timeout overrides: any key left out falls back to `[timeouts]`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTimeoutOverrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connect: Option<HumanDuration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_header: Option<HumanDuration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_header: Option<HumanDuration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle: Option<HumanDuration>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum StrategyName {
+    #[default]
+    RoundRobin,
+    LeastConnections,
+}
+
+impl fmt::Display for StrategyName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            StrategyName::RoundRobin => "round-robin",
+            StrategyName::LeastConnections => "least-connections",
+        })
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    #[serde(default)]
+    pub strategy: StrategyName,
+    pub backends: Vec<RawBackend>,
+    #[serde(default = "yes")]
+    pub preserve_host: bool,
+    #[serde(default = "one")]
+    pub retries: u32,
+    #[serde(default = "default_keepalive")]
+    pub keepalive: usize,
+    #[serde(default = "default_pool_idle")]
+    pub pool_idle_timeout: HumanDuration,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeouts: Option<RawTimeoutOverrides>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<RawHealthCheck>,
+    #[serde(default)]
+    pub passive: RawPassive,
+    /// PEM file of CAs that `https://` backends are verified against (instead of system roots).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_server_name: Option<String>,
+}
+
+impl RawUpstream {
+    pub fn with_backends(backends: Vec<RawBackend>) -> Self {
+        RawUpstream {
+            strategy: StrategyName::default(),
+            backends,
+            preserve_host: true,
+            retries: 1,
+            keepalive: default_keepalive(),
+            pool_idle_timeout: default_pool_idle(),
+            timeouts: None,
+            health_check: None,
+            passive: RawPassive::default(),
+            ca: None,
+            tls_server_name: None,
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn one() -> u32 {
+    1
+}
+fn default_keepalive() -> usize {
+    64
+}
+fn default_pool_idle() -> HumanDuration {
+    HumanDuration::secs(1)
+}
+
+/// A backend as `"http://host:port"` or `{ url = "...", weight = 2 }`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawBackend {
+    pub url: String,
+    pub weight: Option<u32>,
+}
+
+impl Serialize for RawBackend {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        match self.weight {
+            None => s.serialize_str(&self.url),
+            Some(w) => {
+                let mut m = s.serialize_map(Some(2))?;
+                m.serialize_entry("url", &self.url)?;
+                m.serialize_entry("weight", &w)?;
+                m.end()
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for RawBackend {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Table {
+            url: String,
+            weight: Option<u32>,
+        }
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawBackend;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(r#"a backend URL string or a table { url = "...", weight = N }"#)
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawBackend, E> {
+                Ok(RawBackend {
+                    url: v.to_owned(),
+                    weight: None,
+                })
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawBackend, A::Error> {
+                let t = Table::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                Ok(RawBackend {
+                    url: t.url,
+                    weight: t.weight,
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawHealthCheck {
+    pub path: String,
+    pub interval: HumanDuration,
+    pub timeout: HumanDuration,
+    pub healthy_threshold: u32,
+    pub unhealthy_threshold: u32,
+    pub expect_status: OneOrMany,
+}
+
+impl Default for RawHealthCheck {
+    fn default() -> Self {
+        RawHealthCheck {
+            path: "/healthz".into(),
+            interval: HumanDuration::secs(2),
+            timeout: HumanDuration::secs(1),
+            healthy_threshold: 2,
+            unhealthy_threshold: 2,
+            expect_status: OneOrMany(vec!["200-399".into()]),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawPassive {
+    /// 0 turns passive checks off.
+    pub max_fails: u32,
+    pub fail_timeout: HumanDuration,
+}
+
+impl Default for RawPassive {
+    fn default() -> Self {
+        RawPassive {
+            max_fails: 3,
+            fail_timeout: HumanDuration::secs(10),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimit {
+    pub rate: u64,
+    pub per: HumanDuration,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u64>,
+    #[serde(default = "default_limit_key")]
+    pub key: String,
+}
+
+fn default_limit_key() -> String {
+    "client_ip".into()
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(default = "root_prefix")]
+    pub path_prefix: String,
+    pub upstream: String,
+    #[serde(default)]
+    pub rate_limit: OneOrMany,
+    #[serde(default)]
+    pub strip_prefix: bool,
+}
+
+fn root_prefix() -> String {
+    "/".into()
+}
+
+/// A string or a list of strings (`listen`, `rate_limit`, `expect_status`); integers are
+/// accepted as strings so `expect_status = 200` works.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OneOrMany(pub Vec<String>);
+
+impl Serialize for OneOrMany {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for OneOrMany {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = OneOrMany;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string or a list of strings")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<OneOrMany, E> {
+                Ok(OneOrMany(vec![v.to_owned()]))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<OneOrMany, E> {
+                Ok(OneOrMany(vec![v.to_string()]))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<OneOrMany, A::Error> {
+                let mut out = Vec::new();
+                while let Some(item) = seq.next_element::<StrOrInt>()? {
+                    out.push(item.0);
+                }
+                Ok(OneOrMany(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+struct StrOrInt(String);
+
+impl<'de> Deserialize<'de> for StrOrInt {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = StrOrInt;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<StrOrInt, E> {
+                Ok(StrOrInt(v.to_owned()))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<StrOrInt, E> {
+                Ok(StrOrInt(v.to_string()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}

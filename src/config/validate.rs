@@ -1,0 +1,443 @@
+//! [`RawConfig`] -> [`Config`]: every check that the file's shape cannot express. Errors
+//! name the key (`upstreams.app.backends[1].weight`) so `load` can point at the file.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+
+use http::Uri;
+use http::uri::Scheme;
+use ipnet::IpNet;
+
+use super::raw::{
+    OneOrMany, RawConfig, RawHealthCheck, RawTimeoutOverrides, RawTimeouts, RawUpstream,
+};
+use super::*;
+
+/// The largest backend weight: keeps the round-robin schedule small.
+pub const MAX_WEIGHT: u32 = 1000;
+
+#[derive(Debug)]
+pub struct KeyError {
+    pub key: String,
+    pub message: String,
+}
+
+fn err<T>(key: impl Into<String>, message: impl Into<String>) -> Result<T, KeyError> {
+    Err(KeyError {
+        key: key.into(),
+        message: message.into(),
+    })
+}
+
+pub fn validate(raw: &RawConfig) -> Result<Config, KeyError> {
+    let timeouts = base_timeouts(&raw.timeouts)?;
+    let s = &raw.server;
+    let listen = addrs(&s.listen, "server.listen")?;
+    if listen.is_empty() {
+        return err("server.listen", "at least one listen address is needed");
+    }
+    if s.max_connections == 0 {
+        return err("server.max_connections", "must be at least 1");
+    }
+    let max_header_bytes = s.max_header_bytes.0;
+    if !(1024..=16 << 20).contains(&max_header_bytes) {
+        return err("server.max_header_bytes", "must be between 1KiB and 16MiB");
+    }
+    let trusted_proxies = s
+        .trusted_proxies
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            p.parse::<IpNet>()
+                .or_else(|_| p.parse::<IpAddr>().map(IpNet::from))
+                .or_else(|_| {
+                    err(
+                        format!("server.trusted_proxies[{i}]"),
+                        format!(r#""{p}" is not an IP address or CIDR (e.g. "10.0.0.0/8")"#),
+                    )
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if s.tls.is_some() {
+        return err(
+            "server.tls",
+            "TLS listeners are not built yet in this version of balancer",
+        );
+    }
+
+    let admin = match raw.admin.listen.trim() {
+        "off" => None,
+        a => Some(addr(a, "admin.listen")?),
+    };
+
+    let rate_limits = raw
+        .rate_limits
+        .iter()
+        .map(|(name, rl)| {
+            let key = format!("rate_limits.{name}");
+            if rl.rate == 0 {
+                return err(format!("{key}.rate"), "must be at least 1");
+            }
+            if rl.per.0.is_zero() {
+                return err(format!("{key}.per"), "must be longer than 0s");
+            }
+            let burst = rl.burst.unwrap_or(rl.rate);
+            if burst == 0 {
+                return err(format!("{key}.burst"), "must be at least 1");
+            }
+            let limit_key = match rl.key.as_str() {
+                "client_ip" => LimitKey::ClientIp,
+                "global" => LimitKey::Global,
+                k => match k.strip_prefix("header:").map(|h| http::HeaderName::from_bytes(h.trim().as_bytes())) {
+                    Some(Ok(h)) => LimitKey::Header(h),
+                    _ => return err(format!("{key}.key"), format!(r#"unknown key "{k}", expected "client_ip", "global" or "header:NAME""#)),
+                },
+            };
+            Ok((name.clone(), RateLimitConfig { rate: rl.rate, per: rl.per.0, burst, key: limit_key }))
+        })
+        .collect::<Result<BTreeMap<_, _>, _>>()?;
+    let limit_names = |list: &OneOrMany, key: &str| -> Result<Vec<String>, KeyError> {
+        for (i, name) in list.0.iter().enumerate() {
+            if !rate_limits.contains_key(name) {
+                return err(
+                    format!("{key}[{i}]"),
+                    format!(r#"no [rate_limits.{name}] is defined"#),
+                );
+            }
+        }
+        Ok(list.0.clone())
+    };
+    let server_limits = limit_names(&s.rate_limit, "server.rate_limit")?;
+
+    if raw.upstreams.is_empty() {
+        return err(
+            "upstreams",
+            "no upstreams are configured: add an [upstreams.NAME] table or pass --backend URL",
+        );
+    }
+    let upstreams = raw
+        .upstreams
+        .iter()
+        .map(|(name, up)| upstream(name, up, &timeouts))
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let mut routes = Vec::with_capacity(raw.routes.len());
+    for (i, r) in raw.routes.iter().enumerate() {
+        let key = format!("routes[{i}]");
+        if !raw.upstreams.contains_key(&r.upstream) {
+            let known: Vec<&str> = raw.upstreams.keys().map(String::as_str).collect();
+            return err(
+                format!("{key}.upstream"),
+                format!(
+                    r#"no upstream named "{}" (defined: {})"#,
+                    r.upstream,
+                    known.join(", ")
+                ),
+            );
+        }
+        if !r.path_prefix.starts_with('/') {
+            return err(format!("{key}.path_prefix"), r#"must start with "/""#);
+        }
+        let host = match &r.host {
+            None => None,
+            Some(h) => Some(host_match(h).ok_or_else(|| KeyError {
+                key: format!("{key}.host"),
+                message: format!(r#""{h}" is not a host name or "*.domain" pattern"#),
+            })?),
+        };
+        let normalised = crate::runtime::path::normalise(&r.path_prefix);
+        let path_prefix = match normalised.trim_end_matches('/') {
+            "" => "/".to_owned(),
+            p => p.to_owned(),
+        };
+        routes.push(RouteConfig {
+            host,
+            path_prefix,
+            upstream: r.upstream.clone(),
+            rate_limit: limit_names(&r.rate_limit, &format!("{key}.rate_limit"))?,
+            strip_prefix: r.strip_prefix,
+        });
+    }
+
+    Ok(Config {
+        server: ServerConfig {
+            listen,
+            workers: if s.workers == 0 {
+                std::thread::available_parallelism().map_or(1, |n| n.get())
+            } else {
+                s.workers
+            },
+            max_connections: s.max_connections,
+            max_request_body: s.max_request_body.0,
+            max_header_bytes: max_header_bytes as usize,
+            shutdown_grace: s.shutdown_grace.0,
+            trusted_proxies,
+            rate_limit: server_limits,
+            timeouts,
+        },
+        admin,
+        log: LogConfig {
+            level: raw.log.level,
+            format: raw.log.format,
+            access: raw.log.access,
+        },
+        upstreams,
+        rate_limits,
+        routes,
+    })
+}
+
+fn addr(a: &str, key: &str) -> Result<SocketAddr, KeyError> {
+    a.trim().parse().or_else(|_| err(key, format!(r#""{a}" is not a listen address: write IP:PORT, e.g. "127.0.0.1:8080" or "[::1]:8080""#)))
+}
+
+fn addrs(list: &OneOrMany, key: &str) -> Result<Vec<SocketAddr>, KeyError> {
+    let mut out: Vec<SocketAddr> = Vec::with_capacity(list.0.len());
+    for (i, a) in list.0.iter().enumerate() {
+        let parsed = addr(a, &format!("{key}[{i}]"))?;
+        if out.contains(&parsed) {
+            return err(format!("{key}[{i}]"), format!("{parsed} is listed twice"));
+        }
+        out.push(parsed);
+    }
+    Ok(out)
+}
+
+fn nonzero(d: &units::HumanDuration, key: &str) -> Result<std::time::Duration, KeyError> {
+    if d.0.is_zero() {
+        err(key, "must be longer than 0s")
+    } else {
+        Ok(d.0)
+    }
+}
+
+fn base_timeouts(t: &RawTimeouts) -> Result<Timeouts, KeyError> {
+    Ok(Timeouts {
+        connect: nonzero(&t.connect, "timeouts.connect")?,
+        client_header: nonzero(&t.client_header, "timeouts.client_header")?,
+        upstream_header: nonzero(&t.upstream_header, "timeouts.upstream_header")?,
+        idle: nonzero(&t.idle, "timeouts.idle")?,
+    })
+}
+
+fn upstream_timeouts(
+    base: &Timeouts,
+    o: Option<&RawTimeoutOverrides>,
+    key: &str,
+) -> Result<Timeouts, KeyError> {
+    let Some(o) = o else { return Ok(*base) };
+    let pick = |v: &Option<units::HumanDuration>, name: &str, dflt| match v {
+        Some(d) => nonzero(d, &format!("{key}.timeouts.{name}")),
+        None => Ok(dflt),
+    };
+    Ok(Timeouts {
+        connect: pick(&o.connect, "connect", base.connect)?,
+        client_header: pick(&o.client_header, "client_header", base.client_header)?,
+        upstream_header: pick(&o.upstream_header, "upstream_header", base.upstream_header)?,
+        idle: pick(&o.idle, "idle", base.idle)?,
+    })
+}
+
+fn upstream(name: &str, up: &RawUpstream, base: &Timeouts) -> Result<UpstreamConfig, KeyError> {
+    let key = format!("upstreams.{name}");
+    if up.backends.is_empty() {
+        return err(
+            format!("{key}.backends"),
+            "an upstream needs at least one backend",
+        );
+    }
+    let mut seen = HashSet::new();
+    let mut backends = Vec::with_capacity(up.backends.len());
+    for (i, b) in up.backends.iter().enumerate() {
+        let bkey = format!("{key}.backends[{i}]");
+        let weight = b.weight.unwrap_or(1);
+        if weight == 0 {
+            return err(
+                bkey,
+                "weight must be at least 1 (remove the backend to stop sending it traffic)",
+            );
+        }
+        if weight > MAX_WEIGHT {
+            return err(bkey, format!("weight must be at most {MAX_WEIGHT}"));
+        }
+        let (scheme, authority) = backend_url(&b.url).map_err(|m| KeyError {
+            key: bkey.clone(),
+            message: m,
+        })?;
+        if !seen.insert(authority.clone()) {
+            return err(
+                bkey,
+                format!(r#""{}" is listed twice in this upstream"#, b.url),
+            );
+        }
+        backends.push(BackendConfig {
+            url: b.url.trim_end_matches('/').to_owned(),
+            scheme,
+            authority,
+            weight,
+        });
+    }
+    let timeouts = upstream_timeouts(base, up.timeouts.as_ref(), &key)?;
+    let health_check = match &up.health_check {
+        None => None,
+        Some(hc) => Some(health_check(hc, &format!("{key}.health_check"))?),
+    };
+    if up.ca.is_some() || up.tls_server_name.is_some() {
+        return err(
+            format!("{key}.ca"),
+            "https backends are not built yet in this version of balancer",
+        );
+    }
+    Ok(UpstreamConfig {
+        name: name.to_owned(),
+        strategy: up.strategy,
+        backends,
+        preserve_host: up.preserve_host,
+        retries: up.retries,
+        pool: PoolConfig {
+            keepalive: up.keepalive,
+            idle_timeout: up.pool_idle_timeout.0,
+            connect_timeout: timeouts.connect,
+        },
+        timeouts,
+        health_check,
+        passive: PassiveConfig {
+            max_fails: up.passive.max_fails,
+            fail_timeout: up.passive.fail_timeout.0,
+        },
+    })
+}
+
+fn backend_url(url: &str) -> Result<(Scheme, http::uri::Authority), String> {
+    let bad = |why: &str| {
+        format!(r#"invalid backend URL "{url}": {why} (write e.g. "http://127.0.0.1:8000")"#)
+    };
+    let uri: Uri = url.trim().parse().map_err(|e| bad(&format!("{e}")))?;
+    let scheme = uri.scheme().cloned().ok_or_else(|| bad("no scheme"))?;
+    if scheme == Scheme::HTTPS {
+        return Err(bad(
+            "https backends are not built yet in this version of balancer",
+        ));
+    }
+    if scheme != Scheme::HTTP {
+        return Err(bad("the scheme must be http"));
+    }
+    let authority = uri.authority().cloned().ok_or_else(|| bad("no host"))?;
+    if authority.as_str().contains('@') {
+        return Err(bad("user info is not allowed"));
+    }
+    if authority.host().is_empty() {
+        return Err(bad("no host"));
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(bad("a backend URL has no path or query"));
+    }
+    // Always carry an explicit port so the pool key and Host header are stable.
+    let authority = if authority.port().is_none() {
+        format!("{}:80", authority.host())
+            .parse()
+            .map_err(|_| bad("bad host"))?
+    } else {
+        authority
+    };
+    Ok((scheme, authority))
+}
+
+fn health_check(hc: &RawHealthCheck, key: &str) -> Result<HealthCheckConfig, KeyError> {
+    if !hc.path.starts_with('/') {
+        return err(format!("{key}.path"), r#"must start with "/""#);
+    }
+    let interval = nonzero(&hc.interval, &format!("{key}.interval"))?;
+    let timeout = nonzero(&hc.timeout, &format!("{key}.timeout"))?;
+    if hc.healthy_threshold == 0 {
+        return err(format!("{key}.healthy_threshold"), "must be at least 1");
+    }
+    if hc.unhealthy_threshold == 0 {
+        return err(format!("{key}.unhealthy_threshold"), "must be at least 1");
+    }
+    let mut expect_status = Vec::new();
+    for (i, item) in hc.expect_status.0.iter().enumerate() {
+        for part in item.split(',') {
+            let range = parse_status_range(part.trim()).ok_or_else(|| KeyError {
+                key: format!("{key}.expect_status[{i}]"),
+                message: format!(r#""{part}" is not a status or range such as "200-399""#),
+            })?;
+            expect_status.push(range);
+        }
+    }
+    if expect_status.is_empty() {
+        return err(
+            format!("{key}.expect_status"),
+            "list at least one status or range",
+        );
+    }
+    Ok(HealthCheckConfig {
+        path: hc.path.clone(),
+        interval,
+        timeout,
+        healthy_threshold: hc.healthy_threshold,
+        unhealthy_threshold: hc.unhealthy_threshold,
+        expect_status,
+    })
+}
+
+fn parse_status_range(s: &str) -> Option<(u16, u16)> {
+    let (lo, hi) = match s.split_once('-') {
+        Some((a, b)) => (a.trim().parse().ok()?, b.trim().parse().ok()?),
+        None => {
+            let v = s.parse().ok()?;
+            (v, v)
+        }
+    };
+    ((100..=599).contains(&lo) && (100..=599).contains(&hi) && lo <= hi).then_some((lo, hi))
+}
+
+fn host_match(h: &str) -> Option<HostMatch> {
+    let h = h.trim().to_ascii_lowercase();
+    let valid = |s: &str| {
+        !s.is_empty()
+            && s.split('.')
+                .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+    };
+    match h.strip_prefix("*.") {
+        Some(suffix) if valid(suffix) => Some(HostMatch::Suffix(suffix.to_owned())),
+        Some(_) => None,
+        None if valid(&h) => Some(HostMatch::Exact(h)),
+        None => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_ranges() {
+        assert_eq!(parse_status_range("200-399"), Some((200, 399)));
+        assert_eq!(parse_status_range("204"), Some((204, 204)));
+        assert_eq!(parse_status_range("399-200"), None);
+        assert_eq!(parse_status_range("99"), None);
+    }
+
+    #[test]
+    fn wildcard_hosts() {
+        let m = host_match("*.example.com").unwrap();
+        assert!(m.matches("a.example.com"));
+        assert!(m.matches("A.B.Example.com"));
+        assert!(!m.matches("example.com"));
+        assert!(!m.matches("badexample.com"));
+        assert!(host_match("exa mple.com").is_none());
+    }
+
+    #[test]
+    fn backend_urls() {
+        assert_eq!(
+            backend_url("http://127.0.0.1:8000").unwrap().1.as_str(),
+            "127.0.0.1:8000"
+        );
+        assert_eq!(backend_url("http://app").unwrap().1.as_str(), "app:80");
+        assert!(backend_url("127.0.0.1:8000").is_err());
+        assert!(backend_url("http://h:1/path").is_err());
+        assert!(backend_url("ftp://h:1").is_err());
+    }
+}

@@ -1,0 +1,17 @@
+//! balancer: a reverse-proxy HTTP load balancer.
+//!
+//! A request flows `server` (accept, connection timeouts) -> `proxy` (route, pick,
+//! rewrite, forward with retries, stream back, log) -> `backend` (pooled connections).
+//! What it reads comes from one `runtime::Runtime` snapshot, compiled by `runtime::build`
+//! from a `config::Config`, which `config::load` makes from the TOML file and the
+//! command-line overrides. `app` wires these together; `main.rs` only parses flags.
+
+pub mod app;
+pub mod backend;
+pub mod balance;
+pub mod cli;
+pub mod config;
+pub mod logging;
+pub mod proxy;
+pub mod runtime;
+pub mod server;

@@ -1,0 +1,104 @@
+//! The `balancer` binary: parse flags, load the config, then hand over to `app::run`.
+
+use std::process::ExitCode;
+
+use balancer::app::{self, ConfigSource};
+use balancer::cli::Cli;
+use balancer::config::{self, Loaded};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse_args();
+    let source = ConfigSource {
+        path: cli.config.clone(),
+        required: cli.config_explicit,
+        overrides: cli.overrides(),
+    };
+    let loaded = match config::load(&source.path, source.required, &source.overrides) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    if cli.print_config {
+        match toml::to_string_pretty(&loaded.raw) {
+            Ok(text) => print!("{text}"),
+            Err(e) => {
+                eprintln!("error: cannot print the config: {e}");
+                return ExitCode::from(1);
+            }
+        }
+        return ExitCode::SUCCESS;
+    }
+    if cli.check {
+        print_summary(&source, &loaded);
+        return ExitCode::SUCCESS;
+    }
+
+    balancer::logging::init(&loaded.config.log);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(loaded.config.server.workers)
+        .thread_name("balancer-worker")
+        .enable_all()
+        .build();
+    let runtime = match runtime {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(app::run(loaded, source)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn print_summary(source: &ConfigSource, loaded: &Loaded) {
+    let c = &loaded.config;
+    let file = if source.path.exists() {
+        source.path.display().to_string()
+    } else {
+        "(no config file)".into()
+    };
+    println!("config ok: {file}");
+    let listen: Vec<String> = c.server.listen.iter().map(ToString::to_string).collect();
+    println!("  listen: {}", listen.join(", "));
+    println!(
+        "  admin: {}",
+        c.admin.map_or("off".to_owned(), |a| a.to_string())
+    );
+    for up in &c.upstreams {
+        let backends: Vec<String> = up
+            .backends
+            .iter()
+            .map(|b| format!("{} (weight {})", b.url, b.weight))
+            .collect();
+        println!(
+            "  upstream {} ({}): {}",
+            up.name,
+            up.strategy,
+            backends.join(", ")
+        );
+    }
+    for r in &c.routes {
+        let host = r.host.as_ref().map_or("*".to_owned(), |h| format!("{h:?}"));
+        println!(
+            "  route host={host} path_prefix={} -> {}",
+            r.path_prefix, r.upstream
+        );
+    }
+    if c.routes.is_empty() {
+        println!("  routes: none (every request goes to the only upstream)");
+    }
+    for (name, rl) in &c.rate_limits {
+        println!(
+            "  rate limit {name}: {} per {:?}, burst {}",
+            rl.rate, rl.per, rl.burst
+        );
+    }
+}

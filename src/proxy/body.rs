@@ -1,0 +1,171 @@
+//! The bodies that flow through: the client's request body on its way to a backend
+//! (capped at `max_request_body`), and the response body on its way to the client (which
+//! carries the request's bookkeeping and releases it when the body ends or is dropped).
+
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+use super::log::RequestLog;
+use crate::backend::InflightGuard;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The request body grew past `max_request_body` while streaming.
+#[derive(Debug, thiserror::Error)]
+#[error("request body larger than {limit} bytes")]
+pub struct BodyTooLarge {
+    pub limit: u64,
+}
+
+/// A client's request body, streamed to the backend with backpressure.
+#[derive(Debug)]
+pub struct RequestBody {
+    inner: Option<Incoming>,
+    limit: u64,
+    seen: u64,
+}
+
+impl RequestBody {
+    pub fn new(inner: Incoming, limit: u64) -> RequestBody {
+        RequestBody {
+            inner: Some(inner),
+            limit,
+            seen: 0,
+        }
+    }
+
+    pub fn empty() -> RequestBody {
+        RequestBody {
+            inner: None,
+            limit: 0,
+            seen: 0,
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match ready!(Pin::new(inner).poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    this.seen += data.len() as u64;
+                    if this.seen > this.limit {
+                        this.inner = None;
+                        return Poll::Ready(Some(Err(Box::new(BodyTooLarge {
+                            limit: this.limit,
+                        }))));
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(e)) => Poll::Ready(Some(Err(Box::new(e)))),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint())
+    }
+}
+
+/// What the client receives: a backend's body, or one balancer wrote itself.
+#[derive(Debug)]
+pub struct ResponseBody {
+    kind: Kind,
+    /// Written to the access log when the body is done (or dropped, if the client left).
+    log: RequestLog,
+    /// Keeps the backend's in-flight count until the last byte is sent.
+    _inflight: Option<InflightGuard>,
+}
+
+#[derive(Debug)]
+enum Kind {
+    Upstream(Incoming),
+    Full(Option<Bytes>),
+}
+
+impl ResponseBody {
+    pub fn upstream(
+        body: Incoming,
+        log: RequestLog,
+        inflight: Option<InflightGuard>,
+    ) -> ResponseBody {
+        ResponseBody {
+            kind: Kind::Upstream(body),
+            log,
+            _inflight: inflight,
+        }
+    }
+
+    pub fn full(bytes: Bytes, log: RequestLog) -> ResponseBody {
+        ResponseBody {
+            kind: Kind::Full(Some(bytes)),
+            log,
+            _inflight: None,
+        }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let frame = match &mut this.kind {
+            Kind::Upstream(b) => match ready!(Pin::new(b).poll_frame(cx)) {
+                Some(Ok(f)) => f,
+                Some(Err(e)) => {
+                    this.log.note_broken(&e);
+                    return Poll::Ready(Some(Err(Box::new(e))));
+                }
+                None => return Poll::Ready(None),
+            },
+            Kind::Full(b) => match b.take() {
+                Some(bytes) => Frame::data(bytes),
+                None => return Poll::Ready(None),
+            },
+        };
+        if let Some(d) = frame.data_ref() {
+            this.log.bytes += d.len() as u64;
+        }
+        Poll::Ready(Some(Ok(frame)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Upstream(b) => b.is_end_stream(),
+            Kind::Full(b) => b.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Upstream(b) => b.size_hint(),
+            Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+        }
+    }
+}

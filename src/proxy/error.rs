@@ -1,0 +1,118 @@
+//! Why balancer answered a request itself, and the one place that turns that into a
+//! status and a response.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+
+use super::body::{BoxError, ResponseBody};
+use super::log::RequestLog;
+use super::request_id::X_REQUEST_ID;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+    #[error("no route matches this host and path")]
+    NoRoute,
+    #[error("CONNECT is not supported by this proxy")]
+    Connect,
+    #[error("request body is larger than the limit of {limit} bytes")]
+    BodyTooLarge { limit: u64 },
+    #[error("no healthy backend in upstream {upstream}")]
+    NoHealthyBackend { upstream: String },
+    #[error("backend {backend} could not be reached: {source}")]
+    Unreachable { backend: Arc<str>, source: BoxError },
+    #[error("backend {backend} failed before responding: {source}")]
+    BrokeOff { backend: Arc<str>, source: BoxError },
+    #[error("backend {backend} sent no response head within {after:?}")]
+    UpstreamTimeout { backend: Arc<str>, after: Duration },
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::Connect => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::NoHealthyBackend { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Unreachable { .. } | ProxyError::BrokeOff { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// Whether the client connection must be closed after the answer (its framing is not
+    /// to be trusted, or its body was not read).
+    fn closes(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::BadRequest(_) | ProxyError::BodyTooLarge { .. }
+        )
+    }
+
+    /// The text the client reads: the cause, without internal detail for backend errors.
+    fn public_reason(&self) -> String {
+        match self {
+            ProxyError::Unreachable { .. } => {
+                "bad gateway: the backend could not be reached".into()
+            }
+            ProxyError::BrokeOff { .. } => {
+                "bad gateway: the backend closed the connection without a response".into()
+            }
+            ProxyError::UpstreamTimeout { after, .. } => {
+                format!(
+                    "gateway timeout: the backend sent no response within {}",
+                    humantime::format_duration(*after)
+                )
+            }
+            other => other.to_string(),
+        }
+    }
+
+    pub fn into_response(self, mut log: RequestLog) -> Response<ResponseBody> {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::warn!(status = status.as_u16(), request_id = ?log.request_id, "{self}");
+        } else {
+            tracing::debug!(status = status.as_u16(), request_id = ?log.request_id, "{self}");
+        }
+        log.status = status.as_u16();
+        let closes = self.closes();
+        let retry_after = matches!(self, ProxyError::NoHealthyBackend { .. });
+        let request_id = log.request_id.clone();
+        let mut resp = Response::new(ResponseBody::full(
+            Bytes::from(format!("{}\n", self.public_reason())),
+            log,
+        ));
+        *resp.status_mut() = status;
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        h.insert(X_REQUEST_ID.clone(), request_id);
+        if closes {
+            h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        if retry_after {
+            h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}
+
+/// A whole HTTP/1.1 response for the connection layer to write raw (408, 431), in the
+/// same form as [`ProxyError::into_response`].
+pub fn raw_response(status: StatusCode, reason: &str, request_id: &HeaderValue) -> Bytes {
+    let body = format!("{reason}\n");
+    Bytes::from(format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nx-request-id: {}\r\nconnection: close\r\n\r\n{body}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        body.len(),
+        request_id.to_str().unwrap_or("-"),
+    ))
+}

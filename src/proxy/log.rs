@@ -1,0 +1,66 @@
+//! The access log: one line per request, written when its response body is finished.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{HeaderValue, Method, Uri};
+
+use crate::backend::Backend;
+use crate::runtime::Runtime;
+use crate::server::ActivityGuard;
+
+/// Everything the access-log line needs, gathered along the request path. Also holds the
+/// request's runtime snapshot and the connection's activity mark until the response ends.
+#[derive(Debug)]
+pub struct RequestLog {
+    pub start: Instant,
+    pub client: SocketAddr,
+    pub method: Method,
+    pub uri: Uri,
+    pub request_id: HeaderValue,
+    pub status: u16,
+    pub runtime: Arc<Runtime>,
+    pub upstream: Option<usize>,
+    pub backend: Option<Arc<Backend>>,
+    pub bytes: u64,
+    /// Set when the backend's body broke off mid-way.
+    pub broken: bool,
+    pub _activity: ActivityGuard,
+}
+
+impl RequestLog {
+    pub fn note_broken(&mut self, e: &hyper::Error) {
+        self.broken = true;
+        if let Some(b) = &self.backend {
+            tracing::warn!(backend = %b.url, error = %e, request_id = ?self.request_id, "backend response body broke off");
+        }
+    }
+}
+
+impl Drop for RequestLog {
+    fn drop(&mut self) {
+        if !self.runtime.config.log.access {
+            return;
+        }
+        let upstream = self
+            .upstream
+            .map_or("-", |i| self.runtime.upstreams[i].name.as_str());
+        let backend = self.backend.as_ref().map_or("-", |b| &*b.url);
+        let request_id = self.request_id.to_str().unwrap_or("-");
+        let duration_ms = self.start.elapsed().as_secs_f64() * 1000.0;
+        tracing::info!(
+            target: "access",
+            client = %self.client.ip(),
+            method = %self.method,
+            path = %self.uri.path_and_query().map_or("/", |p| p.as_str()),
+            status = self.status,
+            upstream,
+            backend,
+            duration_ms = (duration_ms * 1000.0).round() / 1000.0,
+            bytes = self.bytes,
+            request_id,
+            complete = !self.broken,
+        );
+    }
+}

@@ -1,0 +1,352 @@
+//! The request path. Every request goes through these phases, in this order:
+//!
+//! ```text
+//! check (CONNECT, framing, size) -> route -> pick -> rewrite request -> forward (retry)
+//!   -> rewrite response -> stream body -> access log (when the body ends)
+//! ```
+//!
+//! The runtime snapshot is loaded once per request and held to its end (in [`RequestLog`]).
+
+pub mod body;
+pub mod error;
+mod headers;
+mod log;
+pub mod request_id;
+mod upgrade;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::request::Parts;
+use http::uri::PathAndQuery;
+use http::{Method, Request, Response, StatusCode, Version, header};
+use hyper::body::Incoming;
+
+use crate::backend::{Backend, InflightGuard, PooledConn};
+use crate::runtime::{Runtime, SharedRuntime, Upstream, path};
+use crate::server::{ActivityGuard, ConnActivity};
+use body::{BodyTooLarge, RequestBody, ResponseBody};
+pub use error::ProxyError;
+use headers::Forwarded;
+pub use log::RequestLog;
+
+/// What one client connection tells the request path about itself.
+#[derive(Debug)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub tls: bool,
+    pub activity: Arc<ConnActivity>,
+}
+
+/// Serves one request from a client connection.
+/// `busy` marks the connection busy from the moment hyper hands the request over.
+pub async fn handle(
+    runtime: SharedRuntime,
+    conn: Arc<ConnInfo>,
+    busy: ActivityGuard,
+    mut req: Request<Incoming>,
+) -> Result<Response<ResponseBody>, Infallible> {
+    let rt = runtime.load_full();
+    let request_id = request_id::from_headers(req.headers());
+    let client_upgrade = if req.headers().contains_key(header::UPGRADE) {
+        Some(hyper::upgrade::on(&mut req))
+    } else {
+        None
+    };
+    let mut log = RequestLog {
+        start: Instant::now(),
+        client: conn.peer,
+        method: req.method().clone(),
+        uri: req.uri().clone(),
+        request_id,
+        status: 0,
+        runtime: rt.clone(),
+        upstream: None,
+        backend: None,
+        bytes: 0,
+        broken: false,
+        _activity: busy,
+    };
+    let (parts, body) = req.into_parts();
+    let outcome = proxy(&rt, &conn, &parts, body, &mut log).await;
+    Ok(match outcome {
+        Ok(Proxied {
+            mut response,
+            inflight,
+        }) => {
+            let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+            headers::rewrite_response(response.headers_mut(), switching, &log.request_id);
+            log.status = response.status().as_u16();
+            if switching {
+                match client_upgrade {
+                    Some(client) => {
+                        let backend = hyper::upgrade::on(&mut response);
+                        upgrade::tunnel(client, backend, inflight, conn.activity.begin());
+                        response.map(|b| ResponseBody::upstream(b, log, None))
+                    }
+                    None => ProxyError::BrokeOff {
+                        backend: inflight.backend().url.clone(),
+                        source: "backend switched protocols without being asked".into(),
+                    }
+                    .into_response(log),
+                }
+            } else {
+                response.map(|b| ResponseBody::upstream(b, log, Some(inflight)))
+            }
+        }
+        Err(e) => e.into_response(log),
+    })
+}
+
+/// A backend's response, with the in-flight mark that must live as long as its body.
+struct Proxied {
+    response: Response<Incoming>,
+    inflight: InflightGuard,
+}
+
+async fn proxy(
+    rt: &Runtime,
+    conn: &ConnInfo,
+    parts: &Parts,
+    body: Incoming,
+    log: &mut RequestLog,
+) -> Result<Proxied, ProxyError> {
+    // check
+    if parts.method == Method::CONNECT {
+        return Err(ProxyError::Connect);
+    }
+    if parts.headers.contains_key(header::TRANSFER_ENCODING)
+        && parts.headers.contains_key(header::CONTENT_LENGTH)
+    {
+        return Err(ProxyError::BadRequest(
+            "both Content-Length and Transfer-Encoding are set",
+        ));
+    }
+    let host_headers = parts.headers.get_all(header::HOST).iter().count();
+    if host_headers > 1 {
+        return Err(ProxyError::BadRequest("more than one Host header"));
+    }
+    if parts.version == Version::HTTP_11 && host_headers == 0 && parts.uri.authority().is_none() {
+        return Err(ProxyError::BadRequest(
+            "HTTP/1.1 request without a Host header",
+        ));
+    }
+    let limit = rt.config.server.max_request_body;
+    if http_body::Body::size_hint(&body)
+        .exact()
+        .is_some_and(|len| len > limit)
+    {
+        return Err(ProxyError::BodyTooLarge { limit });
+    }
+
+    // route
+    let host = headers::client_host(parts);
+    let host_str = host
+        .as_ref()
+        .and_then(|h| h.to_str().ok())
+        .map(headers::host_without_port);
+    let norm = path::normalise(parts.uri.path());
+    let route = rt.router.find(host_str, &norm).ok_or(ProxyError::NoRoute)?;
+    let upstream = &rt.upstreams[route.upstream];
+    log.upstream = Some(route.upstream);
+    let target = if route.strip_prefix && route.prefix != "/" {
+        let rest = &norm[route.prefix.len()..];
+        let rest = if rest.is_empty() { "/" } else { rest };
+        let pq = match parts.uri.query() {
+            Some(q) => format!("{rest}?{q}"),
+            None => rest.to_owned(),
+        };
+        PathAndQuery::try_from(pq).map_err(|_| ProxyError::BadRequest("unusable path"))?
+    } else {
+        parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"))
+    };
+    let upgrade = headers::requested_upgrade(parts);
+
+    // pick + forward (retry)
+    let body_empty = http_body::Body::is_end_stream(&body);
+    let mut body = Some(if body_empty {
+        RequestBody::empty()
+    } else {
+        RequestBody::new(body, limit)
+    });
+    let attempts = 1 + upstream.retries as usize;
+    let mut tried: Vec<usize> = Vec::new();
+    let mut last_error: Option<ProxyError> = None;
+    for _ in 0..attempts {
+        let Some(idx) = upstream.pick(|i| !tried.contains(&i)) else {
+            break;
+        };
+        tried.push(idx);
+        let backend = &upstream.backends[idx];
+        log.backend = Some(backend.clone());
+        let inflight = backend.begin();
+        let fwd = Forwarded {
+            client_ip: conn.peer.ip(),
+            proto: if conn.tls { "https" } else { "http" },
+            request_id: &log.request_id,
+            host: host.as_ref(),
+            preserve_host: upstream.preserve_host,
+            backend: &backend.authority,
+            upgrade: upgrade.as_ref(),
+        };
+        match attempt(
+            upstream, backend, parts, &target, &mut body, body_empty, &fwd,
+        )
+        .await
+        {
+            Ok(response) => {
+                backend.record_response();
+                return Ok(Proxied { response, inflight });
+            }
+            Err(Failure { error, retryable }) => {
+                backend.record_failure();
+                tracing::debug!(backend = %backend.url, error = %error, retryable, "attempt failed");
+                if !retryable {
+                    return Err(error);
+                }
+                last_error = Some(error);
+            }
+        }
+    }
+    Err(last_error.unwrap_or_else(|| ProxyError::NoHealthyBackend {
+        upstream: upstream.name.clone(),
+    }))
+}
+
+struct Failure {
+    error: ProxyError,
+    /// Safe to try again on another backend: nothing reached the backend, or an
+    /// idempotent request without a body got no response byte.
+    retryable: bool,
+}
+
+/// One try on one backend, including the one resend on a fresh connection when a pooled
+/// connection turns out to have been closed by the backend while it sat idle.
+async fn attempt(
+    upstream: &Upstream,
+    backend: &Arc<Backend>,
+    parts: &Parts,
+    target: &PathAndQuery,
+    body: &mut Option<RequestBody>,
+    body_empty: bool,
+    fwd: &Forwarded<'_>,
+) -> Result<Response<Incoming>, Failure> {
+    let url = &backend.url;
+    let pool = &backend.pool;
+    let mut fresh_only = false;
+    loop {
+        let checked_out = if fresh_only {
+            pool.connect().await
+        } else {
+            pool.checkout().await
+        };
+        let mut conn: PooledConn = match checked_out {
+            Ok(c) => c,
+            Err(e) => {
+                return Err(Failure {
+                    error: ProxyError::Unreachable {
+                        backend: url.clone(),
+                        source: Box::new(e),
+                    },
+                    retryable: true,
+                });
+            }
+        };
+        let req_body = match body.take() {
+            Some(b) => b,
+            None if body_empty => RequestBody::empty(),
+            None => unreachable!("a consumed body is never sent again"),
+        };
+        let req = headers::upstream_request(parts, target.clone(), req_body, fwd);
+        let after = upstream.timeouts.upstream_header;
+        let sent = tokio::time::timeout(after, conn.sender.try_send_request(req)).await;
+        let err = match sent {
+            Err(_) => {
+                return Err(Failure {
+                    error: ProxyError::UpstreamTimeout {
+                        backend: url.clone(),
+                        after,
+                    },
+                    retryable: false,
+                });
+            }
+            Ok(Ok(response)) => {
+                pool.release(conn);
+                return Ok(response);
+            }
+            Ok(Err(mut e)) => {
+                let returned = e.take_message().is_some_and(|req| {
+                    *body = Some(req.into_body());
+                    true
+                });
+                (e.into_error(), returned)
+            }
+        };
+        let (error, nothing_sent) = err;
+        if find_cause::<BodyTooLarge>(&error).is_some() {
+            let limit = find_cause::<BodyTooLarge>(&error).map_or(0, |b| b.limit);
+            return Err(Failure {
+                error: ProxyError::BodyTooLarge { limit },
+                retryable: false,
+            });
+        }
+        let replayable = body.is_some() || body_empty;
+        if conn.reused && !fresh_only && replayable && closed_before_response(&error) {
+            tracing::debug!(backend = %url, error = %error, "pooled connection was closed by the backend; resending on a new one");
+            fresh_only = true;
+            continue;
+        }
+        let idempotent = matches!(
+            parts.method,
+            Method::GET
+                | Method::HEAD
+                | Method::PUT
+                | Method::DELETE
+                | Method::OPTIONS
+                | Method::TRACE
+        );
+        let retryable =
+            replayable && (nothing_sent || (idempotent && closed_before_response(&error)));
+        return Err(Failure {
+            error: ProxyError::BrokeOff {
+                backend: url.clone(),
+                source: Box::new(error),
+            },
+            retryable,
+        });
+    }
+}
+
+/// The backend closed or reset the connection before any response byte arrived.
+fn closed_before_response(e: &hyper::Error) -> bool {
+    if e.is_incomplete_message() || e.is_canceled() || e.is_closed() {
+        return true;
+    }
+    find_cause::<std::io::Error>(e).is_some_and(|io| {
+        matches!(
+            io.kind(),
+            std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::BrokenPipe
+                | std::io::ErrorKind::ConnectionAborted
+        )
+    })
+}
+
+fn find_cause<'e, T: std::error::Error + 'static>(
+    e: &'e (dyn std::error::Error + 'static),
+) -> Option<&'e T> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(hit) = err.downcast_ref::<T>() {
+            return Some(hit);
+        }
+        cur = err.source();
+    }
+    None
+}

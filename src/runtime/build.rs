@@ -1,0 +1,75 @@
+//! [`Config`] + the previous [`Runtime`] -> the next [`Runtime`].
+
+use std::sync::Arc;
+
+use super::router::Router;
+use super::{Runtime, Upstream};
+use crate::backend::Backend;
+use crate::balance;
+use crate::config::Config;
+
+/// Compiles `config`, reusing the `Arc<Backend>` (health, counters, pool) of every backend
+/// whose upstream name and URL are unchanged from `previous`.
+pub fn build(config: Config, previous: Option<&Runtime>, generation: u64) -> Runtime {
+    let upstreams: Vec<Upstream> = config
+        .upstreams
+        .iter()
+        .map(|up| {
+            let old = previous.and_then(|p| p.upstreams.iter().find(|o| o.name == up.name));
+            let backends: Vec<Arc<Backend>> = up
+                .backends
+                .iter()
+                .map(|b| {
+                    let kept = old.and_then(|o| o.backends.iter().find(|ob| *ob.url == *b.url));
+                    match kept {
+                        Some(existing) => {
+                            existing.pool.reconfigure(up.pool);
+                            existing.clone()
+                        }
+                        None => Arc::new(Backend::new(&b.url, b.authority.clone(), up.pool)),
+                    }
+                })
+                .collect();
+            let weights: Vec<u32> = up.backends.iter().map(|b| b.weight).collect();
+            Upstream {
+                name: up.name.clone(),
+                strategy: up.strategy,
+                balancer: balance::for_strategy(up.strategy, &weights),
+                backends,
+                weights,
+                preserve_host: up.preserve_host,
+                retries: up.retries,
+                timeouts: up.timeouts,
+            }
+        })
+        .collect();
+
+    let index_of = |name: &str| {
+        upstreams
+            .iter()
+            .position(|u| u.name == name)
+            .expect("validated upstream name")
+    };
+    let routes = if config.routes.is_empty() && upstreams.len() == 1 {
+        vec![super::router::Route {
+            host: None,
+            prefix: "/".into(),
+            upstream: 0,
+            strip_prefix: false,
+            limits: vec![],
+        }]
+    } else {
+        config
+            .routes
+            .iter()
+            .map(|r| Router::route(r, index_of(&r.upstream), Vec::new()))
+            .collect()
+    };
+    let router = Router::new(routes);
+    Runtime {
+        generation,
+        config,
+        router,
+        upstreams,
+    }
+}

@@ -1,0 +1,40 @@
+//! Client-facing listeners: accepting, capping connections, serving HTTP/1.1 and HTTP/2
+//! on one socket, the connection-level timeouts, and the graceful drain.
+
+mod conn_guard;
+mod listener;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+pub use conn_guard::{ConnLimits, GuardedIo};
+pub use listener::{BindError, Listeners, bind};
+
+/// Whether a client connection has a request (or an upgraded tunnel) in progress.
+/// Written by the request path through [`ActivityGuard`]s, read by [`GuardedIo`] to
+/// tell an idle connection (idle timeout) from one that is sending a head (408).
+#[derive(Debug, Default)]
+pub struct ConnActivity {
+    busy: AtomicUsize,
+}
+
+impl ConnActivity {
+    pub fn begin(self: &Arc<Self>) -> ActivityGuard {
+        self.busy.fetch_add(1, Ordering::AcqRel);
+        ActivityGuard(self.clone())
+    }
+
+    pub fn is_busy(&self) -> bool {
+        self.busy.load(Ordering::Acquire) > 0
+    }
+}
+
+/// One unit of [`ConnActivity`], released on drop.
+#[derive(Debug)]
+pub struct ActivityGuard(Arc<ConnActivity>);
+
+impl Drop for ActivityGuard {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::AcqRel);
+    }
+}
