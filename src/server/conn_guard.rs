@@ -1,7 +1,8 @@
 //! The socket as hyper sees it, with the timeouts hyper does not give: `client_header`
 //! (a head must arrive in full within it, else 408 and close), `idle` (a keep-alive
-//! connection with no request in progress is closed after it), and `max_header_bytes`
-//! (431 with our body rather than a bare one).
+//! connection with no request in progress is closed after it), `max_header_bytes`
+//! (431 with our body rather than a bare one), and ambiguous framing (400 before hyper
+//! sees the head; see `head_check`).
 //!
 //! The phase is derived from [`ConnActivity`]: busy while a request or tunnel runs; when
 //! it stops being busy the connection is idle until a byte arrives, then it is reading a
@@ -19,6 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 use super::ConnActivity;
+use super::head_check;
 use crate::proxy::{error::raw_response, request_id};
 
 /// The HTTP/2 connection preface starts with this; HTTP/1 has no `PRI` method in use.
@@ -60,6 +62,10 @@ pub struct GuardedIo<T> {
     timer: Pin<Box<Sleep>>,
     phase: Phase,
     first_read: bool,
+    /// The head being received (HTTP/1 only), kept until its framing has been checked.
+    /// Reused from request to request.
+    head: Vec<u8>,
+    head_checked: bool,
 }
 
 impl<T> GuardedIo<T> {
@@ -71,6 +77,8 @@ impl<T> GuardedIo<T> {
             timer: Box::pin(tokio::time::sleep(limits.client_header)),
             phase: Phase::Head { bytes: 0 },
             first_read: true,
+            head: Vec::new(),
+            head_checked: false,
         }
     }
 
@@ -116,6 +124,8 @@ impl<T> GuardedIo<T> {
         }
         if matches!(self.phase, Phase::Busy) {
             self.phase = Phase::Idle;
+            self.head.clear();
+            self.head_checked = false;
             self.rearm(self.limits.idle);
         }
         if let Phase::Head { bytes } = self.phase {
@@ -144,24 +154,35 @@ impl<T> GuardedIo<T> {
         Poll::Pending
     }
 
-    /// Records `n` bytes read; `start` is their first few bytes (for the HTTP/2 check).
-    fn note_read(&mut self, start: &[u8], n: usize) {
-        if n == 0 {
-            return;
+    /// Records bytes just read. Returns why the head they complete must be refused.
+    fn note_read(&mut self, data: &[u8]) -> Option<&'static str> {
+        if data.is_empty() {
+            return None;
         }
-        if std::mem::take(&mut self.first_read) && n >= 4 && H2_PREFACE_START.starts_with(start) {
+        if std::mem::take(&mut self.first_read)
+            && data.len() >= 4
+            && H2_PREFACE_START.starts_with(&data[..data.len().min(H2_PREFACE_START.len())])
+        {
             self.phase = Phase::H2 { was_busy: false };
             self.rearm(self.limits.idle);
-            return;
+            return None;
         }
         match &mut self.phase {
             Phase::Idle => {
-                self.phase = Phase::Head { bytes: n };
+                self.phase = Phase::Head { bytes: data.len() };
                 self.rearm(self.limits.client_header);
             }
-            Phase::Head { bytes } => *bytes += n,
-            _ => {}
+            Phase::Head { bytes } => *bytes += data.len(),
+            _ => return None,
         }
+        if self.head_checked {
+            return None;
+        }
+        let from = self.head.len();
+        self.head.extend_from_slice(data);
+        let end = head_check::head_end(&self.head, from)?;
+        self.head_checked = true;
+        head_check::check(&self.head[..end]).err()
     }
 }
 
@@ -212,10 +233,12 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for GuardedIo<T> {
             buf.advance(n);
             n
         };
-        let k = n.min(H2_PREFACE_START.len());
-        let mut probe = [0u8; H2_PREFACE_START.len()];
-        probe[..k].copy_from_slice(&buf.filled()[before..before + k]);
-        this.note_read(&probe[..k], n);
+        if let Some(why) = this.note_read(&buf.filled()[before..before + n]) {
+            // Hyper never sees the bytes that complete the refused head.
+            buf.set_filled(before);
+            this.close_with(StatusCode::BAD_REQUEST, format!("bad request: {why}"));
+            ready!(this.poll_closing(cx));
+        }
         Poll::Ready(Ok(()))
     }
 }
