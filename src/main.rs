@@ -51,7 +51,6 @@ fn main() -> ExitCode {
     match runtime.block_on(app::run(loaded, source)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e}");
             eprintln!("error: {e}");
             ExitCode::from(1)
         }

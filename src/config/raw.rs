@@ -157,12 +157,25 @@ pub struct RawTimeoutOverrides {
     pub idle: Option<HumanDuration>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Deserialize, Serialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum StrategyName {
     #[default]
     RoundRobin,
     LeastConnections,
+}
+
+impl<'de> Deserialize<'de> for StrategyName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        match name.as_str() {
+            "round-robin" => Ok(StrategyName::RoundRobin),
+            "least-connections" => Ok(StrategyName::LeastConnections),
+            other => Err(de::Error::custom(format!(
+                r#"unknown strategy "{other}", expected one of "round-robin", "least-connections""#
+            ))),
+        }
+    }
 }
 
 impl fmt::Display for StrategyName {

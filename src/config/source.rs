@@ -36,8 +36,9 @@ pub enum Location {
         line: usize,
         col: usize,
     },
-    /// A key in the file whose value is a default (it is not written anywhere).
-    Key { path: PathBuf, key: String },
+    /// A key whose value is not written anywhere (a default); `path` is `None` when
+    /// there is no config file at all.
+    Key { path: Option<PathBuf>, key: String },
     /// A command-line flag.
     Flag(String),
 }
@@ -46,7 +47,11 @@ impl fmt::Display for Location {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Location::File { path, line, col } => write!(f, "{}:{line}:{col}", path.display()),
-            Location::Key { path, key } => write!(f, "{}: {key}", path.display()),
+            Location::Key {
+                path: Some(path),
+                key,
+            } => write!(f, "{}: {key}", path.display()),
+            Location::Key { path: None, key } => write!(f, "(no config file): {key}"),
             Location::Flag(flag) => f.write_str(flag),
         }
     }
@@ -135,6 +140,8 @@ fn string_array(items: &[String]) -> String {
 pub struct Source {
     pub path: PathBuf,
     pub text: String,
+    /// False when the (optional) file does not exist and `text` is empty.
+    pub exists: bool,
 }
 
 impl Source {
@@ -144,10 +151,12 @@ impl Source {
             Ok(text) => Ok(Source {
                 path: path.to_owned(),
                 text,
+                exists: true,
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => Ok(Source {
                 path: path.to_owned(),
                 text: String::new(),
+                exists: false,
             }),
             Err(source) => Err(ConfigError::Read {
                 path: path.to_owned(),
@@ -175,7 +184,8 @@ impl Source {
                 message,
             })?;
         }
-        let index = KeyIndex::build(root.get_ref(), &self.text, &self.path, &edits);
+        let file = self.exists.then(|| self.path.clone());
+        let index = KeyIndex::build(root.get_ref(), &self.text, &self.path, file, &edits);
         let raw = RawConfig::deserialize(toml::de::Deserializer::from(root))
             .map_err(|e| self.error_at(e.span(), e.message(), &edits))?;
         Ok(Merged { raw, index })
@@ -185,7 +195,7 @@ impl Source {
         let location = match span {
             Some(span) => span_location(span, &self.text, &self.path, edits),
             None => Location::Key {
-                path: self.path.clone(),
+                path: self.exists.then(|| self.path.clone()),
                 key: String::from("(top level)"),
             },
         };
@@ -354,20 +364,23 @@ fn table_entry<'t, 'i>(
 /// The location of every key of the merged document, for validation errors found after
 /// deserialisation.
 pub struct KeyIndex {
-    path: PathBuf,
+    file: Option<PathBuf>,
     entries: Vec<(String, Location)>,
 }
 
 impl KeyIndex {
-    fn build(root: &DeTable<'_>, text: &str, path: &Path, edits: &[Edit]) -> KeyIndex {
+    fn build(
+        root: &DeTable<'_>,
+        text: &str,
+        path: &Path,
+        file: Option<PathBuf>,
+        edits: &[Edit],
+    ) -> KeyIndex {
         let mut entries = Vec::new();
         walk(root, String::new(), &mut |key, span| {
             entries.push((key, span_location(span, text, path, edits)))
         });
-        KeyIndex {
-            path: path.to_owned(),
-            entries,
-        }
+        KeyIndex { file, entries }
     }
 
     /// Where the value at `key` (dotted, `[i]` for list items) was written.
@@ -383,7 +396,7 @@ impl KeyIndex {
                 Some(i) => probe.truncate(i),
                 None => {
                     return Location::Key {
-                        path: self.path.clone(),
+                        path: self.file.clone(),
                         key: key.to_owned(),
                     };
                 }

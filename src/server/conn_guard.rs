@@ -98,7 +98,7 @@ impl<T> GuardedIo<T> {
     /// Moves the phase on from the connection's activity and the timer; `Ready` means the
     /// read must end now (EOF for hyper), after any response we owe has been written.
     fn poll_phase(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let busy = self.activity.is_busy();
+        let busy = self.activity.is_busy_or_register(cx.waker());
         match &mut self.phase {
             Phase::Closing { .. } | Phase::Closed => return Poll::Ready(()),
             Phase::H2 { was_busy } => {

@@ -8,6 +8,8 @@ mod listener;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use atomic_waker::AtomicWaker;
+
 pub use conn_guard::{ConnLimits, GuardedIo};
 pub use listener::{BindError, Listeners, bind};
 
@@ -17,9 +19,22 @@ pub use listener::{BindError, Listeners, bind};
 #[derive(Debug, Default)]
 pub struct ConnActivity {
     busy: AtomicUsize,
+    /// The connection's reader, woken when the last request ends so its idle timer starts
+    /// even if hyper is already waiting on the socket.
+    idle_waker: AtomicWaker,
 }
 
 impl ConnActivity {
+    /// Whether busy; when busy, `waker` is woken as soon as the connection is not.
+    pub fn is_busy_or_register(&self, waker: &std::task::Waker) -> bool {
+        if !self.is_busy() {
+            return false;
+        }
+        self.idle_waker.register(waker);
+        // The last request may have ended between the check and the registration.
+        self.is_busy()
+    }
+
     pub fn begin(self: &Arc<Self>) -> ActivityGuard {
         self.busy.fetch_add(1, Ordering::AcqRel);
         ActivityGuard(self.clone())
@@ -36,6 +51,8 @@ pub struct ActivityGuard(Arc<ConnActivity>);
 
 impl Drop for ActivityGuard {
     fn drop(&mut self) {
-        self.0.busy.fetch_sub(1, Ordering::AcqRel);
+        if self.0.busy.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle_waker.wake();
+        }
     }
 }

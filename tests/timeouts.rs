@@ -1,0 +1,168 @@
+//! Client-side timeouts and limits (SPEC sections 2 and 3): client_header (408 and close,
+//! slowloris), idle, max_connections, connect.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dribbling_client_gets_408_while_others_are_served() {
+    let up = Upstream::start("a").await;
+    let b = Balancer::start(
+        &config_for(&[up.addr], ""),
+        &["--set", "timeouts.client_header=700ms"],
+    );
+    // A crowd of slowloris clients, each sending a byte now and then.
+    let mut crowd = Vec::new();
+    for _ in 0..50 {
+        let mut s = TcpStream::connect(b.addr()).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            .await
+            .unwrap();
+        crowd.push(s);
+    }
+    let start = Instant::now();
+    let dribbler = tokio::spawn({
+        let mut s = crowd.pop().unwrap();
+        async move {
+            for _ in 0..30 {
+                if s.write_all(b"a").await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            read_until_close(&mut s, Duration::from_secs(5)).await
+        }
+    });
+    // Meanwhile a normal client is served promptly.
+    for _ in 0..5 {
+        let t = Instant::now();
+        assert_eq!(get(b.addr(), "/").await.status, 200);
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "normal request took {:?}",
+            t.elapsed()
+        );
+    }
+    let out = dribbler.await.unwrap();
+    assert_eq!(status_of(&out), 408, "{out}");
+    assert!(
+        out.contains("text/plain; charset=utf-8") && out.contains("x-request-id"),
+        "{out}"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "cut off after {:?}",
+        start.elapsed()
+    );
+    // The rest of the crowd was cut off too.
+    for mut s in crowd {
+        assert!(closed_within(&mut s, Duration::from_secs(2)).await);
+    }
+    assert_eq!(up.hits(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_keepalive_connections_are_closed() {
+    let up = Upstream::start("a").await;
+    let b = Balancer::start(
+        &config_for(&[up.addr], ""),
+        &["--set", "timeouts.idle=600ms"],
+    );
+    let mut s = TcpStream::connect(b.addr()).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let start = Instant::now();
+    // Reads the response, then waits for the close.
+    assert!(
+        closed_within(&mut s, Duration::from_secs(3)).await,
+        "idle connection left open"
+    );
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_millis(500),
+        "closed too early: {waited:?}"
+    );
+    // Not while a request is in progress: a slow response outlives the idle timeout.
+    let r = get(b.addr(), "/sleep/1200").await;
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_silent_connection_is_closed_after_client_header_without_a_response() {
+    let up = Upstream::start("a").await;
+    let b = Balancer::start(
+        &config_for(&[up.addr], ""),
+        &["--set", "timeouts.client_header=500ms"],
+    );
+    let mut s = TcpStream::connect(b.addr()).await.unwrap();
+    let out = read_until_close(&mut s, Duration::from_secs(3)).await;
+    assert_eq!(out, "", "nothing was asked, nothing is answered");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn max_connections_makes_new_connections_wait() {
+    let up = Upstream::start("a").await;
+    let b = Balancer::start(
+        &config_for(&[up.addr], ""),
+        &["--set", "server.max_connections=1"],
+    );
+    let mut first = Conn::open(b.addr()).await;
+    assert_eq!(first.get("/").await.unwrap().status, 200);
+    let addr = b.addr();
+    let second = tokio::spawn(async move { get(addr, "/second").await });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(
+        !second.is_finished(),
+        "the second connection was served while the first was open"
+    );
+    drop(first);
+    let r = tokio::time::timeout(Duration::from_secs(5), second)
+        .await
+        .expect("second connection served once the first closed")
+        .unwrap();
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connect_timeout_bounds_an_unanswered_connect() {
+    // A listener whose accept queue is full: further SYNs are dropped, connects hang.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = sock.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        if let Ok(Ok(s)) =
+            tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await
+        {
+            fillers.push(s);
+        }
+    }
+    let b = Balancer::start(
+        &config_for(&[addr], "retries = 0"),
+        &["--set", "timeouts.connect=300ms"],
+    );
+    let start = Instant::now();
+    let r = get(b.addr(), "/").await;
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        start.elapsed()
+    );
+    let line = b.wait_for_log(Duration::from_secs(2), |l| {
+        l["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("timed out"))
+    });
+    assert!(
+        line["message"].as_str().unwrap().contains("300ms"),
+        "{line}"
+    );
+}
