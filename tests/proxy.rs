@@ -65,7 +65,7 @@ async fn http10_keepalive_and_pipelining_are_served() {
 async fn http2_prior_knowledge_is_proxied_to_http1_backends() {
     let up = Upstream::start("a").await;
     let b = Balancer::start(&config_for(&[up.addr], ""), &[]);
-    let request = Request::get(format!("http://front.example:8080/h2?q=1"))
+    let request = Request::get("http://front.example:8080/h2?q=1")
         .body(Full::<Bytes>::default())
         .unwrap();
     let (version, r) = send_h2(b.addr(), request).await;

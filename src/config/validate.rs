@@ -195,7 +195,8 @@ fn addrs(list: &OneOrMany, key: &str) -> Result<Vec<SocketAddr>, KeyError> {
     let mut out: Vec<SocketAddr> = Vec::with_capacity(list.0.len());
     for (i, a) in list.0.iter().enumerate() {
         let parsed = addr(a, &format!("{key}[{i}]"))?;
-        if out.contains(&parsed) {
+        // Port 0 (any free port) may be asked for more than once.
+        if parsed.port() != 0 && out.contains(&parsed) {
             return err(format!("{key}[{i}]"), format!("{parsed} is listed twice"));
         }
         out.push(parsed);
