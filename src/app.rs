@@ -4,8 +4,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use tokio_util::sync::CancellationToken;
 
+use crate::backend::health;
 use crate::config::{Loaded, Overrides};
+use crate::metrics::LastReload;
 use crate::runtime::{self, Runtime, SharedRuntime};
 use crate::server::{self, BindError, Listeners};
 
@@ -29,20 +32,30 @@ pub enum AppError {
 pub async fn run(loaded: Loaded, _source: ConfigSource) -> Result<(), AppError> {
     let rt = runtime::build(loaded.config, None, 1);
     let listeners = server::bind(&rt.config.server.listen)?;
+    let admin_listener = crate::admin::bind(rt.config.admin).await?;
+    *rt.metrics.last_reload.lock().expect("last_reload lock") = LastReload::now(Ok(()));
     log_upstreams(&rt);
     if rt.config.routes.is_empty() && rt.upstreams.len() > 1 {
         tracing::warn!("there are several upstreams and no [[routes]]: every request will get 404");
     }
+    let checks = CancellationToken::new();
+    health::spawn_all(&rt, &checks);
     let runtime: SharedRuntime = Arc::new(ArcSwap::from_pointee(rt));
+    let admin_stop = CancellationToken::new();
+    if let Some(l) = admin_listener {
+        crate::admin::spawn(l, runtime.clone(), admin_stop.clone());
+    }
     let running = Listeners::start(listeners, runtime.clone());
 
     wait_for_stop().await.map_err(AppError::Signals)?;
+    checks.cancel();
     let grace = runtime.load().config.server.shutdown_grace;
     if running.shutdown(grace).await {
         tracing::info!("all connections drained; exiting");
     } else {
         tracing::warn!(grace = %humantime::format_duration(grace), "shutdown grace ran out; closing the remaining connections");
     }
+    admin_stop.cancel();
     Ok(())
 }
 

@@ -6,12 +6,14 @@
 //! from a `config::Config`, which `config::load` makes from the TOML file and the
 //! command-line overrides. `app` wires these together; `main.rs` only parses flags.
 
+pub mod admin;
 pub mod app;
 pub mod backend;
 pub mod balance;
 pub mod cli;
 pub mod config;
 pub mod logging;
+pub mod metrics;
 pub mod proxy;
 pub mod runtime;
 pub mod server;

@@ -1,51 +1,99 @@
 //! One backend of an upstream and the state about it that outlives a reload: health,
 //! in-flight count, counters and the pool of idle connections.
 //!
-//! Shared by `Arc` between the request path, the health checker and `/status`; every
-//! field the request path touches is an atomic, so picking and counting take no lock.
+//! Shared by `Arc` between the request path, the health checker, the metrics collector
+//! and `/status`; every field the request path touches is an atomic, so picking and
+//! counting take no lock.
 
+pub mod health;
+mod passive;
 mod pool;
 
+use std::fmt::Display;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 
 use http::uri::Authority;
 
-use crate::config::PoolConfig;
+use crate::config::{PassiveConfig, PoolConfig};
+use crate::metrics::StatusCounts;
+pub use passive::Admission;
+use passive::{PassiveState, Transition};
 pub use pool::{ConnectError, Pool, PooledConn};
 
 #[derive(Debug)]
 pub struct Backend {
     /// The URL as written in the config, for logs, metrics and `/status`.
     pub url: Arc<str>,
+    pub upstream: Arc<str>,
     /// `host:port`, always with the port.
     pub authority: Authority,
-    /// Written by health checks (active and passive), read by the pickers.
-    healthy: AtomicBool,
+    /// Written by the active checker (true when none is configured), read by pickers.
+    active_up: AtomicBool,
+    /// Written by the request path on failures and successes, read by pickers.
+    passive: PassiveState,
     /// Requests (and upgraded tunnels) now using this backend.
     inflight: AtomicUsize,
     /// Requests that got a response head from this backend.
     requests: AtomicU64,
     /// Attempts that failed: connect errors, resets, timeouts.
     failures: AtomicU64,
+    /// Final statuses of the requests this backend served or failed.
+    pub statuses: StatusCounts,
     pub pool: Arc<Pool>,
 }
 
 impl Backend {
-    pub fn new(url: &str, authority: Authority, pool: PoolConfig) -> Backend {
+    pub fn new(upstream: &str, url: &str, authority: Authority, pool: PoolConfig) -> Backend {
         Backend {
             url: url.into(),
+            upstream: upstream.into(),
             pool: Arc::new(Pool::new(authority.clone(), pool)),
             authority,
-            healthy: AtomicBool::new(true),
+            active_up: AtomicBool::new(true),
+            passive: PassiveState::default(),
             inflight: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            statuses: StatusCounts::default(),
         }
     }
 
+    /// Up by the active checks and not taken out by the passive ones.
     pub fn is_healthy(&self) -> bool {
-        self.healthy.load(Relaxed)
+        self.active_up.load(Relaxed) && !self.passive.is_out()
+    }
+
+    /// Whether a request may be sent here now (see [`Admission`]).
+    pub fn admission(&self, passive: &PassiveConfig) -> Admission {
+        if !self.active_up.load(Relaxed) {
+            return Admission::Closed;
+        }
+        self.passive.admission(passive)
+    }
+
+    pub fn claim_trial(&self) -> bool {
+        self.passive.claim_trial()
+    }
+
+    pub fn is_active_up(&self) -> bool {
+        self.active_up.load(Relaxed)
+    }
+
+    /// Sets the active checkers' verdict, logging a change once.
+    pub fn set_active_up(&self, up: bool, reason: &str) {
+        if self.active_up.swap(up, Relaxed) != up {
+            if up {
+                tracing::info!(upstream = %self.upstream, backend = %self.url, reason, "backend up: active checks pass");
+            } else {
+                tracing::warn!(upstream = %self.upstream, backend = %self.url, reason, "backend down: active checks fail");
+            }
+        }
+    }
+
+    /// Forgets passive failures (passive checks were turned off).
+    pub fn reset_passive(&self) {
+        self.passive.reset();
     }
 
     pub fn inflight(&self) -> usize {
@@ -66,12 +114,26 @@ impl Backend {
         InflightGuard(self.clone())
     }
 
+    /// A response head arrived from this backend.
     pub fn record_response(&self) {
         self.requests.fetch_add(1, Relaxed);
+        if self.passive.on_success() == Some(Transition::Recovered) {
+            tracing::info!(upstream = %self.upstream, backend = %self.url, reason = "a trial request succeeded", "backend up: back in after passive ejection");
+        }
     }
 
-    pub fn record_failure(&self) {
+    /// An attempt failed: connect error, reset, or timeout.
+    pub fn record_failure(&self, passive: &PassiveConfig, error: &dyn Display) {
         self.failures.fetch_add(1, Relaxed);
+        if let Some(Transition::Ejected { failures }) = self.passive.on_failure(passive) {
+            tracing::warn!(
+                upstream = %self.upstream,
+                backend = %self.url,
+                reason = %format_args!("{failures} consecutive failures on real traffic, the last: {error}"),
+                out_for = %humantime::format_duration(passive.fail_timeout),
+                "backend down: passive checks",
+            );
+        }
     }
 }
 

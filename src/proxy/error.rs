@@ -44,6 +44,16 @@ impl ProxyError {
         }
     }
 
+    /// A connect error, reset or timeout: what passive health checks count.
+    pub fn is_backend_failure(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::Unreachable { .. }
+                | ProxyError::BrokeOff { .. }
+                | ProxyError::UpstreamTimeout { .. }
+        )
+    }
+
     /// Whether the client connection must be closed after the answer (its framing is not
     /// to be trusted, or its body was not read).
     fn closes(&self) -> bool {

@@ -40,6 +40,16 @@ impl RequestLog {
 
 impl Drop for RequestLog {
     fn drop(&mut self) {
+        let elapsed = self.start.elapsed();
+        let upstream = self.upstream.map(|i| &self.runtime.upstreams[i]);
+        match (&self.backend, upstream) {
+            (Some(b), _) => b.statuses.inc(self.status),
+            (None, Some(u)) => u.stats.unattributed.inc(self.status),
+            (None, None) => self.runtime.metrics.unrouted.inc(self.status),
+        }
+        if let Some(u) = upstream {
+            u.stats.durations.observe(elapsed);
+        }
         if !self.runtime.config.log.access {
             return;
         }
@@ -48,7 +58,7 @@ impl Drop for RequestLog {
             .map_or("-", |i| self.runtime.upstreams[i].name.as_str());
         let backend = self.backend.as_ref().map_or("-", |b| &*b.url);
         let request_id = self.request_id.to_str().unwrap_or("-");
-        let duration_ms = self.start.elapsed().as_secs_f64() * 1000.0;
+        let duration_ms = elapsed.as_secs_f64() * 1000.0;
         tracing::info!(
             target: "access",
             client = %self.client.ip(),

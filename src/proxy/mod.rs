@@ -205,7 +205,9 @@ async fn proxy(
                 return Ok(Proxied { response, inflight });
             }
             Err(Failure { error, retryable }) => {
-                backend.record_failure();
+                if error.is_backend_failure() {
+                    backend.record_failure(&upstream.passive, &error);
+                }
                 tracing::debug!(backend = %backend.url, error = %error, retryable, "attempt failed");
                 if !retryable {
                     return Err(error);

@@ -7,6 +7,7 @@ use super::{Runtime, Upstream};
 use crate::backend::Backend;
 use crate::balance;
 use crate::config::Config;
+use crate::metrics::Metrics;
 
 /// Compiles `config`, reusing the `Arc<Backend>` (health, counters, pool) of every backend
 /// whose upstream name and URL are unchanged from `previous`.
@@ -24,9 +25,14 @@ pub fn build(config: Config, previous: Option<&Runtime>, generation: u64) -> Run
                     match kept {
                         Some(existing) => {
                             existing.pool.reconfigure(up.pool);
+                            if up.passive.max_fails == 0 {
+                                existing.reset_passive();
+                            }
                             existing.clone()
                         }
-                        None => Arc::new(Backend::new(&b.url, b.authority.clone(), up.pool)),
+                        None => {
+                            Arc::new(Backend::new(&up.name, &b.url, b.authority.clone(), up.pool))
+                        }
                     }
                 })
                 .collect();
@@ -40,6 +46,9 @@ pub fn build(config: Config, previous: Option<&Runtime>, generation: u64) -> Run
                 preserve_host: up.preserve_host,
                 retries: up.retries,
                 timeouts: up.timeouts,
+                passive: up.passive,
+                health_check: up.health_check.clone(),
+                stats: old.map(|o| o.stats.clone()).unwrap_or_default(),
             }
         })
         .collect();
@@ -66,10 +75,12 @@ pub fn build(config: Config, previous: Option<&Runtime>, generation: u64) -> Run
             .collect()
     };
     let router = Router::new(routes);
+    let metrics = previous.map_or_else(|| Arc::new(Metrics::default()), |p| p.metrics.clone());
     Runtime {
         generation,
         config,
         router,
         upstreams,
+        metrics,
     }
 }

@@ -12,9 +12,10 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use crate::backend::Backend;
+use crate::backend::{Admission, Backend};
 use crate::balance::Balancer;
-use crate::config::{Config, StrategyName, Timeouts};
+use crate::config::{Config, HealthCheckConfig, PassiveConfig, StrategyName, Timeouts};
+use crate::metrics::{Metrics, UpstreamStats};
 pub use build::build;
 use router::Router;
 
@@ -28,6 +29,8 @@ pub struct Runtime {
     pub config: Config,
     pub router: Router,
     pub upstreams: Vec<Upstream>,
+    /// Process-wide counters, the same object in every generation.
+    pub metrics: Arc<Metrics>,
 }
 
 #[derive(Debug)]
@@ -40,12 +43,36 @@ pub struct Upstream {
     pub preserve_host: bool,
     pub retries: u32,
     pub timeouts: Timeouts,
+    pub passive: PassiveConfig,
+    pub health_check: Option<HealthCheckConfig>,
+    /// Kept across reloads by upstream name.
+    pub stats: Arc<UpstreamStats>,
 }
 
 impl Upstream {
-    /// A backend that `accept` allows, by this upstream's strategy, among healthy ones.
+    /// A backend that `accept` allows and health admits, by this upstream's strategy. A
+    /// backend that is out but due a trial is only returned to the request that claims it.
     pub fn pick(&self, mut accept: impl FnMut(usize) -> bool) -> Option<usize> {
-        self.balancer
-            .pick(&self.backends, &mut |i, b| b.is_healthy() && accept(i))
+        let mut lost_trials: Vec<usize> = Vec::new();
+        loop {
+            let mut trial = false;
+            let idx = self.balancer.pick(&self.backends, &mut |i, b| {
+                if lost_trials.contains(&i) || !accept(i) {
+                    return false;
+                }
+                match b.admission(&self.passive) {
+                    Admission::Open => true,
+                    Admission::Trial => {
+                        trial = true;
+                        true
+                    }
+                    Admission::Closed => false,
+                }
+            })?;
+            if !trial || self.backends[idx].claim_trial() {
+                return Some(idx);
+            }
+            lost_trials.push(idx);
+        }
     }
 }

@@ -139,7 +139,7 @@ fn serve(
     permit: OwnedSemaphorePermit,
 ) {
     let _ = stream.set_nodelay(true);
-    let (limits, max_header_bytes) = {
+    let (limits, max_header_bytes, metrics) = {
         let rt = runtime.load();
         let s = &rt.config.server;
         let limits = ConnLimits {
@@ -147,8 +147,11 @@ fn serve(
             idle: s.timeouts.idle,
             max_header_bytes: s.max_header_bytes,
         };
-        (limits, s.max_header_bytes)
+        (limits, s.max_header_bytes, rt.metrics.clone())
     };
+    metrics
+        .client_connections
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let activity = Arc::new(ConnActivity::default());
     let info = Arc::new(ConnInfo {
         peer,
@@ -184,5 +187,8 @@ fn serve(
         if let Err(e) = conn.await {
             tracing::debug!(%peer, error = %e, "client connection ended with an error");
         }
+        metrics
+            .client_connections
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     });
 }

@@ -97,6 +97,14 @@ impl Balancer {
         self.addrs[0]
     }
 
+    /// The admin listener's address (from its `admin listening` line).
+    pub fn admin(&self) -> SocketAddr {
+        let line = self.wait_for_log(Duration::from_secs(5), |l| {
+            l["message"] == "admin listening"
+        });
+        line["addr"].as_str().unwrap().parse().unwrap()
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr(), path)
     }
@@ -223,6 +231,23 @@ pub fn run_cli(args: &[&str], dir: &std::path::Path) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into(),
         String::from_utf8_lossy(&out.stderr).into(),
     )
+}
+
+/// Like [`config_for`], with the admin listener on a free port.
+pub fn config_with_admin(backends: &[SocketAddr], extra: &str) -> String {
+    config_for(backends, extra).replace(
+        "[admin]\nlisten = \"off\"",
+        "[admin]\nlisten = \"127.0.0.1:0\"",
+    )
+}
+
+/// One sample's value from a Prometheus text exposition, e.g.
+/// `metric(&text, "balancer_backend_up{upstream=\"app\",backend=\"http://..\"}")`.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)
+            .and_then(|rest| rest.trim().parse().ok())
+    })
 }
 
 /// A config with one upstream over `backends` and `extra` TOML appended; listens on :0.

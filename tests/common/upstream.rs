@@ -4,6 +4,7 @@
 //!   `body_len`) and `x-upstream: NAME`
 //! - `/sleep/MS`: the same after MS milliseconds
 //! - `/status/CODE`: that status
+//! - `/healthz`: the status in `Upstream::health` (200 until a test changes it)
 //! - `/bytes/N`: N bytes of body, streamed
 //! - an `Upgrade` request: 101, then echo every byte back
 //!
@@ -32,11 +33,14 @@ pub struct UpstreamOpts {
 pub struct Upstream {
     pub addr: SocketAddr,
     pub name: String,
-    /// Requests answered (or dropped) so far.
+    /// Requests answered so far (health checks not included).
     pub hits: Arc<AtomicUsize>,
     /// TCP connections accepted so far.
     pub connections: Arc<AtomicUsize>,
+    /// The status `/healthz` answers.
+    pub health: Arc<std::sync::atomic::AtomicU16>,
     task: tokio::task::JoinHandle<()>,
+    conns: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
 }
 
 impl Upstream {
@@ -45,20 +49,33 @@ impl Upstream {
     }
 
     pub async fn start_with(name: &str, opts: UpstreamOpts) -> Upstream {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on("127.0.0.1:0".parse().unwrap(), name, opts).await
+    }
+
+    /// Starts on a given address (to bring a killed upstream back on its port).
+    pub async fn start_on(addr: SocketAddr, name: &str, opts: UpstreamOpts) -> Upstream {
+        let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
         let connections = Arc::new(AtomicUsize::new(0));
-        let (h, c, n) = (hits.clone(), connections.clone(), name.to_owned());
+        let health = Arc::new(std::sync::atomic::AtomicU16::new(200));
+        let conns: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let (h, c, n, hl, cs) = (
+            hits.clone(),
+            connections.clone(),
+            name.to_owned(),
+            health.clone(),
+            conns.clone(),
+        );
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
                 c.fetch_add(1, Ordering::SeqCst);
-                let (h, n, opts) = (h.clone(), n.clone(), opts.clone());
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req| handle(req, n.clone(), h.clone()));
+                let (h, n, opts, hl) = (h.clone(), n.clone(), opts.clone(), hl.clone());
+                let conn_task = tokio::spawn(async move {
+                    let svc = service_fn(move |req| handle(req, n.clone(), h.clone(), hl.clone()));
                     let mut builder = hyper::server::conn::http1::Builder::new();
                     builder.keep_alive(true);
                     let conn = builder
@@ -83,6 +100,7 @@ impl Upstream {
                         }
                     }
                 });
+                cs.lock().unwrap().push(conn_task.abort_handle());
             }
         });
         Upstream {
@@ -90,7 +108,9 @@ impl Upstream {
             name: name.to_owned(),
             hits,
             connections,
+            health,
             task,
+            conns,
         }
     }
 
@@ -98,14 +118,22 @@ impl Upstream {
         self.hits.load(Ordering::SeqCst)
     }
 
-    pub fn stop(&self) {
+    /// Stops listening and cuts every open connection, as a crashed process would.
+    pub fn kill(&self) {
         self.task.abort();
+        for c in self.conns.lock().unwrap().drain(..) {
+            c.abort();
+        }
+    }
+
+    pub fn set_health(&self, status: u16) {
+        self.health.store(status, Ordering::SeqCst);
     }
 }
 
 impl Drop for Upstream {
     fn drop(&mut self) {
-        self.task.abort();
+        self.kill();
     }
 }
 
@@ -119,9 +147,15 @@ async fn handle(
     mut req: Request<Incoming>,
     name: String,
     hits: Arc<AtomicUsize>,
+    health: Arc<std::sync::atomic::AtomicU16>,
 ) -> Result<Response<Body>, Infallible> {
-    hits.fetch_add(1, Ordering::SeqCst);
     let path = req.uri().path().to_owned();
+    if path == "/healthz" {
+        let mut resp = Response::new(full("health\n"));
+        *resp.status_mut() = StatusCode::from_u16(health.load(Ordering::SeqCst)).unwrap();
+        return Ok(resp);
+    }
+    hits.fetch_add(1, Ordering::SeqCst);
     if req.headers().contains_key("upgrade") {
         let on_upgrade = hyper::upgrade::on(&mut req);
         tokio::spawn(async move {

@@ -1,0 +1,193 @@
+//! The admin listener: `/healthz`, `/metrics` (Prometheus text), `/status` (JSON).
+//!
+//! Everything is read at request time from the live runtime; the admin listener keeps no
+//! state of its own beyond the metrics registry.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::{LastReload, RuntimeCollector};
+use crate::runtime::SharedRuntime;
+
+/// What the admin endpoints read: the runtime, and the registry that exposes it.
+struct Admin {
+    runtime: SharedRuntime,
+    registry: Registry,
+}
+
+/// Serves the admin endpoints on `listener` until `stop` is cancelled.
+pub fn spawn(listener: TcpListener, runtime: SharedRuntime, stop: CancellationToken) {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(RuntimeCollector(runtime.clone())));
+    let admin = Arc::new(Admin { runtime, registry });
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, protocol = "http", "admin listening");
+    }
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = listener.accept() => r,
+            };
+            let (stream, _) = match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let admin = admin.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    let admin = admin.clone();
+                    async move { Ok::<_, Infallible>(admin.handle(req)) }
+                });
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+}
+
+impl Admin {
+    fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        match (req.method(), req.uri().path()) {
+            (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "ok\n".into()),
+            (&Method::GET | &Method::HEAD, "/metrics") => self.metrics(),
+            (&Method::GET | &Method::HEAD, "/status") => json(StatusCode::OK, &self.status()),
+            (_, "/healthz" | "/metrics" | "/status") => text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed\n".into(),
+            ),
+            (_, path) => text(
+                StatusCode::NOT_FOUND,
+                format!("no admin endpoint at {path}\n"),
+            ),
+        }
+    }
+
+    fn metrics(&self) -> Response<Full<Bytes>> {
+        let mut body = String::with_capacity(4096);
+        match prometheus_client::encoding::prometheus_text::encode(&mut body, &self.registry) {
+            Ok(()) => {
+                let mut resp = Response::new(Full::new(Bytes::from(body)));
+                resp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                resp
+            }
+            Err(e) => text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot encode metrics: {e}\n"),
+            ),
+        }
+    }
+
+    fn status(&self) -> Status {
+        let rt = self.runtime.load();
+        let last_reload = rt
+            .metrics
+            .last_reload
+            .lock()
+            .expect("last_reload lock")
+            .clone();
+        Status {
+            generation: rt.generation,
+            last_reload,
+            upstreams: rt
+                .upstreams
+                .iter()
+                .map(|u| UpstreamStatus {
+                    name: u.name.clone(),
+                    strategy: u.strategy.to_string(),
+                    backends: u
+                        .backends
+                        .iter()
+                        .zip(&u.weights)
+                        .map(|(b, &weight)| BackendStatus {
+                            url: b.url.to_string(),
+                            weight,
+                            healthy: b.is_healthy(),
+                            inflight: b.inflight(),
+                            requests: b.requests(),
+                            failures: b.failures(),
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Status {
+    generation: u64,
+    last_reload: LastReload,
+    upstreams: Vec<UpstreamStatus>,
+}
+
+#[derive(Serialize)]
+struct UpstreamStatus {
+    name: String,
+    strategy: String,
+    backends: Vec<BackendStatus>,
+}
+
+#[derive(Serialize)]
+struct BackendStatus {
+    url: String,
+    weight: u32,
+    healthy: bool,
+    inflight: usize,
+    requests: u64,
+    failures: u64,
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// A JSON response (also used by `POST /reload`).
+pub fn json(status: StatusCode, value: &impl Serialize) -> Response<Full<Bytes>> {
+    let body =
+        serde_json::to_vec(value).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}").into_bytes());
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+/// Binds the admin address (`None`: admin is off).
+pub async fn bind(
+    addr: Option<SocketAddr>,
+) -> Result<Option<TcpListener>, crate::server::BindError> {
+    match addr {
+        None => Ok(None),
+        Some(addr) => crate::server::bind(&[addr]).map(|mut l| l.pop()),
+    }
+}

@@ -1,0 +1,129 @@
+//! Active health checks: `GET path` on a fresh connection every `interval`, per backend.
+//!
+//! One task per backend; their first checks are spread evenly over one interval so a
+//! large upstream does not burst. The consecutive-result counters live in the task; the
+//! only shared state is the backend's up/down flag. Tasks stop when their token is
+//! cancelled (a reload starts new ones).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, header};
+use http_body_util::Empty;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+
+use super::Backend;
+use crate::config::HealthCheckConfig;
+use crate::runtime::Runtime;
+
+/// Starts the checkers of every upstream that has `[health_check]`; marks the backends of
+/// the others up (their checks may have been removed by a reload).
+pub fn spawn_all(rt: &Runtime, stop: &CancellationToken) {
+    for up in &rt.upstreams {
+        let Some(hc) = &up.health_check else {
+            for b in &up.backends {
+                b.set_active_up(true, "active health checks are no longer configured");
+            }
+            continue;
+        };
+        let n = up.backends.len() as u32;
+        for (i, backend) in up.backends.iter().enumerate() {
+            let offset = hc.interval * i as u32 / n;
+            tokio::spawn(check_loop(
+                backend.clone(),
+                hc.clone(),
+                offset,
+                stop.clone(),
+            ));
+        }
+    }
+}
+
+async fn check_loop(
+    backend: Arc<Backend>,
+    hc: HealthCheckConfig,
+    offset: Duration,
+    stop: CancellationToken,
+) {
+    tokio::select! {
+        _ = stop.cancelled() => return,
+        _ = tokio::time::sleep(offset) => {}
+    }
+    let mut ticker = tokio::time::interval(hc.interval);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    let (mut passes, mut fails) = (0u32, 0u32);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let outcome = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = tokio::time::timeout(hc.timeout, probe(&backend, &hc)) => match r {
+                Ok(r) => r,
+                Err(_) => Err(format!("GET {} timed out after {}", hc.path, humantime::format_duration(hc.timeout))),
+            },
+        };
+        match outcome {
+            Ok(status) => {
+                fails = 0;
+                passes = passes.saturating_add(1);
+                if !backend.is_active_up() && passes >= hc.healthy_threshold {
+                    let reason =
+                        format!("GET {} answered {status} {passes} times in a row", hc.path);
+                    backend.set_active_up(true, &reason);
+                }
+            }
+            Err(reason) => {
+                passes = 0;
+                fails = fails.saturating_add(1);
+                tracing::debug!(upstream = %backend.upstream, backend = %backend.url, %reason, "health check failed");
+                if backend.is_active_up() && fails >= hc.unhealthy_threshold {
+                    backend.set_active_up(
+                        false,
+                        &format!("{fails} checks in a row failed, the last: {reason}"),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// One check: the status code when it is expected, else why not.
+async fn probe(backend: &Backend, hc: &HealthCheckConfig) -> Result<u16, String> {
+    let a = &backend.authority;
+    let stream = TcpStream::connect((a.host(), a.port_u16().unwrap_or(80)))
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+    let driver = tokio::spawn(conn);
+    let req = Request::get(hc.path.as_str())
+        .header(header::HOST, a.as_str())
+        .header(header::USER_AGENT, "balancer-health-check")
+        .header(header::CONNECTION, "close")
+        .body(Empty::new())
+        .map_err(|e| format!("bad check request: {e}"))?;
+    let result = sender.send_request(req).await;
+    driver.abort();
+    let status = result
+        .map_err(|e| format!("GET {}: {e}", hc.path))?
+        .status()
+        .as_u16();
+    if hc
+        .expect_status
+        .iter()
+        .any(|&(lo, hi)| (lo..=hi).contains(&status))
+    {
+        Ok(status)
+    } else {
+        Err(format!("GET {} answered {status}", hc.path))
+    }
+}

@@ -1,0 +1,177 @@
+//! Passive checks: consecutive failures on real traffic take a backend out for
+//! `fail_timeout`; then one trial request is let through, and its outcome decides.
+//!
+//! All state is atomics on the backend; times are milliseconds since the backend was
+//! created, so they fit an `AtomicU64` (0 means "not set").
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::time::Instant;
+
+use crate::config::PassiveConfig;
+
+#[derive(Debug)]
+pub struct PassiveState {
+    epoch: Instant,
+    consecutive_failures: AtomicU32,
+    /// While non-zero, the backend is out until this time (then a trial may go).
+    out_until: AtomicU64,
+    /// When the current trial request started; 0 when none is in flight.
+    trial_since: AtomicU64,
+}
+
+/// Whether a request may use the backend now, as far as passive checks go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admission {
+    Open,
+    /// Out, but its time is up: one request may try it (claim it first).
+    Trial,
+    Closed,
+}
+
+/// A change of state that must be logged.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Transition {
+    Ejected { failures: u32 },
+    Recovered,
+}
+
+impl Default for PassiveState {
+    fn default() -> Self {
+        PassiveState {
+            epoch: Instant::now(),
+            consecutive_failures: AtomicU32::new(0),
+            out_until: AtomicU64::new(0),
+            trial_since: AtomicU64::new(0),
+        }
+    }
+}
+
+impl PassiveState {
+    fn now(&self) -> u64 {
+        // +1 so that "now" is never the 0 that means "not set".
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    pub fn is_out(&self) -> bool {
+        self.out_until.load(Relaxed) != 0
+    }
+
+    pub fn admission(&self, cfg: &PassiveConfig) -> Admission {
+        let until = self.out_until.load(Relaxed);
+        if until == 0 {
+            return Admission::Open;
+        }
+        let now = self.now();
+        if now < until {
+            return Admission::Closed;
+        }
+        let trial = self.trial_since.load(Relaxed);
+        // A trial whose request never reported back (client gone) expires.
+        if trial == 0 || now.saturating_sub(trial) > cfg.fail_timeout.as_millis() as u64 {
+            Admission::Trial
+        } else {
+            Admission::Closed
+        }
+    }
+
+    /// Claims the trial; false if another request got it first.
+    pub fn claim_trial(&self) -> bool {
+        let current = self.trial_since.load(Relaxed);
+        self.trial_since
+            .compare_exchange(current, self.now(), Relaxed, Relaxed)
+            .is_ok()
+    }
+
+    pub fn on_success(&self) -> Option<Transition> {
+        self.consecutive_failures.store(0, Relaxed);
+        if self.out_until.swap(0, Relaxed) != 0 {
+            self.trial_since.store(0, Relaxed);
+            return Some(Transition::Recovered);
+        }
+        None
+    }
+
+    pub fn on_failure(&self, cfg: &PassiveConfig) -> Option<Transition> {
+        if cfg.max_fails == 0 {
+            return None;
+        }
+        let failures = self.consecutive_failures.fetch_add(1, Relaxed) + 1;
+        let until = self.now() + cfg.fail_timeout.as_millis() as u64;
+        if self.is_out() {
+            // A failed trial: out again, without a new log line.
+            if self.trial_since.swap(0, Relaxed) != 0 {
+                self.out_until.store(until, Relaxed);
+            }
+            return None;
+        }
+        if failures >= cfg.max_fails
+            && self
+                .out_until
+                .compare_exchange(0, until, Relaxed, Relaxed)
+                .is_ok()
+        {
+            return Some(Transition::Ejected { failures });
+        }
+        None
+    }
+
+    /// Puts the backend back in (its passive checks were turned off by a reload).
+    pub fn reset(&self) {
+        self.consecutive_failures.store(0, Relaxed);
+        self.out_until.store(0, Relaxed);
+        self.trial_since.store(0, Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn cfg(ms: u64) -> PassiveConfig {
+        PassiveConfig {
+            max_fails: 2,
+            fail_timeout: Duration::from_millis(ms),
+        }
+    }
+
+    #[test]
+    fn ejects_after_max_fails_then_one_trial_decides() {
+        let s = PassiveState::default();
+        let c = cfg(30);
+        assert_eq!(s.on_failure(&c), None);
+        assert_eq!(s.on_success(), None, "a success resets the streak");
+        assert_eq!(s.on_failure(&c), None);
+        assert_eq!(s.on_failure(&c), Some(Transition::Ejected { failures: 2 }));
+        assert_eq!(s.admission(&c), Admission::Closed);
+        std::thread::sleep(Duration::from_millis(40));
+        assert_eq!(s.admission(&c), Admission::Trial);
+        assert!(s.claim_trial());
+        assert_eq!(
+            s.admission(&c),
+            Admission::Closed,
+            "only one trial at a time"
+        );
+        // The trial fails: out for another fail_timeout.
+        assert_eq!(s.on_failure(&c), None);
+        assert_eq!(s.admission(&c), Admission::Closed);
+        std::thread::sleep(Duration::from_millis(40));
+        assert_eq!(s.admission(&c), Admission::Trial);
+        assert!(s.claim_trial());
+        assert_eq!(s.on_success(), Some(Transition::Recovered));
+        assert_eq!(s.admission(&c), Admission::Open);
+    }
+
+    #[test]
+    fn max_fails_zero_never_ejects() {
+        let s = PassiveState::default();
+        let c = PassiveConfig {
+            max_fails: 0,
+            fail_timeout: Duration::from_secs(1),
+        };
+        for _ in 0..10 {
+            assert_eq!(s.on_failure(&c), None);
+        }
+        assert_eq!(s.admission(&c), Admission::Open);
+    }
+}

@@ -1,0 +1,333 @@
+//! Counters the request path bumps without locks, and the Prometheus collector that reads
+//! them at scrape time.
+//!
+//! Per-backend counts live on [`crate::backend::Backend`], per-upstream ones in
+//! [`UpstreamStats`], process-wide ones in [`Metrics`]; all are carried across reloads by
+//! the runtime, so counters never reset while balancer runs.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, AtomicU16, AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, SystemTime};
+
+/// How many requests ended with each status code, in a small fixed table: the first
+/// [`StatusCounts::SLOTS`] distinct codes get a slot, any further code counts as code 0.
+#[derive(Debug, Default)]
+pub struct StatusCounts {
+    codes: [AtomicU16; StatusCounts::SLOTS],
+    counts: [AtomicU64; StatusCounts::SLOTS],
+    overflow: AtomicU64,
+}
+
+impl StatusCounts {
+    pub const SLOTS: usize = 16;
+
+    pub fn inc(&self, code: u16) {
+        for (slot, count) in self.codes.iter().zip(&self.counts) {
+            match slot.load(Relaxed) {
+                c if c == code => {
+                    count.fetch_add(1, Relaxed);
+                    return;
+                }
+                0 => match slot.compare_exchange(0, code, Relaxed, Relaxed) {
+                    Ok(_) => {
+                        count.fetch_add(1, Relaxed);
+                        return;
+                    }
+                    Err(c) if c == code => {
+                        count.fetch_add(1, Relaxed);
+                        return;
+                    }
+                    Err(_) => continue,
+                },
+                _ => continue,
+            }
+        }
+        self.overflow.fetch_add(1, Relaxed);
+    }
+
+    /// `(code, count)` for every code seen (code 0: the overflow).
+    pub fn snapshot(&self) -> Vec<(u16, u64)> {
+        let mut out: Vec<(u16, u64)> = self
+            .codes
+            .iter()
+            .zip(&self.counts)
+            .filter_map(|(c, n)| match c.load(Relaxed) {
+                0 => None,
+                c => Some((c, n.load(Relaxed))),
+            })
+            .collect();
+        let overflow = self.overflow.load(Relaxed);
+        if overflow > 0 {
+            out.push((0, overflow));
+        }
+        out.sort_unstable();
+        out
+    }
+}
+
+/// Request durations, in Prometheus' default buckets (seconds).
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    buckets: [AtomicU64; LatencyHistogram::BOUNDS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl LatencyHistogram {
+    pub const BOUNDS: [f64; 11] = [
+        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ];
+
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        if let Some(i) = Self::BOUNDS.iter().position(|&b| secs <= b) {
+            self.buckets[i].fetch_add(1, Relaxed);
+        }
+        self.count.fetch_add(1, Relaxed);
+        self.sum_micros.fetch_add(d.as_micros() as u64, Relaxed);
+    }
+
+    /// `(sum in seconds, count, per-bucket counts)`; the encoder makes them cumulative
+    /// and adds `+Inf` (= count).
+    pub fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
+        let buckets = Self::BOUNDS
+            .iter()
+            .zip(&self.buckets)
+            .map(|(&b, n)| (b, n.load(Relaxed)))
+            .collect();
+        let count = self.count.load(Relaxed);
+        (self.sum_micros.load(Relaxed) as f64 / 1e6, count, buckets)
+    }
+}
+
+/// What one upstream counts beyond its backends. Kept across reloads by upstream name.
+#[derive(Debug, Default)]
+pub struct UpstreamStats {
+    pub durations: LatencyHistogram,
+    /// Requests routed here that no backend answered (503, 413, ...).
+    pub unattributed: StatusCounts,
+}
+
+/// The outcome of the latest config reload, for `/status`.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct LastReload {
+    pub ok: bool,
+    /// RFC 3339, UTC.
+    pub at: Option<String>,
+    pub error: Option<String>,
+}
+
+impl LastReload {
+    pub fn now(result: Result<(), String>) -> LastReload {
+        let at = Some(humantime::format_rfc3339_seconds(SystemTime::now()).to_string());
+        match result {
+            Ok(()) => LastReload {
+                ok: true,
+                at,
+                error: None,
+            },
+            Err(e) => LastReload {
+                ok: false,
+                at,
+                error: Some(e),
+            },
+        }
+    }
+}
+
+/// Process-wide counters. One per process, carried from runtime to runtime.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Open client connections (written by the listeners).
+    pub client_connections: AtomicI64,
+    pub reloads_success: AtomicU64,
+    pub reloads_failure: AtomicU64,
+    /// Written by the reloader, read by `/status`.
+    pub last_reload: Mutex<LastReload>,
+    /// Requests answered before any upstream was chosen (404, 405, 400, ...).
+    pub unrouted: StatusCounts,
+    /// Refusals per rate limit, by name; a limit's counter is created on first use.
+    pub rate_limited: Mutex<std::collections::BTreeMap<String, std::sync::Arc<AtomicU64>>>,
+}
+
+impl Metrics {
+    /// The refusal counter of the rate limit `name` (created when first asked for).
+    pub fn rate_limited_counter(&self, name: &str) -> std::sync::Arc<AtomicU64> {
+        let mut map = self.rate_limited.lock().expect("rate_limited lock");
+        map.entry(name.to_owned()).or_default().clone()
+    }
+
+    pub fn rate_limited_snapshot(&self) -> Vec<(String, u64)> {
+        let map = self.rate_limited.lock().expect("rate_limited lock");
+        map.iter()
+            .map(|(k, v)| (k.clone(), v.load(Relaxed)))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_counts_fill_slots_then_overflow() {
+        let s = StatusCounts::default();
+        for _ in 0..3 {
+            s.inc(200);
+        }
+        s.inc(502);
+        for code in 300..300 + StatusCounts::SLOTS as u16 {
+            s.inc(code);
+        }
+        let snap = s.snapshot();
+        assert!(snap.contains(&(200, 3)) && snap.contains(&(502, 1)));
+        assert_eq!(snap[0], (0, 2), "two codes found no slot");
+    }
+
+    #[test]
+    fn histogram_counts_each_observation_once() {
+        let h = LatencyHistogram::default();
+        h.observe(Duration::from_millis(3));
+        h.observe(Duration::from_millis(30));
+        h.observe(Duration::from_secs(20));
+        let (sum, count, buckets) = h.snapshot();
+        assert_eq!(count, 3);
+        assert!((sum - 20.033).abs() < 1e-6);
+        assert_eq!(buckets[0], (0.005, 1));
+        assert_eq!(buckets[3], (0.05, 1));
+        assert_eq!(
+            buckets.iter().map(|b| b.1).sum::<u64>(),
+            2,
+            "20s is past the last bound"
+        );
+    }
+}
+
+/// Exposes the live runtime's counters in the Prometheus registry, read at scrape time.
+#[derive(Debug)]
+pub struct RuntimeCollector(pub crate::runtime::SharedRuntime);
+
+impl prometheus_client::collector::Collector for RuntimeCollector {
+    fn encode(
+        &self,
+        mut enc: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::{EncodeMetric, NoLabelSet};
+        use prometheus_client::metrics::MetricType;
+        use prometheus_client::metrics::counter::ConstCounter;
+        use prometheus_client::metrics::gauge::ConstGauge;
+
+        let rt = self.0.load();
+        let m = &rt.metrics;
+
+        let mut family = enc.encode_descriptor(
+            "balancer_requests",
+            "Requests answered, by upstream, backend and status code (empty labels: none was chosen).",
+            None,
+            MetricType::Counter,
+        )?;
+        let mut counts =
+            |up: &str, backend: &str, statuses: &StatusCounts| -> Result<(), std::fmt::Error> {
+                for (code, n) in statuses.snapshot() {
+                    let code = if code == 0 {
+                        "other".to_owned()
+                    } else {
+                        code.to_string()
+                    };
+                    let labels = [
+                        ("upstream", up),
+                        ("backend", backend),
+                        ("code", code.as_str()),
+                    ];
+                    ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
+                }
+                Ok(())
+            };
+        counts("", "", &m.unrouted)?;
+        for up in &rt.upstreams {
+            counts(&up.name, "", &up.stats.unattributed)?;
+            for b in &up.backends {
+                counts(&up.name, &b.url, &b.statuses)?;
+            }
+        }
+
+        let mut family = enc.encode_descriptor(
+            "balancer_request_duration_seconds",
+            "Time from request head to the end of the response body, by upstream.",
+            None,
+            MetricType::Histogram,
+        )?;
+        for up in &rt.upstreams {
+            let (sum, count, buckets) = up.stats.durations.snapshot();
+            family
+                .encode_family(&[("upstream", up.name.as_str())])?
+                .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
+        }
+
+        let backends = || {
+            rt.upstreams
+                .iter()
+                .flat_map(|u| u.backends.iter().map(move |b| (u, b)))
+        };
+        let mut family = enc.encode_descriptor(
+            "balancer_backend_up",
+            "1 when the backend receives traffic: active checks pass and passive checks have not taken it out.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (u, b) in backends() {
+            let labels = [("upstream", u.name.as_str()), ("backend", &*b.url)];
+            ConstGauge::new(i64::from(b.is_healthy())).encode(family.encode_family(&labels)?)?;
+        }
+        let mut family = enc.encode_descriptor(
+            "balancer_backend_inflight",
+            "Requests in flight to the backend.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (u, b) in backends() {
+            let labels = [("upstream", u.name.as_str()), ("backend", &*b.url)];
+            ConstGauge::new(b.inflight() as i64).encode(family.encode_family(&labels)?)?;
+        }
+        let mut family = enc.encode_descriptor(
+            "balancer_backend_failures",
+            "Failed attempts on the backend: connect errors, resets, timeouts.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (u, b) in backends() {
+            let labels = [("upstream", u.name.as_str()), ("backend", &*b.url)];
+            ConstCounter::new(b.failures()).encode(family.encode_family(&labels)?)?;
+        }
+
+        let mut family = enc.encode_descriptor(
+            "balancer_rate_limited",
+            "Requests refused with 429, by rate limit.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (name, n) in m.rate_limited_snapshot() {
+            ConstCounter::new(n).encode(family.encode_family(&[("limit", name.as_str())])?)?;
+        }
+
+        let mut family = enc.encode_descriptor(
+            "balancer_config_reloads",
+            "Config reloads, by result.",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(m.reloads_success.load(Relaxed))
+            .encode(family.encode_family(&[("result", "success")])?)?;
+        ConstCounter::new(m.reloads_failure.load(Relaxed))
+            .encode(family.encode_family(&[("result", "failure")])?)?;
+
+        let family = enc.encode_descriptor(
+            "balancer_client_connections",
+            "Open client connections.",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(m.client_connections.load(Relaxed)).encode(family)?;
+        Ok(())
+    }
+}
