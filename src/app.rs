@@ -46,6 +46,7 @@ pub async fn run(loaded: Loaded, _source: ConfigSource) -> Result<(), AppError> 
         crate::admin::spawn(l, runtime.clone(), admin_stop.clone());
     }
     let running = Listeners::start(listeners, runtime.clone());
+    tokio::spawn(sweep_rate_limits(runtime.clone(), checks.clone()));
 
     wait_for_stop().await.map_err(AppError::Signals)?;
     checks.cancel();
@@ -57,6 +58,22 @@ pub async fn run(loaded: Loaded, _source: ConfigSource) -> Result<(), AppError> 
     }
     admin_stop.cancel();
     Ok(())
+}
+
+/// Drops full rate-limit buckets every few seconds, from whatever runtime is live.
+async fn sweep_rate_limits(runtime: SharedRuntime, stop: CancellationToken) {
+    let mut ticker = tokio::time::interval(crate::limit::SWEEP_EVERY);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let rt = runtime.load_full();
+        for limit in &rt.limits {
+            limit.sweep();
+        }
+    }
 }
 
 fn log_upstreams(rt: &Runtime) {

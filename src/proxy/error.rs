@@ -21,6 +21,8 @@ pub enum ProxyError {
     Connect,
     #[error("request body is larger than the limit of {limit} bytes")]
     BodyTooLarge { limit: u64 },
+    #[error("rate limited by {}: retry in {}s", .0.limit, .0.retry_after)]
+    RateLimited(crate::limit::Refusal),
     #[error("no healthy backend in upstream {upstream}")]
     NoHealthyBackend { upstream: String },
     #[error("backend {backend} could not be reached: {source}")]
@@ -38,6 +40,7 @@ impl ProxyError {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::Connect => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::NoHealthyBackend { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Unreachable { .. } | ProxyError::BrokeOff { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -91,7 +94,15 @@ impl ProxyError {
         }
         log.status = status.as_u16();
         let closes = self.closes();
-        let retry_after = matches!(self, ProxyError::NoHealthyBackend { .. });
+        let retry_after = match &self {
+            ProxyError::NoHealthyBackend { .. } => Some(1),
+            ProxyError::RateLimited(r) => Some(r.retry_after),
+            _ => None,
+        };
+        let rate_limit = match &self {
+            ProxyError::RateLimited(r) => Some((r.capacity, r.remaining, r.reset)),
+            _ => None,
+        };
         let request_id = log.request_id.clone();
         let mut resp = Response::new(ResponseBody::full(
             Bytes::from(format!("{}\n", self.public_reason())),
@@ -107,8 +118,13 @@ impl ProxyError {
         if closes {
             h.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
-        if retry_after {
-            h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        if let Some(secs) = retry_after {
+            h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if let Some((limit, remaining, reset)) = rate_limit {
+            h.insert("ratelimit-limit", HeaderValue::from(limit));
+            h.insert("ratelimit-remaining", HeaderValue::from(remaining));
+            h.insert("ratelimit-reset", HeaderValue::from(reset));
         }
         resp
     }

@@ -1,7 +1,7 @@
 //! The request path. Every request goes through these phases, in this order:
 //!
 //! ```text
-//! check (CONNECT, framing, size) -> route -> pick -> rewrite request -> forward (retry)
+//! check (CONNECT, framing, size) -> route -> limit -> pick -> rewrite request -> forward (retry)
 //!   -> rewrite response -> stream body -> access log (when the body ends)
 //! ```
 //!
@@ -25,6 +25,7 @@ use http::{Method, Request, Response, StatusCode, Version, header};
 use hyper::body::Incoming;
 
 use crate::backend::{Backend, InflightGuard, PooledConn};
+use crate::limit::{self, RateLimiter};
 use crate::runtime::{Runtime, SharedRuntime, Upstream, path};
 use crate::server::{ActivityGuard, ConnActivity};
 use body::{BodyTooLarge, RequestBody, ResponseBody};
@@ -148,9 +149,28 @@ async fn proxy(
         .and_then(|h| h.to_str().ok())
         .map(headers::host_without_port);
     let norm = path::normalise(parts.uri.path());
-    let route = rt.router.find(host_str, &norm).ok_or(ProxyError::NoRoute)?;
+    let route = rt.router.find(host_str, &norm);
+    log.upstream = route.map(|r| r.upstream);
+
+    // limit
+    let limit_ids = route.map_or(&rt.server_limits[..], |r| &r.limits[..]);
+    if !limit_ids.is_empty() {
+        let client = limit::client_ip(
+            conn.peer.ip(),
+            &parts.headers,
+            &rt.config.server.trusted_proxies,
+        );
+        let checks: Vec<(&RateLimiter, limit::Key)> = limit_ids
+            .iter()
+            .map(|&i| {
+                let l = &*rt.limits[i];
+                (l, l.key(client, &parts.headers))
+            })
+            .collect();
+        limit::admit(&checks).map_err(ProxyError::RateLimited)?;
+    }
+    let route = route.ok_or(ProxyError::NoRoute)?;
     let upstream = &rt.upstreams[route.upstream];
-    log.upstream = Some(route.upstream);
     let target = if route.strip_prefix && route.prefix != "/" {
         let rest = &norm[route.prefix.len()..];
         let rest = if rest.is_empty() { "/" } else { rest };

@@ -7,11 +7,50 @@ use super::{Runtime, Upstream};
 use crate::backend::Backend;
 use crate::balance;
 use crate::config::Config;
+use crate::limit::RateLimiter;
 use crate::metrics::Metrics;
 
 /// Compiles `config`, reusing the `Arc<Backend>` (health, counters, pool) of every backend
 /// whose upstream name and URL are unchanged from `previous`.
 pub fn build(config: Config, previous: Option<&Runtime>, generation: u64) -> Runtime {
+    let metrics = previous.map_or_else(|| Arc::new(Metrics::default()), |p| p.metrics.clone());
+    // A limit whose definition did not change keeps its buckets.
+    let limits: Vec<Arc<RateLimiter>> = config
+        .rate_limits
+        .iter()
+        .map(|(name, cfg)| {
+            let kept = previous.and_then(|p| {
+                p.limits
+                    .iter()
+                    .find(|l| l.name == *name && l.config == *cfg)
+            });
+            match kept {
+                Some(l) => l.clone(),
+                None => Arc::new(RateLimiter::new(
+                    name,
+                    cfg.clone(),
+                    metrics.rate_limited_counter(name),
+                )),
+            }
+        })
+        .collect();
+    let limit_index = |name: &String| {
+        limits
+            .iter()
+            .position(|l| l.name == *name)
+            .expect("validated limit name")
+    };
+    let server_limits: Vec<usize> = config.server.rate_limit.iter().map(limit_index).collect();
+    let route_limits = |names: &[String]| {
+        let mut ids: Vec<usize> = server_limits
+            .iter()
+            .copied()
+            .chain(names.iter().map(limit_index))
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    };
     let upstreams: Vec<Upstream> = config
         .upstreams
         .iter()
@@ -65,22 +104,23 @@ pub fn build(config: Config, previous: Option<&Runtime>, generation: u64) -> Run
             prefix: "/".into(),
             upstream: 0,
             strip_prefix: false,
-            limits: vec![],
+            limits: server_limits.clone(),
         }]
     } else {
         config
             .routes
             .iter()
-            .map(|r| Router::route(r, index_of(&r.upstream), Vec::new()))
+            .map(|r| Router::route(r, index_of(&r.upstream), route_limits(&r.rate_limit)))
             .collect()
     };
     let router = Router::new(routes);
-    let metrics = previous.map_or_else(|| Arc::new(Metrics::default()), |p| p.metrics.clone());
     Runtime {
         generation,
         config,
         router,
         upstreams,
         metrics,
+        limits,
+        server_limits,
     }
 }

@@ -15,6 +15,7 @@ use arc_swap::ArcSwap;
 use crate::backend::{Admission, Backend};
 use crate::balance::Balancer;
 use crate::config::{Config, HealthCheckConfig, PassiveConfig, StrategyName, Timeouts};
+use crate::limit::RateLimiter;
 use crate::metrics::{Metrics, UpstreamStats};
 pub use build::build;
 use router::Router;
@@ -31,6 +32,10 @@ pub struct Runtime {
     pub upstreams: Vec<Upstream>,
     /// Process-wide counters, the same object in every generation.
     pub metrics: Arc<Metrics>,
+    /// Every `[rate_limits.*]`, in name order (which is also the lock order).
+    pub limits: Vec<Arc<RateLimiter>>,
+    /// Indices into `limits` of `server.rate_limit`, for requests that match no route.
+    pub server_limits: Vec<usize>,
 }
 
 #[derive(Debug)]

@@ -9,7 +9,8 @@ pub struct Route {
     /// Index into `Runtime::upstreams`.
     pub upstream: usize,
     pub strip_prefix: bool,
-    /// Indices of the rate limits of this route, after the server-wide ones.
+    /// Indices into `Runtime::limits` of every limit this route's requests must pass
+    /// (server-wide and the route's own), ascending: the order their locks are taken in.
     pub limits: Vec<usize>,
 }
 

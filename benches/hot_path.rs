@@ -1,0 +1,101 @@
+//! Criterion benches of the per-request decisions: picking a backend, matching a route,
+//! admitting through a rate limit. `cargo bench --bench hot_path`.
+
+use std::hint::black_box;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use balancer::backend::Backend;
+use balancer::balance::{Balancer, LeastConnections, RoundRobin};
+use balancer::config::{HostMatch, LimitKey, PoolConfig, RateLimitConfig};
+use balancer::limit::{Key, RateLimiter, admit};
+use balancer::runtime::path::normalise;
+use balancer::runtime::router::{Route, Router};
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+
+fn backends(n: usize) -> Vec<Arc<Backend>> {
+    let pool = PoolConfig {
+        keepalive: 1,
+        idle_timeout: Duration::from_secs(1),
+        connect_timeout: Duration::from_secs(1),
+    };
+    (0..n)
+        .map(|i| {
+            let auth: http::uri::Authority =
+                format!("10.{}.{}.{}:8000", i >> 16, (i >> 8) & 255, i & 255)
+                    .parse()
+                    .unwrap();
+            Arc::new(Backend::new("bench", &format!("http://{auth}"), auth, pool))
+        })
+        .collect()
+}
+
+fn pickers(c: &mut Criterion) {
+    let mut g = c.benchmark_group("pick");
+    for n in [2usize, 100, 10_000] {
+        let bs = backends(n);
+        let weights: Vec<u32> = (0..n).map(|i| 1 + (i % 3) as u32).collect();
+        let rr = RoundRobin::new(&weights);
+        g.bench_with_input(BenchmarkId::new("round_robin", n), &n, |b, _| {
+            b.iter(|| black_box(rr.pick(&bs, &mut |_, b| b.is_healthy())))
+        });
+        let lc = LeastConnections::new(&weights);
+        g.bench_with_input(BenchmarkId::new("least_connections", n), &n, |b, _| {
+            b.iter(|| black_box(lc.pick(&bs, &mut |_, b| b.is_healthy())))
+        });
+    }
+    g.finish();
+}
+
+fn routes(c: &mut Criterion) {
+    let mut g = c.benchmark_group("route");
+    for n in [10usize, 1000] {
+        let table: Vec<Route> = (0..n)
+            .map(|i| Route {
+                host: (i % 2 == 0).then(|| HostMatch::Exact(format!("app{i}.example.com"))),
+                prefix: format!("/svc{i}/v1"),
+                upstream: i,
+                strip_prefix: false,
+                limits: vec![],
+            })
+            .collect();
+        let router = Router::new(table);
+        let path = format!("/svc{}/v1/users/42", n - 1);
+        g.bench_with_input(BenchmarkId::new("match", n), &n, |b, _| {
+            b.iter(|| {
+                let p = normalise(black_box(&path));
+                black_box(router.find(Some("app.example.com"), &p).map(|r| r.upstream))
+            })
+        });
+    }
+    g.finish();
+}
+
+fn rate_limit(c: &mut Criterion) {
+    let mut g = c.benchmark_group("rate_limit");
+    let cfg = RateLimitConfig {
+        rate: u64::MAX / 4,
+        per: Duration::from_secs(1),
+        burst: u64::MAX / 4,
+        key: LimitKey::ClientIp,
+    };
+    let hot = RateLimiter::new("hot", cfg.clone(), Arc::default());
+    let key = Key::Ip("192.0.2.1".parse().unwrap());
+    g.bench_function("admit_one_hot_key", |b| {
+        b.iter(|| black_box(admit(&[(&hot, key.clone())]).is_ok()))
+    });
+    let many = RateLimiter::new("many", cfg, Arc::default());
+    let mut i: u32 = 0;
+    g.bench_function("admit_many_keys", |b| {
+        b.iter(|| {
+            i = i.wrapping_add(1) % 100_000;
+            let k = Key::Ip(IpAddr::from(i.to_be_bytes()));
+            black_box(admit(&[(&many, k)]).is_ok())
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, pickers, routes, rate_limit);
+criterion_main!(benches);
