@@ -1,4 +1,5 @@
-//! The admin listener: `/healthz`, `/metrics` (Prometheus text), `/status` (JSON).
+//! The admin listener: `/healthz`, `/metrics` (Prometheus text), `/status` (JSON) and
+//! `POST /reload`.
 //!
 //! Everything is read at request time from the live runtime; the admin listener keeps no
 //! state of its own beyond the metrics registry.
@@ -20,19 +21,31 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::{LastReload, RuntimeCollector};
+use crate::reload::{ReloadHandle, Trigger};
 use crate::runtime::SharedRuntime;
 
-/// What the admin endpoints read: the runtime, and the registry that exposes it.
+/// What the admin endpoints read: the runtime, the registry that exposes it, and the
+/// reloader they can ask for a reload.
 struct Admin {
     runtime: SharedRuntime,
     registry: Registry,
+    reload: ReloadHandle,
 }
 
 /// Serves the admin endpoints on `listener` until `stop` is cancelled.
-pub fn spawn(listener: TcpListener, runtime: SharedRuntime, stop: CancellationToken) {
+pub fn spawn(
+    listener: TcpListener,
+    runtime: SharedRuntime,
+    reload: ReloadHandle,
+    stop: CancellationToken,
+) {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(RuntimeCollector(runtime.clone())));
-    let admin = Arc::new(Admin { runtime, registry });
+    let admin = Arc::new(Admin {
+        runtime,
+        registry,
+        reload,
+    });
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, protocol = "http", "admin listening");
     }
@@ -54,7 +67,7 @@ pub fn spawn(listener: TcpListener, runtime: SharedRuntime, stop: CancellationTo
             tokio::spawn(async move {
                 let svc = service_fn(move |req| {
                     let admin = admin.clone();
-                    async move { Ok::<_, Infallible>(admin.handle(req)) }
+                    async move { Ok::<_, Infallible>(admin.handle(req).await) }
                 });
                 let _ = auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), svc)
@@ -65,12 +78,22 @@ pub fn spawn(listener: TcpListener, runtime: SharedRuntime, stop: CancellationTo
 }
 
 impl Admin {
-    fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
         match (req.method(), req.uri().path()) {
+            (&Method::POST, "/reload") => match self.reload.reload(Trigger::Admin).await {
+                Ok(generation) => json(
+                    StatusCode::OK,
+                    &serde_json::json!({ "ok": true, "generation": generation }),
+                ),
+                Err(error) => json(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    &serde_json::json!({ "ok": false, "error": error }),
+                ),
+            },
             (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "ok\n".into()),
             (&Method::GET | &Method::HEAD, "/metrics") => self.metrics(),
             (&Method::GET | &Method::HEAD, "/status") => json(StatusCode::OK, &self.status()),
-            (_, "/healthz" | "/metrics" | "/status") => text(
+            (_, "/healthz" | "/metrics" | "/status" | "/reload") => text(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method not allowed\n".into(),
             ),

@@ -1,4 +1,5 @@
-//! Wiring: config -> runtime -> listeners; then wait for a signal and drain.
+//! Wiring: config -> runtime -> listeners, admin, checkers, reloader; then wait for a
+//! signal and drain.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -8,9 +9,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::health;
 use crate::config::{Loaded, Overrides};
+use crate::logging::LogHandle;
 use crate::metrics::LastReload;
+use crate::reload::{self, Reloader, Trigger};
 use crate::runtime::{self, Runtime, SharedRuntime};
-use crate::server::{self, BindError, Listeners};
+use crate::server::{BindError, Listeners};
 
 /// Where the config came from, so it can be read again the same way.
 #[derive(Clone, Debug)]
@@ -29,34 +32,54 @@ pub enum AppError {
 }
 
 /// Runs balancer until SIGTERM or SIGINT, then drains within `shutdown_grace`.
-pub async fn run(loaded: Loaded, _source: ConfigSource) -> Result<(), AppError> {
+pub async fn run(loaded: Loaded, source: ConfigSource, log: LogHandle) -> Result<(), AppError> {
     let rt = runtime::build(loaded.config, None, 1);
-    let listeners = server::bind(&rt.config.server.listen)?;
-    let admin_listener = crate::admin::bind(rt.config.admin).await?;
     *rt.metrics.last_reload.lock().expect("last_reload lock") = LastReload::now(Ok(()));
-    log_upstreams(&rt);
     if rt.config.routes.is_empty() && rt.upstreams.len() > 1 {
         tracing::warn!("there are several upstreams and no [[routes]]: every request will get 404");
     }
-    let checks = CancellationToken::new();
-    health::spawn_all(&rt, &checks);
+    let (listen, admin_addr) = (rt.config.server.listen.clone(), rt.config.admin);
     let runtime: SharedRuntime = Arc::new(ArcSwap::from_pointee(rt));
+
+    // Bind everything first: any failure exits before serving anything.
+    let mut listeners = Listeners::new(runtime.clone());
+    let fresh = listeners.prepare(&listen)?;
+    let admin_listener = crate::server::bind(admin_addr.as_slice())?.pop();
+    log_upstreams(&runtime.load());
+
+    let stop = CancellationToken::new();
+    let checks = CancellationToken::new();
+    health::spawn_all(&runtime.load(), &checks);
+    let (handle, requests) = reload::channel();
     let admin_stop = CancellationToken::new();
     if let Some(l) = admin_listener {
-        crate::admin::spawn(l, runtime.clone(), admin_stop.clone());
+        crate::admin::spawn(l, runtime.clone(), handle.clone(), admin_stop.clone());
     }
-    let running = Listeners::start(listeners, runtime.clone());
-    tokio::spawn(sweep_rate_limits(runtime.clone(), checks.clone()));
+    listeners.apply(&listen, fresh, runtime.load().config.server.shutdown_grace);
+    tokio::spawn(sweep_rate_limits(runtime.clone(), stop.clone()));
+    reload::watch::spawn(&source.path, handle.clone(), stop.clone());
+    let reloader = Reloader::new(
+        source,
+        runtime.clone(),
+        listeners,
+        checks,
+        (admin_addr, admin_stop),
+        log,
+        handle.clone(),
+    );
+    let reloader = tokio::spawn(reloader.run(requests, stop.clone()));
 
-    wait_for_stop().await.map_err(AppError::Signals)?;
-    checks.cancel();
+    wait_for_stop(&handle).await.map_err(AppError::Signals)?;
+    stop.cancel();
+    let reloader = reloader.await.expect("the reload task does not panic");
+    reloader.checks.cancel();
     let grace = runtime.load().config.server.shutdown_grace;
-    if running.shutdown(grace).await {
+    if reloader.listeners.shutdown(grace).await {
         tracing::info!("all connections drained; exiting");
     } else {
         tracing::warn!(grace = %humantime::format_duration(grace), "shutdown grace ran out; closing the remaining connections");
     }
-    admin_stop.cancel();
+    reloader.admin.1.cancel();
     Ok(())
 }
 
@@ -88,13 +111,18 @@ fn log_upstreams(rt: &Runtime) {
     }
 }
 
-async fn wait_for_stop() -> std::io::Result<()> {
+/// Waits for SIGTERM or SIGINT; SIGHUP asks for a reload meanwhile.
+async fn wait_for_stop(reload: &reload::ReloadHandle) -> std::io::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let which = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+    let mut hup = signal(SignalKind::hangup())?;
+    let which = loop {
+        tokio::select! {
+            _ = term.recv() => break "SIGTERM",
+            _ = int.recv() => break "SIGINT",
+            _ = hup.recv() => reload.nudge(Trigger::Signal),
+        }
     };
     tracing::info!(signal = which, "shutting down");
     Ok(())

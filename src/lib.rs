@@ -16,5 +16,6 @@ pub mod limit;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;
+pub mod reload;
 pub mod runtime;
 pub mod server;

@@ -35,7 +35,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
 
-    balancer::logging::init(&loaded.config.log);
+    let log = balancer::logging::init(&loaded.config.log);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(loaded.config.server.workers)
         .thread_name("balancer-worker")
@@ -48,7 +48,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(app::run(loaded, source)) {
+    match runtime.block_on(app::run(loaded, source, log)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");

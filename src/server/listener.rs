@@ -47,77 +47,158 @@ pub fn bind(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>, BindError> {
         .collect()
 }
 
-/// The running accept loops and the connections they started.
+/// The running listeners, each with its accept loop and the connections it started.
+/// Owned by the reloader, which changes the set as the config's `listen` list changes.
 pub struct Listeners {
+    runtime: SharedRuntime,
+    /// Client connections, over all listeners (`server.max_connections`).
+    slots: Arc<Semaphore>,
+    max_connections: usize,
+    entries: Vec<Entry>,
+}
+
+struct Entry {
+    /// The address as configured (what reloads compare), and as bound (port 0 resolved).
+    configured: SocketAddr,
+    bound: SocketAddr,
     stop: CancellationToken,
-    /// Shared with the accept loops; theirs are dropped before the drain.
-    graceful: Arc<GracefulShutdown>,
-    tasks: Vec<JoinHandle<()>>,
-    pub addrs: Vec<SocketAddr>,
+    /// Ends when the accept loop stops, handing back its connections for the drain.
+    task: JoinHandle<GracefulShutdown>,
 }
 
 impl Listeners {
-    pub fn start(listeners: Vec<TcpListener>, runtime: SharedRuntime) -> Listeners {
-        let stop = CancellationToken::new();
-        let graceful = Arc::new(GracefulShutdown::new());
-        let slots = Arc::new(Semaphore::new(runtime.load().config.server.max_connections));
-        let mut addrs = Vec::new();
-        let mut tasks = Vec::new();
-        for listener in listeners {
-            let addr = listener
-                .local_addr()
-                .expect("bound listener has an address");
-            tracing::info!(%addr, protocol = "http", "listening");
-            addrs.push(addr);
-            tasks.push(tokio::spawn(accept_loop(
-                listener,
-                runtime.clone(),
-                graceful.clone(),
-                slots.clone(),
-                stop.clone(),
-            )));
-        }
+    pub fn new(runtime: SharedRuntime) -> Listeners {
+        let max_connections = runtime.load().config.server.max_connections;
         Listeners {
-            stop,
-            graceful,
-            tasks,
-            addrs,
+            runtime,
+            slots: Arc::new(Semaphore::new(max_connections)),
+            max_connections,
+            entries: Vec::new(),
         }
     }
 
-    /// Stops accepting at once, then lets open connections finish their requests for up to
-    /// `grace`. Returns whether every connection was done in time.
-    pub async fn shutdown(self, grace: Duration) -> bool {
-        self.stop.cancel();
-        for t in self.tasks {
-            let _ = t.await;
+    /// The bound addresses, in configured order.
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        self.entries.iter().map(|e| e.bound).collect()
+    }
+
+    /// Binds every address of `wanted` not listened on yet. Nothing changes on error.
+    pub fn prepare(
+        &self,
+        wanted: &[SocketAddr],
+    ) -> Result<Vec<(SocketAddr, TcpListener)>, BindError> {
+        let new: Vec<SocketAddr> = wanted
+            .iter()
+            .copied()
+            .filter(|a| !self.entries.iter().any(|e| e.configured == *a))
+            .collect();
+        Ok(new.iter().copied().zip(bind(&new)?).collect())
+    }
+
+    /// Starts the listeners `prepare` bound, and stops (then drains within `grace`) the
+    /// ones no longer in `wanted`.
+    pub fn apply(
+        &mut self,
+        wanted: &[SocketAddr],
+        fresh: Vec<(SocketAddr, TcpListener)>,
+        grace: Duration,
+    ) {
+        let (keep, gone): (Vec<Entry>, Vec<Entry>) = std::mem::take(&mut self.entries)
+            .into_iter()
+            .partition(|e| wanted.contains(&e.configured));
+        self.entries = keep;
+        for entry in gone {
+            tracing::info!(addr = %entry.bound, "listener removed; draining its connections");
+            tokio::spawn(drain(entry, grace));
         }
-        let open = self.graceful.count();
-        tracing::info!(connections = open, grace = %humantime::format_duration(grace), "stopped accepting; draining connections");
-        let graceful = Arc::try_unwrap(self.graceful)
-            .unwrap_or_else(|_| unreachable!("accept loops have ended"));
-        tokio::time::timeout(grace, graceful.shutdown())
-            .await
-            .is_ok()
+        for (configured, listener) in fresh {
+            let bound = listener
+                .local_addr()
+                .expect("bound listener has an address");
+            tracing::info!(addr = %bound, protocol = "http", "listening");
+            let stop = CancellationToken::new();
+            let task = tokio::spawn(accept_loop(
+                listener,
+                self.runtime.clone(),
+                self.slots.clone(),
+                stop.clone(),
+            ));
+            self.entries.push(Entry {
+                configured,
+                bound,
+                stop,
+                task,
+            });
+        }
+        self.entries
+            .sort_by_key(|e| wanted.iter().position(|w| *w == e.configured));
+    }
+
+    /// Changes `max_connections`; a lower limit takes effect as connections close.
+    pub fn set_max_connections(&mut self, n: usize) {
+        if n > self.max_connections {
+            self.slots.add_permits(n - self.max_connections);
+        } else if n < self.max_connections {
+            let (slots, fewer) = (self.slots.clone(), (self.max_connections - n) as u32);
+            tokio::spawn(async move {
+                if let Ok(p) = slots.acquire_many_owned(fewer).await {
+                    p.forget();
+                }
+            });
+        }
+        self.max_connections = n;
+    }
+
+    /// Stops accepting at once on every listener, then lets open connections finish their
+    /// requests for up to `grace`. Returns whether every connection was done in time.
+    pub async fn shutdown(self, grace: Duration) -> bool {
+        for e in &self.entries {
+            e.stop.cancel();
+        }
+        let mut drains = Vec::new();
+        for e in self.entries {
+            drains.push(tokio::spawn(drain(e, grace)));
+        }
+        let mut all = true;
+        for d in drains {
+            all &= d.await.unwrap_or(false);
+        }
+        all
     }
 }
 
+/// Stops one listener's accept loop and waits up to `grace` for its connections.
+async fn drain(entry: Entry, grace: Duration) -> bool {
+    entry.stop.cancel();
+    let Ok(graceful) = entry.task.await else {
+        return false;
+    };
+    let open = graceful.count();
+    if open > 0 {
+        tracing::info!(addr = %entry.bound, connections = open, grace = %humantime::format_duration(grace), "draining connections");
+    }
+    tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_ok()
+}
+
+/// Accepts until `stop`, then hands back the connections it started.
 async fn accept_loop(
     listener: TcpListener,
     runtime: SharedRuntime,
-    graceful: Arc<GracefulShutdown>,
     slots: Arc<Semaphore>,
     stop: CancellationToken,
-) {
+) -> GracefulShutdown {
+    let graceful = GracefulShutdown::new();
     loop {
         let permit = tokio::select! {
             biased;
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => return graceful,
             p = slots.clone().acquire_owned() => p.expect("the connection semaphore is never closed"),
         };
         let accepted = tokio::select! {
             biased;
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => return graceful,
             r = listener.accept() => r,
         };
         match accepted {

@@ -40,11 +40,11 @@ impl Balancer {
         let config_path = dir.path().join("balancer.toml");
         std::fs::write(&config_path, config).unwrap();
         let mut cmd = Command::new(BIN);
-        cmd.arg("-c")
-            .arg(&config_path)
-            .arg("--log-format")
-            .arg("json")
-            .args(args);
+        // A caller's own `-c` wins (e.g. a symlinked config); otherwise the written file.
+        if !args.contains(&"-c") {
+            cmd.arg("-c").arg(&config_path);
+        }
+        cmd.arg("--log-format").arg("json").args(args);
         cmd.stdout(Stdio::null())
             .stderr(Stdio::piped())
             .stdin(Stdio::null());
@@ -151,6 +151,18 @@ impl Balancer {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Rewrites the config file in place (as `echo > file` does).
+    pub fn write_config(&self, text: &str) {
+        std::fs::write(&self.config_path, text).unwrap();
+    }
+
+    /// Replaces the config file by renaming a new file over it (as most editors do).
+    pub fn rename_config(&self, text: &str) {
+        let tmp = self.dir.path().join(".balancer.toml.swp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &self.config_path).unwrap();
     }
 
     pub fn signal(&self, sig: &str) {

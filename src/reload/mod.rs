@@ -1,0 +1,237 @@
+//! Live reload: a file edit, SIGHUP or `POST /reload` -> read and validate the file ->
+//! re-apply the command-line overrides (the same `config::load` as start-up) -> build the
+//! next runtime from the live one -> bind any new listener -> swap, all or nothing.
+//!
+//! One task owns everything a reload changes (listeners, admin listener, health checkers)
+//! and handles one request at a time, so reloads never interleave and need no locks.
+//! Requests in flight keep the runtime they started with.
+
+pub mod watch;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::app::ConfigSource;
+use crate::backend::health;
+use crate::config;
+use crate::logging::LogHandle;
+use crate::metrics::LastReload;
+use crate::runtime::{self, SharedRuntime};
+use crate::server::Listeners;
+
+/// What asked for a reload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Trigger {
+    /// The watcher saw the file (or its directory) change, or the periodic check ran:
+    /// reloads only if the file's content differs from what was last read.
+    File,
+    Signal,
+    Admin,
+}
+
+impl Trigger {
+    fn as_str(self) -> &'static str {
+        match self {
+            Trigger::File => "file change",
+            Trigger::Signal => "SIGHUP",
+            Trigger::Admin => "POST /reload",
+        }
+    }
+}
+
+/// One reload asked for, with where to send the outcome (if anyone waits for it).
+pub struct Request {
+    trigger: Trigger,
+    reply: Option<oneshot::Sender<Result<u64, String>>>,
+}
+
+/// Asks the reloader for a reload. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct ReloadHandle(mpsc::Sender<Request>);
+
+impl ReloadHandle {
+    /// Reloads and waits: the new generation, or why nothing changed.
+    pub async fn reload(&self, trigger: Trigger) -> Result<u64, String> {
+        let (tx, rx) = oneshot::channel();
+        self.0
+            .send(Request {
+                trigger,
+                reply: Some(tx),
+            })
+            .await
+            .map_err(|_| "balancer is shutting down".to_owned())?;
+        rx.await
+            .unwrap_or_else(|_| Err("balancer is shutting down".to_owned()))
+    }
+
+    /// Asks for a reload without waiting; dropped if one is already queued.
+    pub fn nudge(&self, trigger: Trigger) {
+        let _ = self.0.try_send(Request {
+            trigger,
+            reply: None,
+        });
+    }
+}
+
+pub fn channel() -> (ReloadHandle, mpsc::Receiver<Request>) {
+    let (tx, rx) = mpsc::channel(4);
+    (ReloadHandle(tx), rx)
+}
+
+/// What the config file looked like when last read, to ignore events that changed nothing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum FileState {
+    Content(u64),
+    Missing,
+    Unreadable(std::io::ErrorKind),
+}
+
+impl FileState {
+    fn read(path: &Path) -> FileState {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        match std::fs::read(path) {
+            Ok(bytes) => {
+                FileState::Content(BuildHasherDefault::<DefaultHasher>::default().hash_one(&bytes))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => FileState::Missing,
+            Err(e) => FileState::Unreadable(e.kind()),
+        }
+    }
+}
+
+/// The state a reload changes, owned by the reload task.
+pub struct Reloader {
+    pub source: ConfigSource,
+    pub runtime: SharedRuntime,
+    pub listeners: Listeners,
+    /// Cancels the current generation's health checkers.
+    pub checks: CancellationToken,
+    /// The admin listener as configured, and what stops it.
+    pub admin: (Option<SocketAddr>, CancellationToken),
+    pub log: LogHandle,
+    pub handle: ReloadHandle,
+    last_seen: FileState,
+    /// A file was read once: from then on, a missing file is an error, not "no file".
+    had_file: bool,
+}
+
+impl Reloader {
+    pub fn new(
+        source: ConfigSource,
+        runtime: SharedRuntime,
+        listeners: Listeners,
+        checks: CancellationToken,
+        admin: (Option<SocketAddr>, CancellationToken),
+        log: LogHandle,
+        handle: ReloadHandle,
+    ) -> Reloader {
+        let last_seen = FileState::read(&source.path);
+        let had_file = matches!(last_seen, FileState::Content(_));
+        Reloader {
+            source,
+            runtime,
+            listeners,
+            checks,
+            admin,
+            log,
+            handle,
+            last_seen,
+            had_file,
+        }
+    }
+
+    /// Serves reload requests until `stop`; then hands itself back for the shutdown.
+    pub async fn run(
+        mut self,
+        mut requests: mpsc::Receiver<Request>,
+        stop: CancellationToken,
+    ) -> Reloader {
+        loop {
+            let req = tokio::select! {
+                _ = stop.cancelled() => return self,
+                r = requests.recv() => match r {
+                    Some(r) => r,
+                    None => return self,
+                },
+            };
+            let current = FileState::read(&self.source.path);
+            if req.trigger == Trigger::File && current == self.last_seen {
+                continue;
+            }
+            self.last_seen = current;
+            let result = self.reload(req.trigger);
+            if let Some(reply) = req.reply {
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    fn reload(&mut self, trigger: Trigger) -> Result<u64, String> {
+        let result = self.try_reload();
+        let metrics = self.runtime.load().metrics.clone();
+        match &result {
+            Ok(generation) => {
+                metrics.reloads_success.fetch_add(1, Relaxed);
+                tracing::info!(trigger = trigger.as_str(), generation, "config reloaded");
+            }
+            Err(error) => {
+                metrics.reloads_failure.fetch_add(1, Relaxed);
+                tracing::error!(trigger = trigger.as_str(), %error, "config reload failed; the running config stays in force");
+            }
+        }
+        *metrics.last_reload.lock().expect("last_reload lock") =
+            LastReload::now(result.as_ref().map(|_| ()).map_err(Clone::clone));
+        result
+    }
+
+    fn try_reload(&mut self) -> Result<u64, String> {
+        let required = self.source.required || self.had_file;
+        let loaded = config::load(&self.source.path, required, &self.source.overrides)
+            .map_err(|e| e.to_string())?;
+        self.had_file |= self.last_seen != FileState::Missing;
+        let config = loaded.config;
+        let old = self.runtime.load_full();
+
+        // Everything that can fail happens before the swap.
+        let fresh = self
+            .listeners
+            .prepare(&config.server.listen)
+            .map_err(|e| e.to_string())?;
+        let admin_listener = if config.admin != self.admin.0 {
+            Some(crate::server::bind(config.admin.as_slice()).map_err(|e| e.to_string())?)
+        } else {
+            None
+        };
+        if config.server.workers != old.config.server.workers {
+            tracing::warn!("server.workers changes take effect after a restart");
+        }
+
+        let next = Arc::new(runtime::build(config, Some(&old), old.generation + 1));
+        self.runtime.store(next.clone());
+
+        let server = &next.config.server;
+        self.listeners
+            .apply(&server.listen, fresh, server.shutdown_grace);
+        self.listeners.set_max_connections(server.max_connections);
+        self.checks.cancel();
+        self.checks = CancellationToken::new();
+        health::spawn_all(&next, &self.checks);
+        self.log.apply(&next.config.log);
+        if let Some(mut bound) = admin_listener {
+            self.admin.1.cancel();
+            let stop = CancellationToken::new();
+            if let Some(l) = bound.pop() {
+                crate::admin::spawn(l, self.runtime.clone(), self.handle.clone(), stop.clone());
+            } else {
+                tracing::info!("admin listener turned off");
+            }
+            self.admin = (next.config.admin, stop);
+        }
+        Ok(next.generation)
+    }
+}

@@ -1,0 +1,55 @@
+//! Noticing config edits: the file's directory is watched (so a temp file renamed over the
+//! config, or a Kubernetes `..data` symlink swap, is seen), events are debounced, and a
+//! slow periodic check catches changes no event reports (a single file bind-mounted into
+//! a container). The reloader compares contents, so a check that finds nothing new is free.
+
+use std::path::Path;
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::{ReloadHandle, Trigger};
+
+/// Events closer together than this are one edit.
+pub const DEBOUNCE: Duration = Duration::from_millis(100);
+/// How often the content is checked without any event.
+pub const POLL_EVERY: Duration = Duration::from_secs(2);
+
+pub fn spawn(path: &Path, handle: ReloadHandle, stop: CancellationToken) {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => Path::new(".").to_owned(),
+    };
+    let (tx, mut events) = mpsc::channel::<()>(1);
+    let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok() {
+            let _ = tx.try_send(());
+        }
+    })
+    .and_then(|mut w| w.watch(&dir, RecursiveMode::NonRecursive).map(|()| w));
+    let watcher = match watcher {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the config directory; checking it every {}s instead", POLL_EVERY.as_secs());
+            None
+        }
+    };
+    tokio::spawn(async move {
+        let _watcher = watcher;
+        let mut poll = tokio::time::interval(POLL_EVERY);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                Some(()) = events.recv() => {
+                    tokio::time::sleep(DEBOUNCE).await;
+                    while events.try_recv().is_ok() {}
+                    handle.nudge(Trigger::File);
+                }
+                _ = poll.tick() => handle.nudge(Trigger::File),
+            }
+        }
+    });
+}
