@@ -22,6 +22,11 @@ impl StatusCounts {
     pub const SLOTS: usize = 16;
 
     pub fn inc(&self, code: u16) {
+        // 0 marks a free slot; it is never a code.
+        if code == 0 {
+            self.overflow.fetch_add(1, Relaxed);
+            return;
+        }
         for (slot, count) in self.codes.iter().zip(&self.counts) {
             match slot.load(Relaxed) {
                 c if c == code => {

@@ -72,8 +72,8 @@ impl Backend {
         self.passive.admission(passive)
     }
 
-    pub fn claim_trial(&self) -> bool {
-        self.passive.claim_trial()
+    pub fn claim_trial(&self, seen: u64) -> bool {
+        self.passive.claim_trial(seen)
     }
 
     pub fn is_active_up(&self) -> bool {

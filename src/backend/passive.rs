@@ -23,8 +23,9 @@ pub struct PassiveState {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Admission {
     Open,
-    /// Out, but its time is up: one request may try it (claim it first).
-    Trial,
+    /// Out, but its time is up: one request may try it, by claiming it with this stamp
+    /// (the trial start it saw; only one claimer can swap it).
+    Trial(u64),
     Closed,
 }
 
@@ -68,17 +69,17 @@ impl PassiveState {
         let trial = self.trial_since.load(Relaxed);
         // A trial whose request never reported back (client gone) expires.
         if trial == 0 || now.saturating_sub(trial) > cfg.fail_timeout.as_millis() as u64 {
-            Admission::Trial
+            Admission::Trial(trial)
         } else {
             Admission::Closed
         }
     }
 
-    /// Claims the trial; false if another request got it first.
-    pub fn claim_trial(&self) -> bool {
-        let current = self.trial_since.load(Relaxed);
+    /// Claims the trial that `admission` offered with `seen`; false if another request
+    /// got it first.
+    pub fn claim_trial(&self, seen: u64) -> bool {
         self.trial_since
-            .compare_exchange(current, self.now(), Relaxed, Relaxed)
+            .compare_exchange(seen, self.now(), Relaxed, Relaxed)
             .is_ok()
     }
 
@@ -145,8 +146,14 @@ mod tests {
         assert_eq!(s.on_failure(&c), Some(Transition::Ejected { failures: 2 }));
         assert_eq!(s.admission(&c), Admission::Closed);
         std::thread::sleep(Duration::from_millis(40));
-        assert_eq!(s.admission(&c), Admission::Trial);
-        assert!(s.claim_trial());
+        let Admission::Trial(seen) = s.admission(&c) else {
+            panic!("no trial offered")
+        };
+        assert!(s.claim_trial(seen));
+        assert!(
+            !s.claim_trial(seen),
+            "a second claimer with the same offer loses"
+        );
         assert_eq!(
             s.admission(&c),
             Admission::Closed,
@@ -156,8 +163,10 @@ mod tests {
         assert_eq!(s.on_failure(&c), None);
         assert_eq!(s.admission(&c), Admission::Closed);
         std::thread::sleep(Duration::from_millis(40));
-        assert_eq!(s.admission(&c), Admission::Trial);
-        assert!(s.claim_trial());
+        let Admission::Trial(seen) = s.admission(&c) else {
+            panic!("no trial offered")
+        };
+        assert!(s.claim_trial(seen));
         assert_eq!(s.on_success(), Some(Transition::Recovered));
         assert_eq!(s.admission(&c), Admission::Open);
     }

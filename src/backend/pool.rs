@@ -4,12 +4,16 @@
 //! have been closed by the backend); any idle longer than `idle_timeout` is dropped before
 //! the backend's own keep-alive timer (gunicorn: 2 s, uvicorn: 5 s) can close it under us.
 
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use http::uri::Authority;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::config::PoolConfig;
@@ -30,16 +34,27 @@ struct PoolInner {
 
 #[derive(Debug)]
 struct Idle {
-    sender: SendRequest<RequestBody>,
+    conn: PooledConn,
     since: Instant,
 }
 
 /// A connection checked out for one request.
+#[derive(Debug)]
 pub struct PooledConn {
     pub sender: SendRequest<RequestBody>,
     /// True when the connection served an earlier request: a failure before any response
     /// byte may then just mean the backend closed it while it sat idle.
     pub reused: bool,
+    /// Bytes read from the backend on this connection so far (written by its I/O).
+    read: Arc<AtomicU64>,
+}
+
+impl PooledConn {
+    /// Bytes received from the backend so far; compare before and after a request to know
+    /// whether any response byte arrived.
+    pub fn bytes_read(&self) -> u64 {
+        self.read.load(Relaxed)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,21 +95,19 @@ impl Pool {
 
     /// An idle, usable connection if there is one; otherwise a new one.
     pub async fn checkout(self: &Arc<Self>) -> Result<PooledConn, ConnectError> {
-        if let Some(sender) = self.take_idle() {
-            return Ok(PooledConn {
-                sender,
-                reused: true,
-            });
+        if let Some(mut conn) = self.take_idle() {
+            conn.reused = true;
+            return Ok(conn);
         }
         self.connect().await
     }
 
-    fn take_idle(&self) -> Option<SendRequest<RequestBody>> {
+    fn take_idle(&self) -> Option<PooledConn> {
         let mut inner = self.inner.lock().expect("pool lock");
         let max_idle = inner.config.idle_timeout;
         while let Some(idle) = inner.idle.pop() {
-            if idle.since.elapsed() < max_idle && idle.sender.is_ready() {
-                return Some(idle.sender);
+            if idle.since.elapsed() < max_idle && idle.conn.sender.is_ready() {
+                return Some(idle.conn);
             }
             // Older entries are older still: drop them all.
             if idle.since.elapsed() >= max_idle {
@@ -116,9 +129,12 @@ impl Pool {
             Err(_) => return Err(ConnectError::Timeout(timeout)),
         };
         stream.set_nodelay(true)?;
-        let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await?;
+        let read = Arc::new(AtomicU64::new(0));
+        let io = CountingIo {
+            inner: stream,
+            read: read.clone(),
+        };
+        let (sender, conn) = http1::Builder::new().handshake(TokioIo::new(io)).await?;
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(error = %e, "backend connection ended with an error");
@@ -127,37 +143,85 @@ impl Pool {
         Ok(PooledConn {
             sender,
             reused: false,
+            read,
         })
     }
 
     /// Returns the connection to the pool once its response has been read in full.
-    pub fn release(self: &Arc<Self>, conn: PooledConn) {
-        let mut sender = conn.sender;
-        if sender.is_ready() {
-            self.put(sender);
+    pub fn release(self: &Arc<Self>, mut conn: PooledConn) {
+        if conn.sender.is_ready() {
+            self.put(conn);
             return;
         }
         let pool = self.clone();
         tokio::spawn(async move {
-            if sender.ready().await.is_ok() {
-                pool.put(sender);
+            if conn.sender.ready().await.is_ok() {
+                pool.put(conn);
             }
         });
     }
 
-    fn put(&self, sender: SendRequest<RequestBody>) {
+    fn put(&self, conn: PooledConn) {
         let mut inner = self.inner.lock().expect("pool lock");
         let cfg = inner.config;
         if cfg.keepalive == 0 {
             return;
         }
         let now = Instant::now();
-        inner
-            .idle
-            .retain(|i| now.duration_since(i.since) < cfg.idle_timeout && !i.sender.is_closed());
+        inner.idle.retain(|i| {
+            now.duration_since(i.since) < cfg.idle_timeout && !i.conn.sender.is_closed()
+        });
         if inner.idle.len() >= cfg.keepalive {
             inner.idle.remove(0);
         }
-        inner.idle.push(Idle { sender, since: now });
+        inner.idle.push(Idle { conn, since: now });
+    }
+}
+
+/// A backend socket that counts the bytes read from it.
+struct CountingIo {
+    inner: TcpStream,
+    read: Arc<AtomicU64>,
+}
+
+impl AsyncRead for CountingIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            self.read.fetch_add(n as u64, Relaxed);
+        }
+        r
+    }
+}
+
+impl AsyncWrite for CountingIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

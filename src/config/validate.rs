@@ -104,6 +104,12 @@ pub fn validate(raw: &RawConfig) -> Result<Config, KeyError> {
                     format!(r#"no [rate_limits.{name}] is defined"#),
                 );
             }
+            if list.0[..i].contains(name) {
+                return err(
+                    format!("{key}[{i}]"),
+                    format!(r#""{name}" is listed twice"#),
+                );
+            }
         }
         Ok(list.0.clone())
     };

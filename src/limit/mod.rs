@@ -127,8 +127,13 @@ impl RateLimiter {
 }
 
 /// Admits a request through every `(limiter, key)` or through none. `checks` must be in
-/// the runtime's limit order (the lock order).
+/// the runtime's limit order (the lock order), each limiter at most once: the shards are
+/// held together for the decision, and any other order could deadlock two requests.
 pub fn admit(checks: &[(&RateLimiter, Key)]) -> Result<(), Refusal> {
+    debug_assert!(
+        checks.windows(2).all(|w| !std::ptr::eq(w[0].0, w[1].0)),
+        "a limiter appears twice in one admission"
+    );
     let now = Instant::now();
     let mut guards: Vec<MutexGuard<'_, Shard>> = Vec::with_capacity(checks.len());
     let mut refusal: Option<Refusal> = None;

@@ -14,6 +14,12 @@ use crate::backend::InflightGuard;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// The client's request body failed while streaming (the client went away or broke the
+/// framing): the client's fault, never the backend's.
+#[derive(Debug, thiserror::Error)]
+#[error("the client's request body broke off: {0}")]
+pub struct ClientBodyError(#[source] pub hyper::Error);
+
 /// The request body grew past `max_request_body` while streaming.
 #[derive(Debug, thiserror::Error)]
 #[error("request body larger than {limit} bytes")]
@@ -27,6 +33,9 @@ pub struct RequestBody {
     inner: Option<Incoming>,
     limit: u64,
     seen: u64,
+    /// Told when the last byte has been handed on (or the body is dropped), which is when
+    /// the backend's `upstream_header` time starts.
+    sent: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl RequestBody {
@@ -35,6 +44,7 @@ impl RequestBody {
             inner: Some(inner),
             limit,
             seen: 0,
+            sent: None,
         }
     }
 
@@ -43,6 +53,22 @@ impl RequestBody {
             inner: None,
             limit: 0,
             seen: 0,
+            sent: None,
+        }
+    }
+
+    /// A receiver that resolves once the whole body has been sent (at once if it is empty).
+    pub fn on_sent(&mut self) -> Option<tokio::sync::oneshot::Receiver<()>> {
+        self.inner.as_ref()?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.sent = Some(tx);
+        Some(rx)
+    }
+
+    fn finished(&mut self) {
+        self.inner = None;
+        if let Some(tx) = self.sent.take() {
+            let _ = tx.send(());
         }
     }
 }
@@ -64,16 +90,28 @@ impl Body for RequestBody {
                 if let Some(data) = frame.data_ref() {
                     this.seen += data.len() as u64;
                     if this.seen > this.limit {
-                        this.inner = None;
+                        this.finished();
                         return Poll::Ready(Some(Err(Box::new(BodyTooLarge {
                             limit: this.limit,
                         }))));
                     }
                 }
+                // hyper may not poll again once the body says it has ended.
+                if this.inner.as_ref().is_some_and(|b| b.is_end_stream()) {
+                    if let Some(tx) = this.sent.take() {
+                        let _ = tx.send(());
+                    }
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Some(Err(e)) => Poll::Ready(Some(Err(Box::new(e)))),
-            None => Poll::Ready(None),
+            Some(Err(e)) => {
+                this.finished();
+                Poll::Ready(Some(Err(Box::new(ClientBodyError(e)))))
+            }
+            None => {
+                this.finished();
+                Poll::Ready(None)
+            }
         }
     }
 

@@ -19,6 +19,8 @@ pub enum ProxyError {
     NoRoute,
     #[error("CONNECT is not supported by this proxy")]
     Connect,
+    #[error("bad request: the request body broke off before its end")]
+    ClientBodyBroken,
     #[error("request body is larger than the limit of {limit} bytes")]
     BodyTooLarge { limit: u64 },
     #[error("rate limited by {}: retry in {}s", .0.limit, .0.retry_after)]
@@ -36,7 +38,7 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BadRequest(_) | ProxyError::ClientBodyBroken => StatusCode::BAD_REQUEST,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::Connect => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -62,7 +64,9 @@ impl ProxyError {
     fn closes(&self) -> bool {
         matches!(
             self,
-            ProxyError::BadRequest(_) | ProxyError::BodyTooLarge { .. }
+            ProxyError::BadRequest(_)
+                | ProxyError::ClientBodyBroken
+                | ProxyError::BodyTooLarge { .. }
         )
     }
 

@@ -42,12 +42,6 @@ fn connection_tokens(headers: &HeaderMap, mut f: impl FnMut(&str)) {
     }
 }
 
-fn named_by_connection(headers: &HeaderMap, name: &HeaderName) -> bool {
-    let mut hit = false;
-    connection_tokens(headers, |t| hit |= t.eq_ignore_ascii_case(name.as_str()));
-    hit
-}
-
 /// The protocol the client asked to switch to, when it asked (`Connection: upgrade` and
 /// `Upgrade: ...`, HTTP/1.1 only).
 pub fn requested_upgrade(parts: &Parts) -> Option<HeaderValue> {
@@ -65,11 +59,17 @@ pub fn requested_upgrade(parts: &Parts) -> Option<HeaderValue> {
     }
 }
 
-/// Copies the end-to-end headers of `src` into `dst`.
+/// Copies the end-to-end headers of `src` into `dst`: not hop-by-hop, not named by
+/// `Connection`, not `skip`ped.
 fn copy_end_to_end(src: &HeaderMap, dst: &mut HeaderMap, skip: impl Fn(&HeaderName) -> bool) {
-    let has_connection = src.contains_key(header::CONNECTION);
+    let mut named: Vec<HeaderName> = Vec::new();
+    connection_tokens(src, |t| {
+        if let Ok(n) = HeaderName::from_bytes(t.as_bytes()) {
+            named.push(n);
+        }
+    });
     for (name, value) in src {
-        if is_hop_by_hop(name) || skip(name) || (has_connection && named_by_connection(src, name)) {
+        if is_hop_by_hop(name) || skip(name) || named.contains(name) {
             continue;
         }
         dst.append(name.clone(), value.clone());
@@ -108,8 +108,17 @@ pub fn upstream_request(
     *req.version_mut() = Version::HTTP_11;
     let headers = req.headers_mut();
     headers.reserve(parts.headers.len() + 5);
+    // HTTP/2 clients may split Cookie into several fields; HTTP/1.1 wants one (RFC 9113 8.2.3).
+    let join_cookies = parts.version == Version::HTTP_2
+        && parts
+            .headers
+            .get_all(header::COOKIE)
+            .iter()
+            .nth(1)
+            .is_some();
     copy_end_to_end(&parts.headers, headers, |n| {
-        n == X_FORWARDED_FOR
+        (join_cookies && n == header::COOKIE)
+            || n == X_FORWARDED_FOR
             || n == X_FORWARDED_PROTO
             || n == X_FORWARDED_HOST
             || n == X_REQUEST_ID
@@ -117,6 +126,17 @@ pub fn upstream_request(
             || n == header::EXPECT
     });
 
+    if join_cookies {
+        let joined: Vec<&[u8]> = parts
+            .headers
+            .get_all(header::COOKIE)
+            .iter()
+            .map(HeaderValue::as_bytes)
+            .collect();
+        if let Ok(v) = HeaderValue::from_bytes(&joined.join(&b"; "[..])) {
+            headers.insert(header::COOKIE, v);
+        }
+    }
     let mut xff = String::new();
     for v in parts.headers.get_all(&X_FORWARDED_FOR) {
         if let Ok(s) = v.to_str() {

@@ -28,7 +28,7 @@ use crate::backend::{Backend, InflightGuard, PooledConn};
 use crate::limit::{self, RateLimiter};
 use crate::runtime::{Runtime, SharedRuntime, Upstream, path};
 use crate::server::{ActivityGuard, ConnActivity};
-use body::{BodyTooLarge, RequestBody, ResponseBody};
+use body::{BodyTooLarge, ClientBodyError, RequestBody, ResponseBody};
 pub use error::ProxyError;
 use headers::Forwarded;
 pub use log::RequestLog;
@@ -62,7 +62,8 @@ pub async fn handle(
         method: req.method().clone(),
         uri: req.uri().clone(),
         request_id,
-        status: 0,
+        // Stays 499 (nginx's "client closed request") if the client leaves before a head.
+        status: 499,
         runtime: rt.clone(),
         upstream: None,
         backend: None,
@@ -118,11 +119,17 @@ async fn proxy(
     if parts.method == Method::CONNECT {
         return Err(ProxyError::Connect);
     }
-    if parts.headers.contains_key(header::TRANSFER_ENCODING)
-        && parts.headers.contains_key(header::CONTENT_LENGTH)
+    // The connection guard checks framing on the raw head; this catches what it cannot
+    // see (heads pipelined behind another): hyper accepts "gzip, chunked", and only the
+    // chunked framing would be removed on the way to the backend.
+    if parts
+        .headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .any(|v| !v.as_bytes().eq_ignore_ascii_case(b"chunked"))
     {
         return Err(ProxyError::BadRequest(
-            "both Content-Length and Transfer-Encoding are set",
+            "unsupported Transfer-Encoding (only a single \"chunked\" is accepted)",
         ));
     }
     let host_headers = parts.headers.get_all(header::HOST).iter().count();
@@ -199,9 +206,14 @@ async fn proxy(
     let mut tried: Vec<usize> = Vec::new();
     let mut last_error: Option<ProxyError> = None;
     for _ in 0..attempts {
-        let Some(idx) = upstream.pick(|i| !tried.contains(&i)) else {
-            break;
-        };
+        // A different backend when possible; the same one again when it is the only one.
+        let picked = upstream
+            .pick(|i| !tried.contains(&i))
+            .or_else(|| match last_error {
+                Some(_) => upstream.pick(|_| true),
+                None => None,
+            });
+        let Some(idx) = picked else { break };
         tried.push(idx);
         let backend = &upstream.backends[idx];
         log.backend = Some(backend.clone());
@@ -280,46 +292,60 @@ async fn attempt(
                 });
             }
         };
-        let req_body = match body.take() {
+        let mut req_body = match body.take() {
             Some(b) => b,
             None if body_empty => RequestBody::empty(),
             None => unreachable!("a consumed body is never sent again"),
         };
+        // The backend's time to answer starts once the whole request is sent: a slow
+        // upload is not the backend's delay.
+        let body_sent = req_body.on_sent();
         let req = headers::upstream_request(parts, target.clone(), req_body, fwd);
         let after = upstream.timeouts.upstream_header;
-        let sent = tokio::time::timeout(after, conn.sender.try_send_request(req)).await;
-        let err = match sent {
-            Err(_) => {
+        let read_before = conn.bytes_read();
+        let deadline = async {
+            if let Some(sent) = body_sent {
+                let _ = sent.await;
+            }
+            tokio::time::sleep(after).await;
+        };
+        let outcome = tokio::select! {
+            r = conn.sender.try_send_request(req) => r,
+            () = deadline => {
                 return Err(Failure {
-                    error: ProxyError::UpstreamTimeout {
-                        backend: url.clone(),
-                        after,
-                    },
+                    error: ProxyError::UpstreamTimeout { backend: url.clone(), after },
                     retryable: false,
                 });
             }
-            Ok(Ok(response)) => {
+        };
+        let mut err = match outcome {
+            Ok(response) => {
                 pool.release(conn);
                 return Ok(response);
             }
-            Ok(Err(mut e)) => {
-                let returned = e.take_message().is_some_and(|req| {
-                    *body = Some(req.into_body());
-                    true
-                });
-                (e.into_error(), returned)
-            }
+            Err(e) => e,
         };
-        let (error, nothing_sent) = err;
-        if find_cause::<BodyTooLarge>(&error).is_some() {
-            let limit = find_cause::<BodyTooLarge>(&error).map_or(0, |b| b.limit);
+        let nothing_sent = err.take_message().is_some_and(|req| {
+            *body = Some(req.into_body());
+            true
+        });
+        let error = err.into_error();
+        if let Some(too_large) = find_cause::<BodyTooLarge>(&error) {
+            let limit = too_large.limit;
             return Err(Failure {
                 error: ProxyError::BodyTooLarge { limit },
                 retryable: false,
             });
         }
+        if find_cause::<ClientBodyError>(&error).is_some() {
+            return Err(Failure {
+                error: ProxyError::ClientBodyBroken,
+                retryable: false,
+            });
+        }
         let replayable = body.is_some() || body_empty;
-        if conn.reused && !fresh_only && replayable && closed_before_response(&error) {
+        let no_response_byte = conn.bytes_read() == read_before && closed_or_reset(&error);
+        if conn.reused && !fresh_only && replayable && (nothing_sent || no_response_byte) {
             tracing::debug!(backend = %url, error = %error, "pooled connection was closed by the backend; resending on a new one");
             fresh_only = true;
             continue;
@@ -333,8 +359,7 @@ async fn attempt(
                 | Method::OPTIONS
                 | Method::TRACE
         );
-        let retryable =
-            replayable && (nothing_sent || (idempotent && closed_before_response(&error)));
+        let retryable = replayable && (nothing_sent || (idempotent && no_response_byte));
         return Err(Failure {
             error: ProxyError::BrokeOff {
                 backend: url.clone(),
@@ -345,8 +370,8 @@ async fn attempt(
     }
 }
 
-/// The backend closed or reset the connection before any response byte arrived.
-fn closed_before_response(e: &hyper::Error) -> bool {
+/// The backend closed or reset the connection (rather than, say, sending garbage).
+fn closed_or_reset(e: &hyper::Error) -> bool {
     if e.is_incomplete_message() || e.is_canceled() || e.is_closed() {
         return true;
     }

@@ -2,11 +2,17 @@
 //! ways until either side closes. The tunnel holds the backend's in-flight count and
 //! marks the client connection busy for as long as it lives.
 
+use std::time::Duration;
+
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::backend::InflightGuard;
 use crate::server::ActivityGuard;
+
+/// After one side closes, how long the other direction may still finish sending.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 pub fn tunnel(
     client: OnUpgrade,
@@ -23,10 +29,23 @@ pub fn tunnel(
                 return;
             }
         };
-        let (mut c, mut b) = (TokioIo::new(client), TokioIo::new(backend));
-        match tokio::io::copy_bidirectional(&mut c, &mut b).await {
-            Ok((up, down)) => tracing::debug!(up, down, "upgraded connection closed"),
-            Err(e) => tracing::debug!(error = %e, "upgraded connection ended with an error"),
+        let (mut cr, mut cw) = tokio::io::split(TokioIo::new(client));
+        let (mut br, mut bw) = tokio::io::split(TokioIo::new(backend));
+        let up = pipe(&mut cr, &mut bw);
+        let down = pipe(&mut br, &mut cw);
+        tokio::pin!(up, down);
+        // The first side to close ends the tunnel; the other direction gets a moment to
+        // deliver what it was sending (a close frame, say), then both are dropped.
+        tokio::select! {
+            _ = &mut up => { let _ = tokio::time::timeout(CLOSE_GRACE, down).await; }
+            _ = &mut down => { let _ = tokio::time::timeout(CLOSE_GRACE, up).await; }
         }
+        tracing::debug!("upgraded connection closed");
     });
+}
+
+/// Copies until EOF or an error, then shuts the writing side down.
+async fn pipe<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(r: &mut R, w: &mut W) {
+    let _ = tokio::io::copy(r, w).await;
+    let _ = w.shutdown().await;
 }

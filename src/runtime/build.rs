@@ -40,7 +40,11 @@ pub fn build(config: Config, previous: Option<&Runtime>, generation: u64) -> Run
             .position(|l| l.name == *name)
             .expect("validated limit name")
     };
-    let server_limits: Vec<usize> = config.server.rate_limit.iter().map(limit_index).collect();
+    // Ascending and without repeats, like every list of limit indices: it is the order
+    // their shard locks are taken in, so any other order could deadlock two requests.
+    let mut server_limits: Vec<usize> = config.server.rate_limit.iter().map(limit_index).collect();
+    server_limits.sort_unstable();
+    server_limits.dedup();
     let route_limits = |names: &[String]| {
         let mut ids: Vec<usize> = server_limits
             .iter()

@@ -60,24 +60,26 @@ impl Upstream {
     pub fn pick(&self, mut accept: impl FnMut(usize) -> bool) -> Option<usize> {
         let mut lost_trials: Vec<usize> = Vec::new();
         loop {
-            let mut trial = false;
+            // The trial offers seen during this scan: (backend, stamp to claim with).
+            let mut offers: Vec<(usize, u64)> = Vec::new();
             let idx = self.balancer.pick(&self.backends, &mut |i, b| {
                 if lost_trials.contains(&i) || !accept(i) {
                     return false;
                 }
                 match b.admission(&self.passive) {
                     Admission::Open => true,
-                    Admission::Trial => {
-                        trial = true;
+                    Admission::Trial(seen) => {
+                        offers.push((i, seen));
                         true
                     }
                     Admission::Closed => false,
                 }
             })?;
-            if !trial || self.backends[idx].claim_trial() {
-                return Some(idx);
+            match offers.iter().find(|(i, _)| *i == idx) {
+                None => return Some(idx),
+                Some(&(_, seen)) if self.backends[idx].claim_trial(seen) => return Some(idx),
+                Some(_) => lost_trials.push(idx),
             }
-            lost_trials.push(idx);
         }
     }
 }

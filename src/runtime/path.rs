@@ -1,6 +1,7 @@
 //! The path that routing (and rate limiting) sees: unreserved characters percent-decoded,
 //! dot segments removed, repeated slashes merged. So `/api/../admin`, `/%61pi` and
-//! `//api` cannot dodge a route. What is forwarded is not changed by this.
+//! `//api` cannot dodge a route. The path forwarded is the client's, unchanged, except
+//! under `strip_prefix`, which forwards the normalised path without the prefix.
 
 use std::borrow::Cow;
 

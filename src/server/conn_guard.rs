@@ -66,6 +66,12 @@ pub struct GuardedIo<T> {
     /// Reused from request to request.
     head: Vec<u8>,
     head_checked: bool,
+    /// Bytes arrived while a request was busy (its body, or the start of the next head,
+    /// which then went to hyper unseen).
+    read_while_busy: bool,
+    /// The head now being received may be the tail of one hyper already has part of:
+    /// only check it if it starts with a request line.
+    maybe_fragment: bool,
 }
 
 impl<T> GuardedIo<T> {
@@ -79,6 +85,8 @@ impl<T> GuardedIo<T> {
             first_read: true,
             head: Vec::new(),
             head_checked: false,
+            read_while_busy: false,
+            maybe_fragment: false,
         }
     }
 
@@ -126,6 +134,7 @@ impl<T> GuardedIo<T> {
             self.phase = Phase::Idle;
             self.head.clear();
             self.head_checked = false;
+            self.maybe_fragment = std::mem::take(&mut self.read_while_busy);
             self.rearm(self.limits.idle);
         }
         if let Phase::Head { bytes } = self.phase {
@@ -173,6 +182,10 @@ impl<T> GuardedIo<T> {
                 self.rearm(self.limits.client_header);
             }
             Phase::Head { bytes } => *bytes += data.len(),
+            Phase::Busy => {
+                self.read_while_busy = true;
+                return None;
+            }
             _ => return None,
         }
         if self.head_checked {
@@ -182,6 +195,9 @@ impl<T> GuardedIo<T> {
         self.head.extend_from_slice(data);
         let end = head_check::head_end(&self.head, from)?;
         self.head_checked = true;
+        if self.maybe_fragment && !head_check::starts_with_request_line(&self.head) {
+            return None;
+        }
         head_check::check(&self.head[..end]).err()
     }
 }

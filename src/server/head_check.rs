@@ -22,6 +22,18 @@ pub fn head_end(buf: &[u8], from: usize) -> Option<usize> {
     None
 }
 
+/// Whether `buf` (after any empty lines) starts like a request line: an upper-case
+/// method token and a space. Used to tell a whole head from the tail of one.
+pub fn starts_with_request_line(buf: &[u8]) -> bool {
+    let start = buf
+        .iter()
+        .position(|b| *b != b'\r' && *b != b'\n')
+        .unwrap_or(buf.len());
+    let rest = &buf[start..];
+    let method = rest.iter().take_while(|b| b.is_ascii_uppercase()).count();
+    (1..=20).contains(&method) && rest.get(method) == Some(&b' ')
+}
+
 /// Why a complete head must be refused with 400, or `Ok` to let it through.
 pub fn check(head: &[u8]) -> Result<(), &'static str> {
     // Every LF must end a CRLF pair (leading empty lines included).
@@ -122,6 +134,15 @@ mod tests {
         ] {
             assert!(verdict(head).is_err(), "accepted: {head:?}");
         }
+    }
+
+    #[test]
+    fn request_lines_are_told_from_fragments() {
+        assert!(starts_with_request_line(b"GET / HTTP/1.1\r\n"));
+        assert!(starts_with_request_line(b"\r\nPOST /x HTTP/1.1\r\n"));
+        assert!(!starts_with_request_line(b"st: x\r\n\r\n"));
+        assert!(!starts_with_request_line(b"Cookie: a=b\r\n\r\n"));
+        assert!(!starts_with_request_line(b""));
     }
 
     #[test]
