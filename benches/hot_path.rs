@@ -15,18 +15,13 @@ use balancer::runtime::router::{Route, Router};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 
 fn backends(n: usize) -> Vec<Arc<Backend>> {
-    let pool = PoolConfig {
-        keepalive: 1,
-        idle_timeout: Duration::from_secs(1),
-        connect_timeout: Duration::from_secs(1),
-    };
+    let pool =
+        PoolConfig { keepalive: 1, idle_timeout: Duration::from_secs(1), connect_timeout: Duration::from_secs(1) };
     (0..n)
         .map(|i| {
             let auth: http::uri::Authority =
-                format!("10.{}.{}.{}:8000", i >> 16, (i >> 8) & 255, i & 255)
-                    .parse()
-                    .unwrap();
-            Arc::new(Backend::new("bench", &format!("http://{auth}"), auth, pool))
+                format!("10.{}.{}.{}:8000", i >> 16, (i >> 8) & 255, i & 255).parse().unwrap();
+            Arc::new(Backend::new("bench", &format!("http://{auth}"), auth, pool, None))
         })
         .collect()
 }
@@ -82,9 +77,7 @@ fn rate_limit(c: &mut Criterion) {
     };
     let hot = RateLimiter::new("hot", cfg.clone(), Arc::default());
     let key = Key::Ip("192.0.2.1".parse().unwrap());
-    g.bench_function("admit_one_hot_key", |b| {
-        b.iter(|| black_box(admit(&[(&hot, key.clone())]).is_ok()))
-    });
+    g.bench_function("admit_one_hot_key", |b| b.iter(|| black_box(admit(&[(&hot, key.clone())]).is_ok())));
     let many = RateLimiter::new("many", cfg, Arc::default());
     let mut i: u32 = 0;
     g.bench_function("admit_many_keys", |b| {

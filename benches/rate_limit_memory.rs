@@ -23,12 +23,7 @@ fn main() {
     // Criterion-style arguments (`--bench`) are accepted and ignored.
     const KEYS: u32 = 1_000_000;
     // 100 per second, burst 100: an idle key is full again within a second.
-    let cfg = RateLimitConfig {
-        rate: 100,
-        per: Duration::from_secs(1),
-        burst: 100,
-        key: LimitKey::ClientIp,
-    };
+    let cfg = RateLimitConfig { rate: 100, per: Duration::from_secs(1), burst: 100, key: LimitKey::ClientIp };
     let limit = RateLimiter::new("per_ip", cfg, Arc::default());
     let before = rss_kib();
     let start = Instant::now();
@@ -38,21 +33,12 @@ fn main() {
     }
     let fill = start.elapsed();
     let loaded = rss_kib();
-    println!(
-        "{KEYS} keys admitted in {fill:?} ({:.0} ns per decision)",
-        fill.as_nanos() as f64 / f64::from(KEYS)
-    );
-    println!(
-        "resident memory: {before} KiB before, {loaded} KiB with {} buckets",
-        limit.len()
-    );
+    println!("{KEYS} keys admitted in {fill:?} ({:.0} ns per decision)", fill.as_nanos() as f64 / f64::from(KEYS));
+    println!("resident memory: {before} KiB before, {loaded} KiB with {} buckets", limit.len());
     std::thread::sleep(Duration::from_millis(1100));
     let start = Instant::now();
     let left = limit.sweep();
     let swept = rss_kib();
-    println!(
-        "after they went idle and one sweep ({:?}): {left} buckets, {swept} KiB resident",
-        start.elapsed()
-    );
+    println!("after they went idle and one sweep ({:?}): {left} buckets, {swept} KiB resident", start.elapsed());
     assert_eq!(left, 0);
 }

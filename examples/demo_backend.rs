@@ -29,27 +29,15 @@ struct Opts {
 }
 
 fn parse() -> Result<Opts, String> {
-    let mut o = Opts {
-        ports: Vec::new(),
-        host: "127.0.0.1".into(),
-        latency: Duration::ZERO,
-        fail_rate: 0.0,
-    };
+    let mut o = Opts { ports: Vec::new(), host: "127.0.0.1".into(), latency: Duration::ZERO, fail_rate: 0.0 };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut val = || args.next().ok_or(format!("{a} needs a value"));
         match a.as_str() {
-            "--port" | "-p" => o
-                .ports
-                .push(val()?.parse().map_err(|e| format!("--port: {e}"))?),
+            "--port" | "-p" => o.ports.push(val()?.parse().map_err(|e| format!("--port: {e}"))?),
             "--host" => o.host = val()?,
-            "--latency" => {
-                o.latency =
-                    humantime::parse_duration(&val()?).map_err(|e| format!("--latency: {e}"))?
-            }
-            "--fail-rate" => {
-                o.fail_rate = val()?.parse().map_err(|e| format!("--fail-rate: {e}"))?
-            }
+            "--latency" => o.latency = humantime::parse_duration(&val()?).map_err(|e| format!("--latency: {e}"))?,
+            "--fail-rate" => o.fail_rate = val()?.parse().map_err(|e| format!("--fail-rate: {e}"))?,
             "-h" | "--help" => {
                 println!(
                     "demo_backend --port PORT [--port PORT ...] [--host 127.0.0.1] [--latency 0ms] [--fail-rate 0.0]"
@@ -109,31 +97,17 @@ async fn main() {
                     let (status, body) = if req.uri().path() == "/healthz" {
                         (StatusCode::OK, "ok\n".to_owned())
                     } else if fail_rate > 0.0 && chance(seed) < fail_rate {
-                        (
-                            StatusCode::INTERNAL_SERVER_ERROR,
-                            format!("demo backend :{port} failed on purpose\n"),
-                        )
+                        (StatusCode::INTERNAL_SERVER_ERROR, format!("demo backend :{port} failed on purpose\n"))
                     } else {
-                        (
-                            StatusCode::OK,
-                            format!(
-                                "hello from demo backend :{port} ({} {})\n",
-                                req.method(),
-                                req.uri()
-                            ),
-                        )
+                        (StatusCode::OK, format!("hello from demo backend :{port} ({} {})\n", req.method(), req.uri()))
                     };
                     let mut resp = Response::new(Full::new(Bytes::from(body)));
                     *resp.status_mut() = status;
-                    resp.headers_mut()
-                        .insert("x-backend", port.to_string().parse().expect("digits"));
+                    resp.headers_mut().insert("x-backend", port.to_string().parse().expect("digits"));
                     Ok::<_, Infallible>(resp)
                 });
                 tokio::spawn(async move {
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .with_upgrades()
-                        .await;
+                    let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).with_upgrades().await;
                 });
             }
         }));

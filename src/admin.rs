@@ -33,19 +33,10 @@ struct Admin {
 }
 
 /// Serves the admin endpoints on `listener` until `stop` is cancelled.
-pub fn spawn(
-    listener: TcpListener,
-    runtime: SharedRuntime,
-    reload: ReloadHandle,
-    stop: CancellationToken,
-) {
+pub fn spawn(listener: TcpListener, runtime: SharedRuntime, reload: ReloadHandle, stop: CancellationToken) {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(RuntimeCollector(runtime.clone())));
-    let admin = Arc::new(Admin {
-        runtime,
-        registry,
-        reload,
-    });
+    let admin = Arc::new(Admin { runtime, registry, reload });
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, protocol = "http", "admin listening");
     }
@@ -69,9 +60,7 @@ pub fn spawn(
                     let admin = admin.clone();
                     async move { Ok::<_, Infallible>(admin.handle(req).await) }
                 });
-                let _ = auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
+                let _ = auto::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), svc).await;
             });
         }
     });
@@ -81,26 +70,18 @@ impl Admin {
     async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
         match (req.method(), req.uri().path()) {
             (&Method::POST, "/reload") => match self.reload.reload(Trigger::Admin).await {
-                Ok(generation) => json(
-                    StatusCode::OK,
-                    &serde_json::json!({ "ok": true, "generation": generation }),
-                ),
-                Err(error) => json(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    &serde_json::json!({ "ok": false, "error": error }),
-                ),
+                Ok(generation) => json(StatusCode::OK, &serde_json::json!({ "ok": true, "generation": generation })),
+                Err(error) => {
+                    json(StatusCode::UNPROCESSABLE_ENTITY, &serde_json::json!({ "ok": false, "error": error }))
+                }
             },
             (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "ok\n".into()),
             (&Method::GET | &Method::HEAD, "/metrics") => self.metrics(),
             (&Method::GET | &Method::HEAD, "/status") => json(StatusCode::OK, &self.status()),
-            (_, "/healthz" | "/metrics" | "/status" | "/reload") => text(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method not allowed\n".into(),
-            ),
-            (_, path) => text(
-                StatusCode::NOT_FOUND,
-                format!("no admin endpoint at {path}\n"),
-            ),
+            (_, "/healthz" | "/metrics" | "/status" | "/reload") => {
+                text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n".into())
+            }
+            (_, path) => text(StatusCode::NOT_FOUND, format!("no admin endpoint at {path}\n")),
         }
     }
 
@@ -115,21 +96,13 @@ impl Admin {
                 );
                 resp
             }
-            Err(e) => text(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("cannot encode metrics: {e}\n"),
-            ),
+            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot encode metrics: {e}\n")),
         }
     }
 
     fn status(&self) -> Status {
         let rt = self.runtime.load();
-        let last_reload = rt
-            .metrics
-            .last_reload
-            .lock()
-            .expect("last_reload lock")
-            .clone();
+        let last_reload = rt.metrics.last_reload.lock().expect("last_reload lock").clone();
         Status {
             generation: rt.generation,
             last_reload,
@@ -185,30 +158,21 @@ struct BackendStatus {
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
+    resp.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; charset=utf-8"));
     resp
 }
 
 /// A JSON response (also used by `POST /reload`).
 pub fn json(status: StatusCode, value: &impl Serialize) -> Response<Full<Bytes>> {
-    let body =
-        serde_json::to_vec(value).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}").into_bytes());
+    let body = serde_json::to_vec(value).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}").into_bytes());
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("application/json"),
-    );
+    resp.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
     resp
 }
 
 /// Binds the admin address (`None`: admin is off).
-pub async fn bind(
-    addr: Option<SocketAddr>,
-) -> Result<Option<TcpListener>, crate::server::BindError> {
+pub async fn bind(addr: Option<SocketAddr>) -> Result<Option<TcpListener>, crate::server::BindError> {
     match addr {
         None => Ok(None),
         Some(addr) => crate::server::bind(&[addr]).map(|mut l| l.pop()),

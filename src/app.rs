@@ -38,7 +38,7 @@ pub async fn run(loaded: Loaded, source: ConfigSource, log: LogHandle) -> Result
     if rt.config.routes.is_empty() && rt.upstreams.len() > 1 {
         tracing::warn!("there are several upstreams and no [[routes]]: every request will get 404");
     }
-    let (listen, admin_addr) = (rt.config.server.listen.clone(), rt.config.admin);
+    let (listen, admin_addr) = (crate::server::listen_set(&rt.config.server), rt.config.admin);
     let runtime: SharedRuntime = Arc::new(ArcSwap::from_pointee(rt));
 
     // Bind everything first: any failure exits before serving anything.
@@ -57,16 +57,9 @@ pub async fn run(loaded: Loaded, source: ConfigSource, log: LogHandle) -> Result
     }
     listeners.apply(&listen, fresh, runtime.load().config.server.shutdown_grace);
     tokio::spawn(sweep_rate_limits(runtime.clone(), stop.clone()));
-    reload::watch::spawn(&source.path, handle.clone(), stop.clone());
-    let reloader = Reloader::new(
-        source,
-        runtime.clone(),
-        listeners,
-        checks,
-        (admin_addr, admin_stop),
-        log,
-        handle.clone(),
-    );
+    reload::watch::spawn(&source.path, &runtime.load().config.files, handle.clone(), stop.clone());
+    let reloader =
+        Reloader::new(source, runtime.clone(), listeners, checks, (admin_addr, admin_stop), log, handle.clone());
     let reloader = tokio::spawn(reloader.run(requests, stop.clone()));
 
     wait_for_stop(&handle).await.map_err(AppError::Signals)?;
@@ -101,12 +94,8 @@ async fn sweep_rate_limits(runtime: SharedRuntime, stop: CancellationToken) {
 
 fn log_upstreams(rt: &Runtime) {
     for up in &rt.upstreams {
-        let backends: Vec<String> = up
-            .backends
-            .iter()
-            .zip(&up.weights)
-            .map(|(b, w)| format!("{} (weight {w})", b.url))
-            .collect();
+        let backends: Vec<String> =
+            up.backends.iter().zip(&up.weights).map(|(b, w)| format!("{} (weight {w})", b.url)).collect();
         tracing::info!(upstream = %up.name, strategy = %up.strategy, backends = %backends.join(", "), "upstream");
     }
 }

@@ -8,20 +8,10 @@ use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 use crate::config::{LogFormat, LogLevel, Overrides, StrategyName};
 
 #[derive(Debug, Parser)]
-#[command(
-    name = "balancer",
-    version,
-    about = "A reverse-proxy HTTP load balancer configured by one TOML file"
-)]
+#[command(name = "balancer", version, about = "A reverse-proxy HTTP load balancer configured by one TOML file")]
 pub struct Cli {
     /// Config file
-    #[arg(
-        short,
-        long,
-        env = "BALANCER_CONFIG",
-        default_value = "balancer.toml",
-        value_name = "FILE"
-    )]
+    #[arg(short, long, env = "BALANCER_CONFIG", default_value = "balancer.toml", value_name = "FILE")]
     pub config: PathBuf,
     /// Replaces server.listen (repeatable)
     #[arg(short, long, value_name = "ADDR")]
@@ -60,10 +50,8 @@ impl Cli {
     /// Parses `std::env::args`, exiting with status 2 on bad usage.
     pub fn parse_args() -> Cli {
         let matches = Cli::command().get_matches();
-        let explicit = matches!(
-            matches.value_source("config"),
-            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
-        );
+        let explicit =
+            matches!(matches.value_source("config"), Some(ValueSource::CommandLine | ValueSource::EnvVariable));
         let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
         cli.config_explicit = explicit;
         cli
@@ -71,9 +59,7 @@ impl Cli {
 
     pub fn overrides(&self) -> Overrides {
         fn name<T: ValueEnum>(v: &Option<T>) -> Option<String> {
-            v.as_ref()
-                .and_then(|v| v.to_possible_value())
-                .map(|p| p.get_name().to_owned())
+            v.as_ref().and_then(|v| v.to_possible_value()).map(|p| p.get_name().to_owned())
         }
         Overrides {
             listen: self.listen.clone(),

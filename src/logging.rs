@@ -27,14 +27,7 @@ fn targets(log: &LogConfig) -> Targets {
     Targets::new()
         .with_default(level.min(LevelFilter::WARN))
         .with_target("balancer", level)
-        .with_target(
-            "access",
-            if log.access {
-                LevelFilter::INFO
-            } else {
-                LevelFilter::OFF
-            },
-        )
+        .with_target("access", if log.access { LevelFilter::INFO } else { LevelFilter::OFF })
 }
 
 /// Changes the live log filter on reload.
@@ -62,19 +55,11 @@ pub fn init(log: &LogConfig) -> LogHandle {
     let registry = tracing_subscriber::registry().with(filter);
     let result = match log.format {
         LogFormat::Json => registry.with(fmt.json().flatten_event(true)).try_init(),
-        LogFormat::Text => registry
-            .with(fmt.with_ansi(std::io::stderr().is_terminal()))
-            .try_init(),
+        LogFormat::Text => registry.with(fmt.with_ansi(std::io::stderr().is_terminal())).try_init(),
     };
     if let Err(e) = result {
         eprintln!("balancer: logging was already set up: {e}");
-        return LogHandle {
-            filter: None,
-            format: log.format,
-        };
+        return LogHandle { filter: None, format: log.format };
     }
-    LogHandle {
-        filter: Some(handle),
-        format: log.format,
-    }
+    LogHandle { filter: Some(handle), format: log.format }
 }

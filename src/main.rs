@@ -8,11 +8,7 @@ use balancer::config::{self, Loaded};
 
 fn main() -> ExitCode {
     let cli = Cli::parse_args();
-    let source = ConfigSource {
-        path: cli.config.clone(),
-        required: cli.config_explicit,
-        overrides: cli.overrides(),
-    };
+    let source = ConfigSource { path: cli.config.clone(), required: cli.config_explicit, overrides: cli.overrides() };
     let loaded = match config::load(&source.path, source.required, &source.overrides) {
         Ok(l) => l,
         Err(e) => {
@@ -59,45 +55,23 @@ fn main() -> ExitCode {
 
 fn print_summary(source: &ConfigSource, loaded: &Loaded) {
     let c = &loaded.config;
-    let file = if source.path.exists() {
-        source.path.display().to_string()
-    } else {
-        "(no config file)".into()
-    };
+    let file = if source.path.exists() { source.path.display().to_string() } else { "(no config file)".into() };
     println!("config ok: {file}");
     let listen: Vec<String> = c.server.listen.iter().map(ToString::to_string).collect();
     println!("  listen: {}", listen.join(", "));
-    println!(
-        "  admin: {}",
-        c.admin.map_or("off".to_owned(), |a| a.to_string())
-    );
+    println!("  admin: {}", c.admin.map_or("off".to_owned(), |a| a.to_string()));
     for up in &c.upstreams {
-        let backends: Vec<String> = up
-            .backends
-            .iter()
-            .map(|b| format!("{} (weight {})", b.url, b.weight))
-            .collect();
-        println!(
-            "  upstream {} ({}): {}",
-            up.name,
-            up.strategy,
-            backends.join(", ")
-        );
+        let backends: Vec<String> = up.backends.iter().map(|b| format!("{} (weight {})", b.url, b.weight)).collect();
+        println!("  upstream {} ({}): {}", up.name, up.strategy, backends.join(", "));
     }
     for r in &c.routes {
         let host = r.host.as_ref().map_or("*".to_owned(), |h| format!("{h:?}"));
-        println!(
-            "  route host={host} path_prefix={} -> {}",
-            r.path_prefix, r.upstream
-        );
+        println!("  route host={host} path_prefix={} -> {}", r.path_prefix, r.upstream);
     }
     if c.routes.is_empty() {
         println!("  routes: none (every request goes to the only upstream)");
     }
     for (name, rl) in &c.rate_limits {
-        println!(
-            "  rate limit {name}: {} per {:?}, burst {}",
-            rl.rate, rl.per, rl.burst
-        );
+        println!("  rate limit {name}: {} per {:?}, burst {}", rl.rate, rl.per, rl.burst);
     }
 }

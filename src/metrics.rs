@@ -79,9 +79,7 @@ pub struct LatencyHistogram {
 }
 
 impl LatencyHistogram {
-    pub const BOUNDS: [f64; 11] = [
-        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-    ];
+    pub const BOUNDS: [f64; 11] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
     pub fn observe(&self, d: Duration) {
         let secs = d.as_secs_f64();
@@ -95,11 +93,7 @@ impl LatencyHistogram {
     /// `(sum in seconds, count, per-bucket counts)`; the encoder makes them cumulative
     /// and adds `+Inf` (= count).
     pub fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
-        let buckets = Self::BOUNDS
-            .iter()
-            .zip(&self.buckets)
-            .map(|(&b, n)| (b, n.load(Relaxed)))
-            .collect();
+        let buckets = Self::BOUNDS.iter().zip(&self.buckets).map(|(&b, n)| (b, n.load(Relaxed))).collect();
         let count = self.count.load(Relaxed);
         (self.sum_micros.load(Relaxed) as f64 / 1e6, count, buckets)
     }
@@ -126,16 +120,8 @@ impl LastReload {
     pub fn now(result: Result<(), String>) -> LastReload {
         let at = Some(humantime::format_rfc3339_seconds(SystemTime::now()).to_string());
         match result {
-            Ok(()) => LastReload {
-                ok: true,
-                at,
-                error: None,
-            },
-            Err(e) => LastReload {
-                ok: false,
-                at,
-                error: Some(e),
-            },
+            Ok(()) => LastReload { ok: true, at, error: None },
+            Err(e) => LastReload { ok: false, at, error: Some(e) },
         }
     }
 }
@@ -164,9 +150,7 @@ impl Metrics {
 
     pub fn rate_limited_snapshot(&self) -> Vec<(String, u64)> {
         let map = self.rate_limited.lock().expect("rate_limited lock");
-        map.iter()
-            .map(|(k, v)| (k.clone(), v.load(Relaxed)))
-            .collect()
+        map.iter().map(|(k, v)| (k.clone(), v.load(Relaxed))).collect()
     }
 }
 
@@ -200,11 +184,7 @@ mod tests {
         assert!((sum - 20.033).abs() < 1e-6);
         assert_eq!(buckets[0], (0.005, 1));
         assert_eq!(buckets[3], (0.05, 1));
-        assert_eq!(
-            buckets.iter().map(|b| b.1).sum::<u64>(),
-            2,
-            "20s is past the last bound"
-        );
+        assert_eq!(buckets.iter().map(|b| b.1).sum::<u64>(), 2, "20s is past the last bound");
     }
 }
 
@@ -213,10 +193,7 @@ mod tests {
 pub struct RuntimeCollector(pub crate::runtime::SharedRuntime);
 
 impl prometheus_client::collector::Collector for RuntimeCollector {
-    fn encode(
-        &self,
-        mut enc: prometheus_client::encoding::DescriptorEncoder,
-    ) -> Result<(), std::fmt::Error> {
+    fn encode(&self, mut enc: prometheus_client::encoding::DescriptorEncoder) -> Result<(), std::fmt::Error> {
         use prometheus_client::encoding::{EncodeMetric, NoLabelSet};
         use prometheus_client::metrics::MetricType;
         use prometheus_client::metrics::counter::ConstCounter;
@@ -231,23 +208,14 @@ impl prometheus_client::collector::Collector for RuntimeCollector {
             None,
             MetricType::Counter,
         )?;
-        let mut counts =
-            |up: &str, backend: &str, statuses: &StatusCounts| -> Result<(), std::fmt::Error> {
-                for (code, n) in statuses.snapshot() {
-                    let code = if code == 0 {
-                        "other".to_owned()
-                    } else {
-                        code.to_string()
-                    };
-                    let labels = [
-                        ("upstream", up),
-                        ("backend", backend),
-                        ("code", code.as_str()),
-                    ];
-                    ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
-                }
-                Ok(())
-            };
+        let mut counts = |up: &str, backend: &str, statuses: &StatusCounts| -> Result<(), std::fmt::Error> {
+            for (code, n) in statuses.snapshot() {
+                let code = if code == 0 { "other".to_owned() } else { code.to_string() };
+                let labels = [("upstream", up), ("backend", backend), ("code", code.as_str())];
+                ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
+            }
+            Ok(())
+        };
         counts("", "", &m.unrouted)?;
         for up in &rt.upstreams {
             counts(&up.name, "", &up.stats.unattributed)?;
@@ -269,11 +237,7 @@ impl prometheus_client::collector::Collector for RuntimeCollector {
                 .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
         }
 
-        let backends = || {
-            rt.upstreams
-                .iter()
-                .flat_map(|u| u.backends.iter().map(move |b| (u, b)))
-        };
+        let backends = || rt.upstreams.iter().flat_map(|u| u.backends.iter().map(move |b| (u, b)));
         let mut family = enc.encode_descriptor(
             "balancer_backend_up",
             "1 when the backend receives traffic: active checks pass and passive checks have not taken it out.",
@@ -315,23 +279,13 @@ impl prometheus_client::collector::Collector for RuntimeCollector {
             ConstCounter::new(n).encode(family.encode_family(&[("limit", name.as_str())])?)?;
         }
 
-        let mut family = enc.encode_descriptor(
-            "balancer_config_reloads",
-            "Config reloads, by result.",
-            None,
-            MetricType::Counter,
-        )?;
-        ConstCounter::new(m.reloads_success.load(Relaxed))
-            .encode(family.encode_family(&[("result", "success")])?)?;
-        ConstCounter::new(m.reloads_failure.load(Relaxed))
-            .encode(family.encode_family(&[("result", "failure")])?)?;
+        let mut family =
+            enc.encode_descriptor("balancer_config_reloads", "Config reloads, by result.", None, MetricType::Counter)?;
+        ConstCounter::new(m.reloads_success.load(Relaxed)).encode(family.encode_family(&[("result", "success")])?)?;
+        ConstCounter::new(m.reloads_failure.load(Relaxed)).encode(family.encode_family(&[("result", "failure")])?)?;
 
-        let family = enc.encode_descriptor(
-            "balancer_client_connections",
-            "Open client connections.",
-            None,
-            MetricType::Gauge,
-        )?;
+        let family =
+            enc.encode_descriptor("balancer_client_connections", "Open client connections.", None, MetricType::Gauge)?;
         ConstGauge::new(m.client_connections.load(Relaxed)).encode(family)?;
         Ok(())
     }

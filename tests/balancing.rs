@@ -26,15 +26,8 @@ async fn names(b: &Balancer, n: usize) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn round_robin_alternates_strictly_with_equal_weights() {
-    let ups = [
-        Upstream::start("a").await,
-        Upstream::start("b").await,
-        Upstream::start("c").await,
-    ];
-    let b = Balancer::start(
-        &config_for(&[ups[0].addr, ups[1].addr, ups[2].addr], ""),
-        &[],
-    );
+    let ups = [Upstream::start("a").await, Upstream::start("b").await, Upstream::start("c").await];
+    let b = Balancer::start(&config_for(&[ups[0].addr, ups[1].addr, ups[2].addr], ""), &[]);
     let got = names(&b, 9).await;
     let first = &got[..3];
     let mut sorted = first.to_vec();
@@ -58,24 +51,16 @@ async fn weighted_round_robin_gives_exact_shares_in_every_window() {
         assert_eq!(w.iter().filter(|n| *n == "a").count(), 3, "{got:?}");
     }
     // Smooth: the light backend is never starved for more than three picks.
-    assert!(
-        !got.windows(4).any(|w| w.iter().all(|n| n == "a")),
-        "{got:?}"
-    );
+    assert!(!got.windows(4).any(|w| w.iter().all(|n| n == "a")), "{got:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn least_connections_avoids_the_busy_backend() {
     let (a, c) = (Upstream::start("a").await, Upstream::start("b").await);
-    let b = Balancer::start(
-        &config_for(&[a.addr, c.addr], "strategy = \"least-connections\""),
-        &[],
-    );
+    let b = Balancer::start(&config_for(&[a.addr, c.addr], "strategy = \"least-connections\""), &[]);
     // Occupy one backend with two slow requests.
     let addr = b.addr();
-    let slow: Vec<_> = (0..2)
-        .map(|_| tokio::spawn(async move { get(addr, "/sleep/1500").await }))
-        .collect();
+    let slow: Vec<_> = (0..2).map(|_| tokio::spawn(async move { get(addr, "/sleep/1500").await })).collect();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let busy = if a.hits() == 2 {
         "a"
@@ -84,24 +69,13 @@ async fn least_connections_avoids_the_busy_backend() {
     } else {
         ""
     };
-    assert!(
-        !busy.is_empty() || (a.hits() == 1 && c.hits() == 1),
-        "slow requests: a={} b={}",
-        a.hits(),
-        c.hits()
-    );
+    assert!(!busy.is_empty() || (a.hits() == 1 && c.hits() == 1), "slow requests: a={} b={}", a.hits(), c.hits());
     let got = names(&b, 6).await;
     if busy.is_empty() {
         // One slow request on each: loads are equal, ties rotate between them.
-        assert!(
-            got.contains(&"a".to_owned()) && got.contains(&"b".to_owned()),
-            "{got:?}"
-        );
+        assert!(got.contains(&"a".to_owned()) && got.contains(&"b".to_owned()), "{got:?}");
     } else {
-        assert!(
-            got.iter().all(|n| n != busy),
-            "quick requests went to the busy backend {busy}: {got:?}"
-        );
+        assert!(got.iter().all(|n| n != busy), "quick requests went to the busy backend {busy}: {got:?}");
     }
     for s in slow {
         assert_eq!(s.await.unwrap().status, 200);
@@ -112,24 +86,12 @@ async fn least_connections_avoids_the_busy_backend() {
 async fn a_dead_backend_is_retried_elsewhere_and_without_retries_is_a_502() {
     let up = Upstream::start("live").await;
     let dead = dead_addr();
-    let b = Balancer::start(
-        &config_for(
-            &[dead, up.addr],
-            "retries = 1\n[upstreams.app.passive]\nmax_fails = 0",
-        ),
-        &[],
-    );
+    let b = Balancer::start(&config_for(&[dead, up.addr], "retries = 1\n[upstreams.app.passive]\nmax_fails = 0"), &[]);
     for _ in 0..10 {
         let r = get(b.addr(), "/").await;
         assert_eq!(r.status, 200, "{}", r.text());
     }
-    let b = Balancer::start(
-        &config_for(
-            &[dead, up.addr],
-            "retries = 0\n[upstreams.app.passive]\nmax_fails = 0",
-        ),
-        &[],
-    );
+    let b = Balancer::start(&config_for(&[dead, up.addr], "retries = 0\n[upstreams.app.passive]\nmax_fails = 0"), &[]);
     let mut codes = Vec::new();
     for _ in 0..4 {
         let r = get(b.addr(), "/").await;
@@ -157,10 +119,7 @@ async fn idempotent_requests_are_retried_but_consumed_bodies_never_are() {
     let bad = closing_backend().await;
     let good = Upstream::start("good").await;
     let b = Balancer::start(
-        &config_for(
-            &[bad.addr, good.addr],
-            "retries = 1\n[upstreams.app.passive]\nmax_fails = 0",
-        ),
+        &config_for(&[bad.addr, good.addr], "retries = 1\n[upstreams.app.passive]\nmax_fails = 0"),
         &[],
     );
     // GET without a body: the failure on the closing backend is retried on the good one.
@@ -173,44 +132,23 @@ async fn idempotent_requests_are_retried_but_consumed_bodies_never_are() {
     for _ in 0..4 {
         let r = send(
             b.addr(),
-            Request::post("/submit")
-                .header("host", "x")
-                .body(Full::new(Bytes::from_static(b"payload")))
-                .unwrap(),
+            Request::post("/submit").header("host", "x").body(Full::new(Bytes::from_static(b"payload"))).unwrap(),
         )
         .await;
         statuses.push(r.status.as_u16());
     }
-    assert_eq!(
-        statuses.iter().filter(|&&s| s == 502).count(),
-        2,
-        "{statuses:?}"
-    );
-    assert_eq!(
-        good.hits() - before,
-        2,
-        "the good backend saw only its own share of POSTs"
-    );
+    assert_eq!(statuses.iter().filter(|&&s| s == 502).count(), 2, "{statuses:?}");
+    assert_eq!(good.hits() - before, 2, "the good backend saw only its own share of POSTs");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_slow_backend_is_a_504() {
     let up = Upstream::start("slow").await;
-    let b = Balancer::start(
-        &config_for(
-            &[up.addr],
-            "[upstreams.app.timeouts]\nupstream_header = \"300ms\"",
-        ),
-        &[],
-    );
+    let b = Balancer::start(&config_for(&[up.addr], "[upstreams.app.timeouts]\nupstream_header = \"300ms\""), &[]);
     let start = Instant::now();
     let r = get(b.addr(), "/sleep/3000").await;
     assert_eq!(r.status, 504);
-    assert!(
-        start.elapsed() < Duration::from_secs(2),
-        "took {:?}",
-        start.elapsed()
-    );
+    assert!(start.elapsed() < Duration::from_secs(2), "took {:?}", start.elapsed());
     assert_eq!(r.header("content-type"), Some("text/plain; charset=utf-8"));
     assert!(r.text().contains("300ms"), "{}", r.text());
     // Faster than the limit is fine.
@@ -221,13 +159,7 @@ async fn a_slow_backend_is_a_504() {
 async fn a_backend_that_closes_idle_connections_like_gunicorn_never_causes_a_502() {
     // gunicorn closes keep-alive connections idle for 2s; balancer drops pooled ones after
     // pool_idle_timeout (1s by default), so requests spaced just past 2s never hit a dead one.
-    let up = Upstream::start_with(
-        "g",
-        UpstreamOpts {
-            idle_close: Some(Duration::from_secs(2)),
-        },
-    )
-    .await;
+    let up = Upstream::start_with("g", UpstreamOpts { idle_close: Some(Duration::from_secs(2)) }).await;
     let b = Balancer::start(&config_for(&[up.addr], "retries = 0"), &[]);
     let mut conn = Conn::open(b.addr()).await;
     for gap_ms in [0, 2050, 2100, 1000, 2000] {
@@ -248,39 +180,24 @@ async fn a_pooled_connection_closed_at_reuse_is_resent_on_a_fresh_one() {
         async move {
             read_head(&mut s).await;
             served.fetch_add(1, Ordering::SeqCst);
-            let _ = s
-                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                .await;
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
             read_head(&mut s).await;
         }
     })
     .await;
     // retries = 0: the resend is not a retry, and applies to a POST without a body too.
-    let b = Balancer::start(
-        &config_for(&[backend.addr], "retries = 0\npool_idle_timeout = \"60s\""),
-        &[],
-    );
+    let b = Balancer::start(&config_for(&[backend.addr], "retries = 0\npool_idle_timeout = \"60s\""), &[]);
     let mut conn = Conn::open(b.addr()).await;
     for i in 0..6 {
         let method = if i % 2 == 0 { "GET" } else { "POST" };
         let r = conn
-            .send(
-                Request::builder()
-                    .method(method)
-                    .uri("/")
-                    .header("host", "x")
-                    .body(Full::default())
-                    .unwrap(),
-            )
+            .send(Request::builder().method(method).uri("/").header("host", "x").body(Full::default()).unwrap())
             .await
             .unwrap();
         assert_eq!(r.status, 200, "request {i} ({method}): {}", r.text());
     }
     assert_eq!(served.load(Ordering::SeqCst), 6);
-    assert!(
-        backend.connections() >= 6,
-        "every request after the first needed a new connection"
-    );
+    assert!(backend.connections() >= 6, "every request after the first needed a new connection");
 }
 
 #[tokio::test(flavor = "multi_thread")]

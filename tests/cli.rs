@@ -34,19 +34,13 @@ fn print_config(args: &[&str], dir: &Path) -> toml::Table {
     let mut all = vec!["--print-config"];
     all.extend_from_slice(args);
     let (code, out, err) = run_cli(&all, dir);
-    assert_eq!(
-        code, 0,
-        "--print-config {args:?} failed: stdout={out:?} stderr={err:?}"
-    );
-    toml::from_str::<toml::Table>(&out)
-        .unwrap_or_else(|e| panic!("--print-config output is not TOML ({e}):\n{out}"))
+    assert_eq!(code, 0, "--print-config {args:?} failed: stdout={out:?} stderr={err:?}");
+    toml::from_str::<toml::Table>(&out).unwrap_or_else(|e| panic!("--print-config output is not TOML ({e}):\n{out}"))
 }
 
 /// 1-based (line, column) of the first occurrence of `needle` in `text`.
 fn pos_of(text: &str, needle: &str) -> (usize, usize) {
-    let off = text
-        .find(needle)
-        .unwrap_or_else(|| panic!("{needle:?} not in test config"));
+    let off = text.find(needle).unwrap_or_else(|| panic!("{needle:?} not in test config"));
     let before = &text[..off];
     let line = before.matches('\n').count() + 1;
     let col = before.rsplit('\n').next().unwrap().chars().count() + 1;
@@ -56,60 +50,31 @@ fn pos_of(text: &str, needle: &str) -> (usize, usize) {
 /// Asserts that `stderr` is exactly one line `error: balancer.toml:LINE:COL: MESSAGE` with
 /// the given line, a column among `cols` (any column of that line when `cols` is empty),
 /// and a message that contains every one of `mentions`.
-fn assert_error_at(
-    code: i32,
-    stdout: &str,
-    stderr: &str,
-    text: &str,
-    line: usize,
-    cols: &[usize],
-    mentions: &[&str],
-) {
-    assert_eq!(
-        code, 1,
-        "expected exit 1; stdout={stdout:?} stderr={stderr:?}"
-    );
+fn assert_error_at(code: i32, stdout: &str, stderr: &str, text: &str, line: usize, cols: &[usize], mentions: &[&str]) {
+    assert_eq!(code, 1, "expected exit 1; stdout={stdout:?} stderr={stderr:?}");
     let msg = stderr.trim_end();
-    assert_eq!(
-        msg.lines().count(),
-        1,
-        "expected one error line, got: {stderr:?}"
-    );
+    assert_eq!(msg.lines().count(), 1, "expected one error line, got: {stderr:?}");
     let prefix = format!("error: balancer.toml:{line}:");
     let rest = msg
         .strip_prefix(&prefix)
         .unwrap_or_else(|| panic!("expected the error to start with {prefix:?}, got: {msg:?}"));
-    let (col, message) = rest
-        .split_once(": ")
-        .unwrap_or_else(|| panic!("expected `{prefix}COL: message`, got: {msg:?}"));
-    let col: usize = col
-        .parse()
-        .unwrap_or_else(|_| panic!("column {col:?} is not a number in: {msg:?}"));
+    let (col, message) =
+        rest.split_once(": ").unwrap_or_else(|| panic!("expected `{prefix}COL: message`, got: {msg:?}"));
+    let col: usize = col.parse().unwrap_or_else(|_| panic!("column {col:?} is not a number in: {msg:?}"));
     if cols.is_empty() {
         let len = text.lines().nth(line - 1).map_or(0, |l| l.chars().count());
-        assert!(
-            (1..=len + 1).contains(&col),
-            "column {col} is outside line {line} (len {len}): {msg:?}"
-        );
+        assert!((1..=len + 1).contains(&col), "column {col} is outside line {line} (len {len}): {msg:?}");
     } else {
-        assert!(
-            cols.contains(&col),
-            "expected column in {cols:?}, got {col}: {msg:?}"
-        );
+        assert!(cols.contains(&col), "expected column in {cols:?}, got {col}: {msg:?}");
     }
     for m in mentions {
-        assert!(
-            message.contains(m),
-            "expected the message to mention {m:?}, got: {msg:?}"
-        );
+        assert!(message.contains(m), "expected the message to mention {m:?}, got: {msg:?}");
     }
 }
 
 fn get_path<'a>(t: &'a toml::Table, path: &str) -> &'a toml::Value {
     let mut parts = path.split('.');
-    let mut v = t
-        .get(parts.next().unwrap())
-        .unwrap_or_else(|| panic!("{path} missing in {t:#?}"));
+    let mut v = t.get(parts.next().unwrap()).unwrap_or_else(|| panic!("{path} missing in {t:#?}"));
     for p in parts {
         v = match p.parse::<usize>() {
             Ok(i) => v.get(i),
@@ -121,22 +86,15 @@ fn get_path<'a>(t: &'a toml::Table, path: &str) -> &'a toml::Value {
 }
 
 fn str_at<'a>(t: &'a toml::Table, path: &str) -> &'a str {
-    get_path(t, path)
-        .as_str()
-        .unwrap_or_else(|| panic!("{path} is not a string: {:?}", get_path(t, path)))
+    get_path(t, path).as_str().unwrap_or_else(|| panic!("{path} is not a string: {:?}", get_path(t, path)))
 }
 
 fn strings_at(t: &toml::Table, path: &str) -> Vec<String> {
     match get_path(t, path) {
         toml::Value::String(s) => vec![s.clone()],
-        toml::Value::Array(a) => a
-            .iter()
-            .map(|v| {
-                v.as_str()
-                    .unwrap_or_else(|| panic!("{path}: {v:?} is not a string"))
-                    .to_owned()
-            })
-            .collect(),
+        toml::Value::Array(a) => {
+            a.iter().map(|v| v.as_str().unwrap_or_else(|| panic!("{path}: {v:?} is not a string")).to_owned()).collect()
+        }
         other => panic!("{path} is not a string or list: {other:?}"),
     }
 }
@@ -166,12 +124,8 @@ impl Proc {
     /// `listening` line; `Err` with the logs if it exits first or takes over 15 s.
     fn spawn(dir: &Path, args: &[&str]) -> Result<(Proc, SocketAddr), String> {
         let mut cmd = Command::new(BIN);
-        cmd.args(["--log-format", "json"])
-            .args(args)
-            .current_dir(dir);
-        cmd.stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .stdin(Stdio::null());
+        cmd.args(["--log-format", "json"]).args(args).current_dir(dir);
+        cmd.stdout(Stdio::null()).stderr(Stdio::piped()).stdin(Stdio::null());
         cmd.env_remove("BALANCER_CONFIG").env_remove("BALANCER_LOG");
         let mut child = cmd.spawn().unwrap();
         let stderr = child.stderr.take().unwrap();
@@ -180,8 +134,7 @@ impl Proc {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                let v = serde_json::from_str(&line)
-                    .unwrap_or_else(|_| serde_json::json!({ "raw": line }));
+                let v = serde_json::from_str(&line).unwrap_or_else(|_| serde_json::json!({ "raw": line }));
                 sink.lock().unwrap().push(v);
             }
         });
@@ -192,11 +145,7 @@ impl Proc {
                 .logs()
                 .iter()
                 .filter(|l| l["message"] == "listening")
-                .find_map(|l| {
-                    l["addr"]
-                        .as_str()
-                        .and_then(|a| a.parse::<SocketAddr>().ok())
-                });
+                .find_map(|l| l["addr"].as_str().and_then(|a| a.parse::<SocketAddr>().ok()));
             if let Some(addr) = addr {
                 return Ok((p, addr));
             }
@@ -206,10 +155,7 @@ impl Proc {
                 return Err(format!("exited with {status}; logs: {:?}", p.logs()));
             }
             if Instant::now() > deadline {
-                return Err(format!(
-                    "no listening line within 15s; logs: {:?}",
-                    p.logs()
-                ));
+                return Err(format!("no listening line within 15s; logs: {:?}", p.logs()));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -245,26 +191,11 @@ backends = ["http://127.0.0.1:8000", { url = "http://127.0.0.1:8001", weight = 2
 fn check_valid_config_prints_summary_and_exits_0() {
     let (code, out, err) = check(VALID);
     assert_eq!(code, 0, "stdout={out:?} stderr={err:?}");
-    assert!(
-        err.trim().is_empty(),
-        "--check on a valid file wrote to stderr: {err:?}"
-    );
-    assert!(
-        out.contains("app"),
-        "summary does not name upstream app: {out}"
-    );
-    assert!(
-        out.contains("http://127.0.0.1:8000"),
-        "summary lacks backend 8000: {out}"
-    );
-    assert!(
-        out.contains("http://127.0.0.1:8001"),
-        "summary lacks backend 8001: {out}"
-    );
-    assert!(
-        out.contains("127.0.0.1:18080"),
-        "summary lacks the listen address: {out}"
-    );
+    assert!(err.trim().is_empty(), "--check on a valid file wrote to stderr: {err:?}");
+    assert!(out.contains("app"), "summary does not name upstream app: {out}");
+    assert!(out.contains("http://127.0.0.1:8000"), "summary lacks backend 8000: {out}");
+    assert!(out.contains("http://127.0.0.1:8001"), "summary lacks backend 8001: {out}");
+    assert!(out.contains("127.0.0.1:18080"), "summary lacks the listen address: {out}");
 }
 
 #[test]
@@ -272,15 +203,9 @@ fn check_with_overrides_validates_the_effective_config() {
     // The file alone is valid; the override makes the effective config invalid, and a
     // file that is invalid alone is fixed by an override.
     let dir = dir_with(VALID);
-    let (code, out, err) = run_cli(
-        &["--check", "--set", "server.max_connections=0"],
-        dir.path(),
-    );
+    let (code, out, err) = run_cli(&["--check", "--set", "server.max_connections=0"], dir.path());
     assert_eq!(code, 1, "stdout={out:?} stderr={err:?}");
-    assert!(
-        err.starts_with("error: --set server.max_connections=0:"),
-        "{err:?}"
-    );
+    assert!(err.starts_with("error: --set server.max_connections=0:"), "{err:?}");
 
     let broken = VALID.replace("127.0.0.1:18080", "nowhere");
     let dir = dir_with(&broken);
@@ -295,7 +220,8 @@ fn check_with_overrides_validates_the_effective_config() {
 
 #[test]
 fn check_unknown_key_points_at_the_key() {
-    let text = "[server]\nlisten_addr = \"127.0.0.1:8080\"\n\n[upstreams.app]\nbackends = [\"http://127.0.0.1:8000\"]\n";
+    let text =
+        "[server]\nlisten_addr = \"127.0.0.1:8080\"\n\n[upstreams.app]\nbackends = [\"http://127.0.0.1:8000\"]\n";
     let (line, col) = pos_of(text, "listen_addr");
     assert_eq!((line, col), (2, 1));
     let (code, out, err) = check(text);
@@ -333,15 +259,7 @@ fn check_route_to_missing_upstream_points_at_upstream_value() {
     let (line, key_col) = pos_of(text, "upstream = \"missing\"");
     let (_, val_col) = pos_of(text, "\"missing\"");
     let (code, out, err) = check(text);
-    assert_error_at(
-        code,
-        &out,
-        &err,
-        text,
-        line,
-        &[key_col, val_col],
-        &["missing"],
-    );
+    assert_error_at(code, &out, &err, text, line, &[key_col, val_col], &["missing"]);
 }
 
 #[test]
@@ -359,15 +277,7 @@ fn check_empty_backend_list() {
     let (line, key_col) = pos_of(text, "backends");
     let (_, val_col) = pos_of(text, "[]");
     let (code, out, err) = check(text);
-    assert_error_at(
-        code,
-        &out,
-        &err,
-        text,
-        line,
-        &[key_col, val_col],
-        &["backend"],
-    );
+    assert_error_at(code, &out, &err, text, line, &[key_col, val_col], &["backend"]);
 }
 
 #[test]
@@ -377,21 +287,12 @@ fn check_weight_zero_points_at_that_backend() {
     let (_, key_col) = pos_of(text, "weight = 0");
     let (_, val_col) = pos_of(text, "0 }");
     let (code, out, err) = check(text);
-    assert_error_at(
-        code,
-        &out,
-        &err,
-        text,
-        line,
-        &[entry_col, key_col, val_col],
-        &["weight"],
-    );
+    assert_error_at(code, &out, &err, text, line, &[entry_col, key_col, val_col], &["weight"]);
 }
 
 #[test]
 fn check_bad_backend_url_names_the_url() {
-    let text =
-        "[upstreams.app]\nbackends = [\n  \"http://127.0.0.1:8000\",\n  \"127.0.0.1:8001/x\",\n]\n";
+    let text = "[upstreams.app]\nbackends = [\n  \"http://127.0.0.1:8000\",\n  \"127.0.0.1:8001/x\",\n]\n";
     let (line, col) = pos_of(text, "\"127.0.0.1:8001/x\"");
     let (code, out, err) = check(text);
     assert_error_at(code, &out, &err, text, line, &[col], &["127.0.0.1:8001/x"]);
@@ -403,15 +304,7 @@ fn check_unparsable_listen_address() {
     let (line, key_col) = pos_of(text, "listen =");
     let (_, val_col) = pos_of(text, "\"localhost:eighty\"");
     let (code, out, err) = check(text);
-    assert_error_at(
-        code,
-        &out,
-        &err,
-        text,
-        line,
-        &[key_col, val_col],
-        &["localhost:eighty"],
-    );
+    assert_error_at(code, &out, &err, text, line, &[key_col, val_col], &["localhost:eighty"]);
 }
 
 #[test]
@@ -424,7 +317,8 @@ fn check_unparsable_listen_address_in_list() {
 
 #[test]
 fn check_bad_duration_string() {
-    let text = "[timeouts]\nconnect = \"2s\"\nidle = \"soon\"\n\n[upstreams.app]\nbackends = [\"http://127.0.0.1:8000\"]\n";
+    let text =
+        "[timeouts]\nconnect = \"2s\"\nidle = \"soon\"\n\n[upstreams.app]\nbackends = [\"http://127.0.0.1:8000\"]\n";
     let (line, key_col) = pos_of(text, "idle =");
     let (_, val_col) = pos_of(text, "\"soon\"");
     let (code, out, err) = check(text);
@@ -433,7 +327,8 @@ fn check_bad_duration_string() {
 
 #[test]
 fn check_toml_syntax_error_points_at_the_line() {
-    let text = "[server]\nworkers = 1\nmax_connections = = 5\n\n[upstreams.app]\nbackends = [\"http://127.0.0.1:8000\"]\n";
+    let text =
+        "[server]\nworkers = 1\nmax_connections = = 5\n\n[upstreams.app]\nbackends = [\"http://127.0.0.1:8000\"]\n";
     let (line, _) = pos_of(text, "max_connections = = 5");
     let (code, out, err) = check(text);
     assert_error_at(code, &out, &err, text, line, &[], &[]);
@@ -491,46 +386,21 @@ fn set_overrides_dotted_keys() {
         dir.path(),
     );
     assert_eq!(str_at(&t, "timeouts.connect"), "1s", "{t:#?}");
-    assert_eq!(
-        get_path(&t, "server.max_connections").as_integer(),
-        Some(5000),
-        "{t:#?}"
-    );
-    assert_eq!(
-        str_at(&t, "upstreams.app.strategy"),
-        "least-connections",
-        "{t:#?}"
-    );
-    assert_eq!(
-        str_at(&t, "upstreams.other.strategy"),
-        "round-robin",
-        "{t:#?}"
-    );
+    assert_eq!(get_path(&t, "server.max_connections").as_integer(), Some(5000), "{t:#?}");
+    assert_eq!(str_at(&t, "upstreams.app.strategy"), "least-connections", "{t:#?}");
+    assert_eq!(str_at(&t, "upstreams.other.strategy"), "round-robin", "{t:#?}");
     assert_eq!(str_at(&t, "routes.0.upstream"), "other", "{t:#?}");
     // Untouched keys keep the file's values.
     assert_eq!(strings_at(&t, "server.listen"), vec!["127.0.0.1:18080"]);
-    assert_eq!(
-        backend_urls(&t, "upstreams.app.backends"),
-        vec!["http://127.0.0.1:8000"]
-    );
+    assert_eq!(backend_urls(&t, "upstreams.app.backends"), vec!["http://127.0.0.1:8000"]);
 }
 
 #[test]
 fn set_applies_in_check_too() {
     let dir = dir_with(TWO_UPSTREAMS);
-    let (code, out, err) = run_cli(
-        &[
-            "--check",
-            "--set",
-            "upstreams.app.strategy=least-connections",
-        ],
-        dir.path(),
-    );
+    let (code, out, err) = run_cli(&["--check", "--set", "upstreams.app.strategy=least-connections"], dir.path());
     assert_eq!(code, 0, "stdout={out:?} stderr={err:?}");
-    let app_line = out
-        .lines()
-        .find(|l| l.contains("app") && l.contains("8000"))
-        .unwrap_or_else(|| panic!("{out}"));
+    let app_line = out.lines().find(|l| l.contains("app") && l.contains("8000")).unwrap_or_else(|| panic!("{out}"));
     assert!(app_line.contains("least-connections"), "{out}");
 }
 
@@ -553,66 +423,36 @@ fn set_later_flag_wins_and_creates_missing_tables() {
         dir.path(),
     );
     assert_eq!(str_at(&t, "timeouts.idle"), "7s");
-    assert!(
-        matches!(
-            str_at(&t, "upstreams.app.timeouts.upstream_header"),
-            "120s" | "2m"
-        ),
-        "{t:#?}"
-    );
-    assert_eq!(
-        get_path(&t, "rate_limits.per_ip.rate").as_integer(),
-        Some(10)
-    );
+    assert!(matches!(str_at(&t, "upstreams.app.timeouts.upstream_header"), "120s" | "2m"), "{t:#?}");
+    assert_eq!(get_path(&t, "rate_limits.per_ip.rate").as_integer(), Some(10));
 }
 
 #[test]
 fn set_invalid_value_exits_1_naming_the_flag() {
     let dir = dir_with(TWO_UPSTREAMS);
-    let (code, out, err) = run_cli(
-        &["--check", "--set", "upstreams.app.strategy=bogus"],
-        dir.path(),
-    );
+    let (code, out, err) = run_cli(&["--check", "--set", "upstreams.app.strategy=bogus"], dir.path());
     assert_eq!(code, 1, "stdout={out:?} stderr={err:?}");
     assert_eq!(err.trim_end().lines().count(), 1, "{err:?}");
-    assert!(
-        err.starts_with("error: --set upstreams.app.strategy=bogus:"),
-        "{err:?}"
-    );
+    assert!(err.starts_with("error: --set upstreams.app.strategy=bogus:"), "{err:?}");
     assert!(err.contains("bogus"), "{err:?}");
 
     // Same for --print-config, and for a value that fails validation rather than parsing.
-    let (code, _, err) = run_cli(
-        &["--print-config", "--set", "timeouts.connect=soon"],
-        dir.path(),
-    );
+    let (code, _, err) = run_cli(&["--print-config", "--set", "timeouts.connect=soon"], dir.path());
     assert_eq!(code, 1, "{err:?}");
-    assert!(
-        err.starts_with("error: --set timeouts.connect=soon:"),
-        "{err:?}"
-    );
+    assert!(err.starts_with("error: --set timeouts.connect=soon:"), "{err:?}");
 
     let (code, _, err) = run_cli(&["--check", "--set", "routes.0.upstream=nope"], dir.path());
     assert_eq!(code, 1, "{err:?}");
-    assert!(
-        err.starts_with("error: --set routes.0.upstream=nope:"),
-        "{err:?}"
-    );
+    assert!(err.starts_with("error: --set routes.0.upstream=nope:"), "{err:?}");
     assert!(err.contains("nope"), "{err:?}");
 }
 
 #[test]
 fn set_unknown_key_exits_1_naming_the_flag() {
     let dir = dir_with(TWO_UPSTREAMS);
-    let (code, out, err) = run_cli(
-        &["--check", "--set", "server.listen_addr=127.0.0.1:1"],
-        dir.path(),
-    );
+    let (code, out, err) = run_cli(&["--check", "--set", "server.listen_addr=127.0.0.1:1"], dir.path());
     assert_eq!(code, 1, "stdout={out:?} stderr={err:?}");
-    assert!(
-        err.starts_with("error: --set server.listen_addr=127.0.0.1:1:"),
-        "{err:?}"
-    );
+    assert!(err.starts_with("error: --set server.listen_addr=127.0.0.1:1:"), "{err:?}");
     assert!(err.contains("listen_addr"), "{err:?}");
 }
 
@@ -621,10 +461,7 @@ fn set_list_index_out_of_range_exits_1() {
     let dir = dir_with(TWO_UPSTREAMS);
     let (code, out, err) = run_cli(&["--check", "--set", "routes.5.upstream=app"], dir.path());
     assert_eq!(code, 1, "stdout={out:?} stderr={err:?}");
-    assert!(
-        err.starts_with("error: --set routes.5.upstream=app:"),
-        "{err:?}"
-    );
+    assert!(err.starts_with("error: --set routes.5.upstream=app:"), "{err:?}");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -653,52 +490,24 @@ fn print_config_shows_defaults_and_flags_without_a_file() {
         ],
         dir.path(),
     );
-    assert_eq!(
-        strings_at(&t, "server.listen"),
-        vec!["127.0.0.1:18090", "127.0.0.1:18091"]
-    );
-    assert_eq!(
-        backend_urls(&t, "upstreams.default.backends"),
-        vec!["http://127.0.0.1:8000", "http://127.0.0.1:8001"]
-    );
+    assert_eq!(strings_at(&t, "server.listen"), vec!["127.0.0.1:18090", "127.0.0.1:18091"]);
+    assert_eq!(backend_urls(&t, "upstreams.default.backends"), vec!["http://127.0.0.1:8000", "http://127.0.0.1:8001"]);
     assert_eq!(t["upstreams"].as_table().unwrap().len(), 1, "{t:#?}");
-    assert_eq!(
-        str_at(&t, "upstreams.default.strategy"),
-        "least-connections"
-    );
+    assert_eq!(str_at(&t, "upstreams.default.strategy"), "least-connections");
     assert_eq!(str_at(&t, "admin.listen"), "off");
     assert_eq!(str_at(&t, "log.level"), "debug");
     // Defaults from SPEC section 2 are shown.
     let body = get_path(&t, "server.max_request_body");
-    assert!(
-        body.as_str() == Some("10MiB") || body.as_integer() == Some(10 << 20),
-        "server.max_request_body: {body:?}"
-    );
+    assert!(body.as_str() == Some("10MiB") || body.as_integer() == Some(10 << 20), "server.max_request_body: {body:?}");
     let hdr = get_path(&t, "server.max_header_bytes");
-    assert!(
-        hdr.as_str() == Some("64KiB") || hdr.as_integer() == Some(64 << 10),
-        "server.max_header_bytes: {hdr:?}"
-    );
-    assert!(
-        matches!(str_at(&t, "timeouts.idle"), "60s" | "1m"),
-        "timeouts.idle: {}",
-        str_at(&t, "timeouts.idle")
-    );
+    assert!(hdr.as_str() == Some("64KiB") || hdr.as_integer() == Some(64 << 10), "server.max_header_bytes: {hdr:?}");
+    assert!(matches!(str_at(&t, "timeouts.idle"), "60s" | "1m"), "timeouts.idle: {}", str_at(&t, "timeouts.idle"));
     assert_eq!(str_at(&t, "timeouts.connect"), "2s");
     assert_eq!(str_at(&t, "timeouts.client_header"), "10s");
     assert_eq!(str_at(&t, "timeouts.upstream_header"), "30s");
-    assert_eq!(
-        get_path(&t, "server.max_connections").as_integer(),
-        Some(10000)
-    );
-    assert_eq!(
-        get_path(&t, "upstreams.default.retries").as_integer(),
-        Some(1)
-    );
-    assert_eq!(
-        get_path(&t, "upstreams.default.preserve_host").as_bool(),
-        Some(true)
-    );
+    assert_eq!(get_path(&t, "server.max_connections").as_integer(), Some(10000));
+    assert_eq!(get_path(&t, "upstreams.default.retries").as_integer(), Some(1));
+    assert_eq!(get_path(&t, "upstreams.default.preserve_host").as_bool(), Some(true));
     assert_eq!(get_path(&t, "log.access").as_bool(), Some(true));
 }
 
@@ -734,14 +543,8 @@ backends = ["http://127.0.0.1:7000", "http://127.0.0.1:7001"]
         dir.path(),
     );
     assert_eq!(strings_at(&t, "server.listen"), vec!["127.0.0.1:18099"]);
-    assert_eq!(
-        backend_urls(&t, "upstreams.web.backends"),
-        vec!["http://127.0.0.1:8000"]
-    );
-    assert!(
-        t["upstreams"].get("default").is_none(),
-        "-b with a file must not create \"default\": {t:#?}"
-    );
+    assert_eq!(backend_urls(&t, "upstreams.web.backends"), vec!["http://127.0.0.1:8000"]);
+    assert!(t["upstreams"].get("default").is_none(), "-b with a file must not create \"default\": {t:#?}");
     assert_eq!(str_at(&t, "upstreams.web.strategy"), "least-connections");
     assert_eq!(str_at(&t, "admin.listen"), "off");
     assert_eq!(str_at(&t, "log.level"), "debug");
@@ -756,24 +559,14 @@ backends = ["http://127.0.0.1:7000", "http://127.0.0.1:7001"]
 fn print_config_output_is_itself_a_valid_config() {
     let dir = dir_with(TWO_UPSTREAMS);
     let (code, printed, err) = run_cli(
-        &[
-            "--print-config",
-            "--set",
-            "upstreams.other.backends=[{url = \"http://127.0.0.1:9000\", weight = 3}]",
-        ],
+        &["--print-config", "--set", "upstreams.other.backends=[{url = \"http://127.0.0.1:9000\", weight = 3}]"],
         dir.path(),
     );
     assert_eq!(code, 0, "{err:?}");
     let again = dir_with(&printed);
     let (code, out, err) = run_cli(&["--check"], again.path());
-    assert_eq!(
-        code, 0,
-        "printed config does not pass --check: stderr={err:?}\n{printed}"
-    );
-    assert!(
-        out.contains("weight 3") || printed.contains("weight = 3"),
-        "{out}\n{printed}"
-    );
+    assert_eq!(code, 0, "printed config does not pass --check: stderr={err:?}\n{printed}");
+    assert!(out.contains("weight 3") || printed.contains("weight = 3"), "{out}\n{printed}");
     let (code, printed2, err) = run_cli(&["--print-config"], again.path());
     assert_eq!(code, 0, "{err:?}");
     assert_eq!(
@@ -794,14 +587,7 @@ async fn runs_without_a_config_file_using_flags() {
     assert!(!dir.path().join("balancer.toml").exists());
     let backend = format!("http://{}", up.addr);
     // `--admin off` only so the default admin port cannot clash with other tests.
-    let args = [
-        "-l",
-        "127.0.0.1:0",
-        "-b",
-        backend.as_str(),
-        "--admin",
-        "off",
-    ];
+    let args = ["-l", "127.0.0.1:0", "-b", backend.as_str(), "--admin", "off"];
     let (proc, addr) = {
         let dir = dir.path().to_owned();
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
@@ -823,8 +609,7 @@ async fn runs_without_a_config_file_using_flags() {
     // The upstream it created is called "default".
     let logs = proc.logs();
     assert!(
-        logs.iter().any(|l| l["upstream"] == "default"
-            && l["backends"].as_str().is_some_and(|b| b.contains(&backend))),
+        logs.iter().any(|l| l["upstream"] == "default" && l["backends"].as_str().is_some_and(|b| b.contains(&backend))),
         "no start-up line for upstream \"default\" with {backend}: {logs:#?}"
     );
     drop(proc);
@@ -836,31 +621,15 @@ fn no_file_and_no_backend_is_an_error() {
     let (code, out, err) = run_cli(&["--check", "-l", "127.0.0.1:0"], dir.path());
     assert_eq!(code, 1, "stdout={out:?} stderr={err:?}");
     assert!(err.starts_with("error: "), "{err:?}");
-    assert!(
-        err.contains("upstream") || err.contains("backend"),
-        "{err:?}"
-    );
+    assert!(err.contains("upstream") || err.contains("backend"), "{err:?}");
 }
 
 #[test]
 fn explicit_missing_config_file_exits_1_naming_it() {
     let dir = tempfile::tempdir().unwrap();
     for args in [
-        &[
-            "--config",
-            "missing.toml",
-            "-l",
-            "127.0.0.1:0",
-            "-b",
-            "http://127.0.0.1:8000",
-        ][..],
-        &[
-            "-c",
-            "missing.toml",
-            "--check",
-            "-b",
-            "http://127.0.0.1:8000",
-        ][..],
+        &["--config", "missing.toml", "-l", "127.0.0.1:0", "-b", "http://127.0.0.1:8000"][..],
+        &["-c", "missing.toml", "--check", "-b", "http://127.0.0.1:8000"][..],
     ] {
         let (code, out, err) = run_cli(args, dir.path());
         assert_eq!(code, 1, "{args:?}: stdout={out:?} stderr={err:?}");
@@ -885,11 +654,7 @@ fn listener_that_cannot_be_bound_exits_1() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "stderr={err:?}");
-    assert!(
-        err.lines()
-            .any(|l| l.starts_with("error: ") && l.contains(&addr)),
-        "no error line naming {addr}: {err:?}"
-    );
+    assert!(err.lines().any(|l| l.starts_with("error: ") && l.contains(&addr)), "no error line naming {addr}: {err:?}");
     drop(taken);
 }
 
@@ -905,20 +670,11 @@ fn backend_flag_with_two_upstreams_exits_1() {
         assert_eq!(code, 1, "{flag}: stdout={out:?} stderr={err:?}");
         assert_eq!(err.trim_end().lines().count(), 1, "{err:?}");
         assert!(err.starts_with("error: "), "{err:?}");
-        assert!(
-            err.contains("--backend") || err.contains("-b"),
-            "does not name the flag: {err:?}"
-        );
-        assert!(
-            err.contains("app") && err.contains("other"),
-            "does not name the upstreams: {err:?}"
-        );
+        assert!(err.contains("--backend") || err.contains("-b"), "does not name the flag: {err:?}");
+        assert!(err.contains("app") && err.contains("other"), "does not name the upstreams: {err:?}");
     }
     // Running (not just checking) refuses too.
-    let (code, _, err) = run_cli(
-        &["-b", "http://127.0.0.1:7777", "-l", "127.0.0.1:0"],
-        dir.path(),
-    );
+    let (code, _, err) = run_cli(&["-b", "http://127.0.0.1:7777", "-l", "127.0.0.1:0"], dir.path());
     assert_eq!(code, 1, "{err:?}");
 }
 
@@ -942,10 +698,7 @@ fn bad_usage_exits_2() {
     for (args, mention) in cases {
         let (code, out, err) = run_cli(args, dir.path());
         assert_eq!(code, 2, "{args:?}: stdout={out:?} stderr={err:?}");
-        assert!(
-            err.contains(mention),
-            "{args:?}: stderr does not mention {mention:?}: {err:?}"
-        );
+        assert!(err.contains(mention), "{args:?}: stderr does not mention {mention:?}: {err:?}");
     }
 }
 
@@ -973,53 +726,35 @@ fn cli_with_env(args: &[&str], cwd: &Path, config_env: &Path) -> (i32, String, S
 fn balancer_config_env_is_honoured() {
     let conf_dir = tempfile::tempdir().unwrap();
     let path = conf_dir.path().join("from-env.toml");
-    std::fs::write(&path, "[admin]\nlisten = \"off\"\n\n[upstreams.fromenv]\nbackends = [\"http://127.0.0.1:8123\"]\n").unwrap();
+    std::fs::write(&path, "[admin]\nlisten = \"off\"\n\n[upstreams.fromenv]\nbackends = [\"http://127.0.0.1:8123\"]\n")
+        .unwrap();
     // The cwd has its own balancer.toml, which the env var must win over.
     let cwd = dir_with(VALID);
 
     let (code, out, err) = cli_with_env(&["--check"], cwd.path(), &path);
     assert_eq!(code, 0, "stdout={out:?} stderr={err:?}");
-    assert!(
-        out.contains("fromenv") && out.contains("http://127.0.0.1:8123"),
-        "{out}"
-    );
-    assert!(
-        !out.contains("http://127.0.0.1:8001"),
-        "used ./balancer.toml instead: {out}"
-    );
+    assert!(out.contains("fromenv") && out.contains("http://127.0.0.1:8123"), "{out}");
+    assert!(!out.contains("http://127.0.0.1:8001"), "used ./balancer.toml instead: {out}");
 
     let (code, out, err) = cli_with_env(&["--print-config"], cwd.path(), &path);
     assert_eq!(code, 0, "{err:?}");
     let t: toml::Table = toml::from_str(&out).unwrap();
-    assert_eq!(
-        backend_urls(&t, "upstreams.fromenv.backends"),
-        vec!["http://127.0.0.1:8123"]
-    );
+    assert_eq!(backend_urls(&t, "upstreams.fromenv.backends"), vec!["http://127.0.0.1:8123"]);
 
     // An error in that file is reported with its path.
     let bad = conf_dir.path().join("bad.toml");
-    std::fs::write(
-        &bad,
-        "[upstreams.fromenv]\nbackends = [\"http://127.0.0.1:8123\"]\nstrategy = \"fastest\"\n",
-    )
-    .unwrap();
+    std::fs::write(&bad, "[upstreams.fromenv]\nbackends = [\"http://127.0.0.1:8123\"]\nstrategy = \"fastest\"\n")
+        .unwrap();
     let (code, _, err) = cli_with_env(&["--check"], cwd.path(), &bad);
     assert_eq!(code, 1, "{err:?}");
-    assert!(
-        err.starts_with(&format!("error: {}:3:", bad.display())),
-        "{err:?}"
-    );
+    assert!(err.starts_with(&format!("error: {}:3:", bad.display())), "{err:?}");
 }
 
 #[test]
 fn balancer_config_env_missing_file_is_an_error_and_flag_wins() {
     let cwd = dir_with(VALID);
     let missing = cwd.path().join("nope.toml");
-    let (code, out, err) = cli_with_env(
-        &["--check", "-b", "http://127.0.0.1:8000"],
-        cwd.path(),
-        &missing,
-    );
+    let (code, out, err) = cli_with_env(&["--check", "-b", "http://127.0.0.1:8000"], cwd.path(), &missing);
     assert_eq!(code, 1, "stdout={out:?} stderr={err:?}");
     assert!(err.contains("nope.toml"), "{err:?}");
 
@@ -1039,11 +774,7 @@ fn version_flag() {
     for flag in ["--version", "-V"] {
         let (code, out, err) = run_cli(&[flag], dir.path());
         assert_eq!(code, 0, "{flag}: stderr={err:?}");
-        assert_eq!(
-            out.trim(),
-            format!("balancer {}", env!("CARGO_PKG_VERSION")),
-            "{flag}"
-        );
+        assert_eq!(out.trim(), format!("balancer {}", env!("CARGO_PKG_VERSION")), "{flag}");
     }
 }
 
@@ -1082,30 +813,14 @@ upstream = "c"
     let dir = dir_with(file);
     let t = print_config(&["-s", "least-connections"], dir.path());
     for name in ["a", "b", "c"] {
-        assert_eq!(
-            str_at(&t, &format!("upstreams.{name}.strategy")),
-            "least-connections",
-            "upstream {name}"
-        );
+        assert_eq!(str_at(&t, &format!("upstreams.{name}.strategy")), "least-connections", "upstream {name}");
     }
     let t = print_config(&["--strategy", "round-robin"], dir.path());
     for name in ["a", "b", "c"] {
-        assert_eq!(
-            str_at(&t, &format!("upstreams.{name}.strategy")),
-            "round-robin",
-            "upstream {name}"
-        );
+        assert_eq!(str_at(&t, &format!("upstreams.{name}.strategy")), "round-robin", "upstream {name}");
     }
     // And --set after it still targets one upstream.
-    let t = print_config(
-        &[
-            "-s",
-            "least-connections",
-            "--set",
-            "upstreams.b.strategy=round-robin",
-        ],
-        dir.path(),
-    );
+    let t = print_config(&["-s", "least-connections", "--set", "upstreams.b.strategy=round-robin"], dir.path());
     assert_eq!(str_at(&t, "upstreams.a.strategy"), "least-connections");
     assert_eq!(str_at(&t, "upstreams.b.strategy"), "round-robin");
     assert_eq!(str_at(&t, "upstreams.c.strategy"), "least-connections");

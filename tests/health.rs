@@ -14,12 +14,7 @@ async fn status(b: &Balancer) -> serde_json::Value {
 }
 
 fn backend<'a>(status: &'a serde_json::Value, url: &str) -> &'a serde_json::Value {
-    status["upstreams"][0]["backends"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|b| b["url"] == url)
-        .unwrap()
+    status["upstreams"][0]["backends"].as_array().unwrap().iter().find(|b| b["url"] == url).unwrap()
 }
 
 async fn wait_until<F, Fut>(timeout: Duration, mut cond: F) -> bool
@@ -48,31 +43,21 @@ async fn active_checks_take_a_failing_backend_out_and_bring_it_back() {
     c.set_health(500);
     assert!(
         wait_until(Duration::from_secs(3), || async {
-            !backend(&status(&b).await, &url_b)["healthy"]
-                .as_bool()
-                .unwrap()
+            !backend(&status(&b).await, &url_b)["healthy"].as_bool().unwrap()
         })
         .await
     );
-    let line = b.wait_for_log(Duration::from_secs(1), |l| {
-        l["message"] == "backend down: active checks fail"
-    });
+    let line = b.wait_for_log(Duration::from_secs(1), |l| l["message"] == "backend down: active checks fail");
     assert_eq!(line["upstream"], "app");
     assert_eq!(line["backend"], url_b);
-    assert!(
-        line["reason"].as_str().unwrap().contains("answered 500"),
-        "{line}"
-    );
+    assert!(line["reason"].as_str().unwrap().contains("answered 500"), "{line}");
     // While it is down, traffic goes only to the other.
     for _ in 0..6 {
         assert_eq!(get(b.addr(), "/").await.header("x-upstream"), Some("a"));
     }
     let text = get(b.admin(), "/metrics").await.text();
     assert_eq!(
-        metric(
-            &text,
-            &format!("balancer_backend_up{{upstream=\"app\",backend=\"{url_b}\"}}")
-        ),
+        metric(&text, &format!("balancer_backend_up{{upstream=\"app\",backend=\"{url_b}\"}}")),
         Some(0.0),
         "{text}"
     );
@@ -80,9 +65,7 @@ async fn active_checks_take_a_failing_backend_out_and_bring_it_back() {
     c.set_health(200);
     assert!(
         wait_until(Duration::from_secs(3), || async {
-            backend(&status(&b).await, &url_b)["healthy"]
-                .as_bool()
-                .unwrap()
+            backend(&status(&b).await, &url_b)["healthy"].as_bool().unwrap()
         })
         .await
     );
@@ -92,13 +75,7 @@ async fn active_checks_take_a_failing_backend_out_and_bring_it_back() {
     let got: Vec<String> = {
         let mut v = Vec::new();
         for _ in 0..4 {
-            v.push(
-                get(b.addr(), "/")
-                    .await
-                    .header("x-upstream")
-                    .unwrap()
-                    .to_owned(),
-            );
+            v.push(get(b.addr(), "/").await.header("x-upstream").unwrap().to_owned());
         }
         v
     };
@@ -113,12 +90,7 @@ async fn no_healthy_backend_is_a_503_with_retry_after() {
     let a = Upstream::start("a").await;
     let b = Balancer::start(&config_with_admin(&[a.addr], ACTIVE), &[]);
     a.set_health(503);
-    assert!(
-        wait_until(Duration::from_secs(3), || async {
-            get(b.addr(), "/").await.status == 503
-        })
-        .await
-    );
+    assert!(wait_until(Duration::from_secs(3), || async { get(b.addr(), "/").await.status == 503 }).await);
     let r = get(b.addr(), "/").await;
     assert_eq!(r.header("retry-after"), Some("1"));
     assert_eq!(r.header("content-type"), Some("text/plain; charset=utf-8"));
@@ -144,21 +116,9 @@ async fn passive_checks_eject_after_max_fails_and_a_trial_brings_it_back() {
     }
     let s = status(&b).await;
     assert_eq!(backend(&s, &url_v)["healthy"], false, "{s}");
-    assert_eq!(
-        backend(&s, &url_v)["failures"],
-        2,
-        "ejected after exactly max_fails: {s}"
-    );
-    let line = b.wait_for_log(Duration::from_secs(1), |l| {
-        l["message"] == "backend down: passive checks"
-    });
-    assert!(
-        line["reason"]
-            .as_str()
-            .unwrap()
-            .contains("2 consecutive failures"),
-        "{line}"
-    );
+    assert_eq!(backend(&s, &url_v)["failures"], 2, "ejected after exactly max_fails: {s}");
+    let line = b.wait_for_log(Duration::from_secs(1), |l| l["message"] == "backend down: passive checks");
+    assert!(line["reason"].as_str().unwrap().contains("2 consecutive failures"), "{line}");
     // Bring it back on the same port; after fail_timeout one trial request decides.
     let back = Upstream::start_on(victim_addr, "v", UpstreamOpts::default()).await;
     assert!(
@@ -168,23 +128,14 @@ async fn passive_checks_eject_after_max_fails_and_a_trial_brings_it_back() {
         })
         .await
     );
-    b.wait_for_log(Duration::from_secs(1), |l| {
-        l["message"] == "backend up: back in after passive ejection"
-    });
+    b.wait_for_log(Duration::from_secs(1), |l| l["message"] == "backend up: back in after passive ejection");
     assert!(back.hits() >= 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn killing_one_of_three_backends_under_load_loses_no_request() {
-    let ups = [
-        Upstream::start("a").await,
-        Upstream::start("b").await,
-        Upstream::start("c").await,
-    ];
-    let b = Balancer::start(
-        &config_with_admin(&[ups[0].addr, ups[1].addr, ups[2].addr], "retries = 1"),
-        &[],
-    );
+    let ups = [Upstream::start("a").await, Upstream::start("b").await, Upstream::start("c").await];
+    let b = Balancer::start(&config_with_admin(&[ups[0].addr, ups[1].addr, ups[2].addr], "retries = 1"), &[]);
     let addr = b.addr();
     let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let stop_at = Instant::now() + Duration::from_secs(3);
@@ -230,69 +181,26 @@ async fn metrics_and_status_move_with_real_traffic() {
     let slow = tokio::spawn(async move { get(addr, "/sleep/800").await });
     tokio::time::sleep(Duration::from_millis(300)).await;
     let r = get(admin, "/metrics").await;
-    assert_eq!(
-        r.header("content-type"),
-        Some("text/plain; version=0.0.4; charset=utf-8")
-    );
+    assert_eq!(r.header("content-type"), Some("text/plain; version=0.0.4; charset=utf-8"));
     let text = r.text();
     let series = |name: &str, labels: &str| metric(&text, &format!("{name}{{{labels}}}"));
     let be = format!("upstream=\"app\",backend=\"{url}\"");
-    assert_eq!(
-        series("balancer_requests_total", &format!("{be},code=\"200\"")),
-        Some(5.0),
-        "{text}"
-    );
-    assert_eq!(
-        series("balancer_requests_total", &format!("{be},code=\"503\"")),
-        Some(1.0),
-        "{text}"
-    );
-    assert_eq!(
-        series("balancer_backend_inflight", &be),
-        Some(1.0),
-        "{text}"
-    );
+    assert_eq!(series("balancer_requests_total", &format!("{be},code=\"200\"")), Some(5.0), "{text}");
+    assert_eq!(series("balancer_requests_total", &format!("{be},code=\"503\"")), Some(1.0), "{text}");
+    assert_eq!(series("balancer_backend_inflight", &be), Some(1.0), "{text}");
     assert_eq!(series("balancer_backend_up", &be), Some(1.0), "{text}");
-    assert_eq!(
-        metric(&text, "balancer_client_connections"),
-        Some(1.0),
-        "{text}"
-    );
-    assert_eq!(
-        series(
-            "balancer_request_duration_seconds_count",
-            "upstream=\"app\""
-        ),
-        Some(6.0),
-        "{text}"
-    );
-    assert_eq!(
-        series(
-            "balancer_request_duration_seconds_bucket",
-            "upstream=\"app\",le=\"+Inf\""
-        ),
-        Some(6.0),
-        "{text}"
-    );
-    assert_eq!(
-        series("balancer_config_reloads_total", "result=\"failure\""),
-        Some(0.0),
-        "{text}"
-    );
-    assert!(
-        text.contains("# TYPE balancer_rate_limited_total counter"),
-        "{text}"
-    );
+    assert_eq!(metric(&text, "balancer_client_connections"), Some(1.0), "{text}");
+    assert_eq!(series("balancer_request_duration_seconds_count", "upstream=\"app\""), Some(6.0), "{text}");
+    assert_eq!(series("balancer_request_duration_seconds_bucket", "upstream=\"app\",le=\"+Inf\""), Some(6.0), "{text}");
+    assert_eq!(series("balancer_config_reloads_total", "result=\"failure\""), Some(0.0), "{text}");
+    assert!(text.contains("# TYPE balancer_rate_limited_total counter"), "{text}");
     // Unrouted requests are counted too, without upstream or backend.
     let s = status(&b).await;
     assert_eq!(s["generation"], 1);
     assert_eq!(s["last_reload"]["ok"], true);
     assert!(s["last_reload"]["at"].is_string());
     let up = &s["upstreams"][0];
-    assert_eq!(
-        (up["name"].as_str(), up["strategy"].as_str()),
-        (Some("app"), Some("round-robin"))
-    );
+    assert_eq!((up["name"].as_str(), up["strategy"].as_str()), (Some("app"), Some("round-robin")));
     let be = backend(&s, &url);
     assert_eq!(be["weight"], 1);
     assert_eq!(be["healthy"], true);
@@ -312,10 +220,7 @@ async fn checks_are_spread_over_the_interval() {
         ups.push(Upstream::start(&format!("u{i}")).await);
     }
     let addrs: Vec<_> = ups.iter().map(|u| u.addr).collect();
-    let cfg = config_with_admin(
-        &addrs,
-        "[upstreams.app.health_check]\ninterval = \"1s\"\ntimeout = \"500ms\"\n",
-    );
+    let cfg = config_with_admin(&addrs, "[upstreams.app.health_check]\ninterval = \"1s\"\ntimeout = \"500ms\"\n");
     let b = Balancer::start(&cfg, &[]);
     // Record when each backend's first check arrives via its connection counter.
     let start = Instant::now();
@@ -328,15 +233,10 @@ async fn checks_are_spread_over_the_interval() {
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let mut times: Vec<Duration> = first_seen
-        .into_iter()
-        .map(|t| t.expect("every backend checked within 1.5s"))
-        .collect();
+    let mut times: Vec<Duration> =
+        first_seen.into_iter().map(|t| t.expect("every backend checked within 1.5s")).collect();
     times.sort();
     let spread = times[times.len() - 1] - times[0];
-    assert!(
-        spread >= Duration::from_millis(600),
-        "first checks within {spread:?} of each other: {times:?}"
-    );
+    assert!(spread >= Duration::from_millis(600), "first checks within {spread:?} of each other: {times:?}");
     drop(b);
 }

@@ -33,21 +33,10 @@ async fn startup_lines_name_every_listener_and_upstream_and_logs_are_json() {
     assert_eq!(ups.len(), 2, "{ups:?}");
     let two = ups.iter().find(|l| l["upstream"] == "two").unwrap();
     assert_eq!(two["strategy"], "least-connections");
-    assert!(
-        two["backends"]
-            .as_str()
-            .unwrap()
-            .contains(&c.addr.to_string())
-    );
+    assert!(two["backends"].as_str().unwrap().contains(&c.addr.to_string()));
     let logs = b.logs();
-    assert!(
-        logs.iter().all(|l| l.get("raw").is_none()),
-        "every line is one JSON object: {logs:?}"
-    );
-    assert!(
-        logs.iter()
-            .all(|l| l["level"].is_string() && l["timestamp"].is_string())
-    );
+    assert!(logs.iter().all(|l| l.get("raw").is_none()), "every line is one JSON object: {logs:?}");
+    assert!(logs.iter().all(|l| l["level"].is_string() && l["timestamp"].is_string()));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -64,27 +53,20 @@ async fn sigterm_drains_in_flight_requests_and_exits_0() {
     b.signal("TERM");
     // It stops accepting at once.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let refused =
-        match tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(addr)).await {
-            Ok(Ok(mut s)) => {
-                let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
-                read_until_close(&mut s, Duration::from_secs(1))
-                    .await
-                    .is_empty()
-            }
-            _ => true,
-        };
+    let refused = match tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(addr)).await {
+        Ok(Ok(mut s)) => {
+            let _ = s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+            read_until_close(&mut s, Duration::from_secs(1)).await.is_empty()
+        }
+        _ => true,
+    };
     assert!(refused, "a new connection was served after SIGTERM");
     // The in-flight request finishes.
     let r = slow.await.unwrap();
     assert_eq!(r.status, 200);
     let status = b.wait_exit(Duration::from_secs(5));
     assert!(status.success(), "{status}");
-    assert!(
-        start.elapsed() < Duration::from_secs(4),
-        "exit took {:?}",
-        start.elapsed()
-    );
+    assert!(start.elapsed() < Duration::from_secs(4), "exit took {:?}", start.elapsed());
     // The idle connection was closed, not kept until the grace ran out.
     assert!(idle.get("/").await.is_err());
 }
@@ -92,10 +74,7 @@ async fn sigterm_drains_in_flight_requests_and_exits_0() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sigint_with_a_stuck_request_exits_0_after_shutdown_grace() {
     let up = Upstream::start("a").await;
-    let mut b = Balancer::start(
-        &config_for(&[up.addr], ""),
-        &["--set", "server.shutdown_grace=500ms"],
-    );
+    let mut b = Balancer::start(&config_for(&[up.addr], ""), &["--set", "server.shutdown_grace=500ms"]);
     let addr = b.addr();
     let stuck = tokio::spawn(async move { Conn::open(addr).await.get("/sleep/10000").await });
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -103,18 +82,9 @@ async fn sigint_with_a_stuck_request_exits_0_after_shutdown_grace() {
     b.signal("INT");
     let status = b.wait_exit(Duration::from_secs(5));
     assert!(status.success(), "{status}");
-    assert!(
-        start.elapsed() < Duration::from_secs(3),
-        "grace of 500ms, exit took {:?}",
-        start.elapsed()
-    );
-    assert!(
-        stuck.await.unwrap().is_err(),
-        "the stuck request is cut off, not answered"
-    );
-    b.wait_for_log(Duration::from_secs(1), |l| {
-        l["message"].as_str().is_some_and(|m| m.contains("grace"))
-    });
+    assert!(start.elapsed() < Duration::from_secs(3), "grace of 500ms, exit took {:?}", start.elapsed());
+    assert!(stuck.await.unwrap().is_err(), "the stuck request is cut off, not answered");
+    b.wait_for_log(Duration::from_secs(1), |l| l["message"].as_str().is_some_and(|m| m.contains("grace")));
 }
 
 /// `total` bytes of request body in 64 KiB frames, generated as they are sent.
@@ -126,10 +96,7 @@ struct Generated {
 impl http_body::Body for Generated {
     type Data = Bytes;
     type Error = std::convert::Infallible;
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         if self.left == 0 {
             return Poll::Ready(None);
         }
@@ -143,26 +110,15 @@ impl http_body::Body for Generated {
 async fn a_1gib_upload_streams_through_in_bounded_memory() {
     const TOTAL: u64 = 1 << 30;
     let up = Upstream::start("sink").await;
-    let b = Balancer::start(
-        &config_for(&[up.addr], ""),
-        &["--set", "server.max_request_body=2GiB"],
-    );
+    let b = Balancer::start(&config_for(&[up.addr], ""), &["--set", "server.max_request_body=2GiB"]);
     assert_eq!(get(b.addr(), "/warm").await.status, 200);
     let before = b.rss_kib();
 
     let stream = TcpStream::connect(b.addr()).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
     tokio::spawn(conn);
-    let body = Generated {
-        left: TOTAL,
-        chunk: Bytes::from(vec![b'u'; 64 * 1024]),
-    };
-    let req = Request::post("/upload")
-        .header("host", "x")
-        .body(body)
-        .unwrap();
+    let body = Generated { left: TOTAL, chunk: Bytes::from(vec![b'u'; 64 * 1024]) };
+    let req = Request::post("/upload").header("host", "x").body(body).unwrap();
     let pid = b.pid();
     let sampler = tokio::spawn(async move {
         let mut peak = 0;
@@ -190,10 +146,7 @@ async fn a_1gib_upload_streams_through_in_bounded_memory() {
     let after = b.rss_kib();
     let growth = after.saturating_sub(before);
     eprintln!("1 GiB upload: RSS before {before} KiB, after {after} KiB");
-    assert!(
-        growth < 16 * 1024,
-        "RSS grew by {growth} KiB while streaming 1 GiB"
-    );
+    assert!(growth < 16 * 1024, "RSS grew by {growth} KiB while streaming 1 GiB");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -203,9 +156,7 @@ async fn a_slow_reader_does_not_make_balancer_buffer_the_response() {
     assert_eq!(get(b.addr(), "/warm").await.status, 200);
     let before = b.rss_kib();
     let mut s = TcpStream::connect(b.addr()).await.unwrap();
-    s.write_all(b"GET /bytes/268435456 HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
+    s.write_all(b"GET /bytes/268435456 HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
     // Read a little, then stall: the backend keeps offering 256 MiB.
     let mut buf = vec![0u8; 64 * 1024];
     let mut total = s.read(&mut buf).await.unwrap() as u64;
@@ -213,16 +164,10 @@ async fn a_slow_reader_does_not_make_balancer_buffer_the_response() {
     let stalled = b.rss_kib();
     let growth = stalled.saturating_sub(before);
     eprintln!("slow reader: RSS before {before} KiB, while stalled {stalled} KiB");
-    assert!(
-        growth < 16 * 1024,
-        "RSS grew by {growth} KiB behind a stalled client"
-    );
+    assert!(growth < 16 * 1024, "RSS grew by {growth} KiB behind a stalled client");
     // Then it reads the rest and gets all of it (the head adds a few bytes).
     loop {
-        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
-            .await
-            .unwrap()
-        {
+        match tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await.unwrap() {
             Ok(0) | Err(_) => break,
             Ok(n) => total += n as u64,
         }

@@ -13,10 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 fn req(method: &str, path: &str) -> http::request::Builder {
-    Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", "front.example")
+    Request::builder().method(method).uri(path).header("host", "front.example")
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -25,12 +22,7 @@ async fn http10_keepalive_and_pipelining_are_served() {
     let b = Balancer::start(&config_for(&[up.addr], ""), &[]);
 
     // HTTP/1.0: answered, then closed.
-    let out = raw(
-        b.addr(),
-        b"GET /ten HTTP/1.0\r\n\r\n",
-        Duration::from_secs(5),
-    )
-    .await;
+    let out = raw(b.addr(), b"GET /ten HTTP/1.0\r\n\r\n", Duration::from_secs(5)).await;
     assert_eq!(status_of(&out), 200, "{out}");
     assert!(out.starts_with("HTTP/1.0 200"), "{out}");
     assert!(out.contains("\"path\":\"/ten\""), "{out}");
@@ -42,11 +34,7 @@ async fn http10_keepalive_and_pipelining_are_served() {
         assert_eq!(r.status, 200);
         assert_eq!(r.json()["path"], format!("/k{i}"));
     }
-    assert_eq!(
-        up.connections.load(std::sync::atomic::Ordering::SeqCst),
-        1,
-        "backend connection should be pooled"
-    );
+    assert_eq!(up.connections.load(std::sync::atomic::Ordering::SeqCst), 1, "backend connection should be pooled");
 
     // Pipelining: two requests in one write, two responses in order.
     let out = raw(
@@ -65,9 +53,7 @@ async fn http10_keepalive_and_pipelining_are_served() {
 async fn http2_prior_knowledge_is_proxied_to_http1_backends() {
     let up = Upstream::start("a").await;
     let b = Balancer::start(&config_for(&[up.addr], ""), &[]);
-    let request = Request::get("http://front.example:8080/h2?q=1")
-        .body(Full::<Bytes>::default())
-        .unwrap();
+    let request = Request::get("http://front.example:8080/h2?q=1").body(Full::<Bytes>::default()).unwrap();
     let (version, r) = send_h2(b.addr(), request).await;
     assert_eq!(version, http::Version::HTTP_2);
     assert_eq!(r.status, 200);
@@ -102,29 +88,16 @@ async fn headers_are_rewritten_both_ways() {
     }
     assert_eq!(h["x-custom"], "kept");
     assert_eq!(h["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
-    assert_eq!(
-        h["x-forwarded-proto"], "http",
-        "a client cannot claim https"
-    );
+    assert_eq!(h["x-forwarded-proto"], "http", "a client cannot claim https");
     assert_eq!(h["x-forwarded-host"], "front.example");
     assert_eq!(h["host"], "front.example", "preserve_host defaults to true");
     let rid = h["x-request-id"].as_str().unwrap();
     assert!(rid.len() >= 16, "generated request id: {rid}");
-    assert_eq!(
-        r.header("x-request-id"),
-        Some(rid),
-        "the same id is returned to the client"
-    );
+    assert_eq!(r.header("x-request-id"), Some(rid), "the same id is returned to the client");
 
     // A client's own request id is kept.
-    let r = send(
-        b.addr(),
-        req("GET", "/h")
-            .header("x-request-id", "client-id-42")
-            .body(Full::default())
-            .unwrap(),
-    )
-    .await;
+    let r =
+        send(b.addr(), req("GET", "/h").header("x-request-id", "client-id-42").body(Full::default()).unwrap()).await;
     assert_eq!(r.json()["headers"]["x-request-id"], "client-id-42");
     assert_eq!(r.header("x-request-id"), Some("client-id-42"));
 }
@@ -170,26 +143,16 @@ async fn websocket_upgrade_is_tunnelled() {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(
-            s.read(&mut byte).await.unwrap(),
-            1,
-            "closed during the 101 head"
-        );
+        assert_eq!(s.read(&mut byte).await.unwrap(), 1, "closed during the 101 head");
         head.push(byte[0]);
     }
     let head = String::from_utf8(head).unwrap();
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    assert!(
-        head.to_ascii_lowercase().contains("upgrade: websocket"),
-        "{head}"
-    );
+    assert!(head.to_ascii_lowercase().contains("upgrade: websocket"), "{head}");
     for msg in [&b"hello"[..], b"second frame", &[0u8, 1, 2, 255]] {
         s.write_all(msg).await.unwrap();
         let mut got = vec![0u8; msg.len()];
-        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got))
-            .await
-            .unwrap()
-            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got)).await.unwrap().unwrap();
         assert_eq!(got, msg);
     }
 }
@@ -205,10 +168,7 @@ async fn connect_gets_405_and_absolute_form_never_picks_its_host() {
     )
     .await;
     assert_eq!(status_of(&out), 405, "{out}");
-    assert!(
-        out.contains("text/plain; charset=utf-8") && out.to_lowercase().contains("x-request-id"),
-        "{out}"
-    );
+    assert!(out.contains("text/plain; charset=utf-8") && out.to_lowercase().contains("x-request-id"), "{out}");
     assert_eq!(up.hits(), 0);
 
     // The absolute-form target names another host; it still goes to the configured upstream.
@@ -219,10 +179,7 @@ async fn connect_gets_405_and_absolute_form_never_picks_its_host() {
     )
     .await;
     assert_eq!(status_of(&out), 200, "{out}");
-    assert!(
-        out.contains("\"name\":\"a\"") && out.contains("\"path\":\"/latest/meta-data\""),
-        "{out}"
-    );
+    assert!(out.contains("\"name\":\"a\"") && out.contains("\"path\":\"/latest/meta-data\""), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -243,28 +200,16 @@ async fn ambiguous_framing_is_refused_and_the_connection_closed() {
         let mut s = TcpStream::connect(b.addr()).await.unwrap();
         s.write_all(attempt).await.unwrap();
         let out = read_until_close(&mut s, Duration::from_secs(5)).await;
-        assert_eq!(
-            status_of(&out),
-            400,
-            "{}: {out}",
-            String::from_utf8_lossy(attempt)
-        );
-        assert_eq!(
-            out.matches("HTTP/1.1").count(),
-            1,
-            "only one response, then close: {out}"
-        );
+        assert_eq!(status_of(&out), 400, "{}: {out}", String::from_utf8_lossy(attempt));
+        assert_eq!(out.matches("HTTP/1.1").count(), 1, "only one response, then close: {out}");
     }
     assert_eq!(up.hits(), 0, "nothing ambiguous reached the backend");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn routes_pick_upstreams_by_host_and_longest_prefix() {
-    let (api, web, admin) = (
-        Upstream::start("api").await,
-        Upstream::start("web").await,
-        Upstream::start("admin").await,
-    );
+    let (api, web, admin) =
+        (Upstream::start("api").await, Upstream::start("web").await, Upstream::start("admin").await);
     let config = format!(
         r#"
 [server]
@@ -297,66 +242,24 @@ upstream = "web"
     let b = Balancer::start(&config, &[]);
     let go = |host: &'static str, path: &'static str| {
         let addr = b.addr();
-        async move {
-            send(
-                addr,
-                Request::get(path)
-                    .header("host", host)
-                    .body(Full::default())
-                    .unwrap(),
-            )
-            .await
-        }
+        async move { send(addr, Request::get(path).header("host", host).body(Full::default()).unwrap()).await }
     };
     let r = go("www.example", "/api/users?x=1").await;
-    assert_eq!(
-        (r.header("x-upstream"), r.json()["path"].as_str()),
-        (Some("api"), Some("/users?x=1")),
-        "strip_prefix"
-    );
+    assert_eq!((r.header("x-upstream"), r.json()["path"].as_str()), (Some("api"), Some("/users?x=1")), "strip_prefix");
     assert_eq!(go("www.example", "/api").await.json()["path"], "/");
-    assert_eq!(
-        go("www.example", "/apix").await.header("x-upstream"),
-        Some("web"),
-        "/api must not match /apix"
-    );
-    assert_eq!(
-        go("www.example:8080", "/index.html")
-            .await
-            .header("x-upstream"),
-        Some("web"),
-        "port is ignored"
-    );
-    assert_eq!(
-        go("eu.admin.example", "/").await.header("x-upstream"),
-        Some("admin"),
-        "wildcard host"
-    );
-    assert_eq!(
-        go("other.example", "/admin/x").await.header("x-upstream"),
-        Some("admin")
-    );
+    assert_eq!(go("www.example", "/apix").await.header("x-upstream"), Some("web"), "/api must not match /apix");
+    assert_eq!(go("www.example:8080", "/index.html").await.header("x-upstream"), Some("web"), "port is ignored");
+    assert_eq!(go("eu.admin.example", "/").await.header("x-upstream"), Some("admin"), "wildcard host");
+    assert_eq!(go("other.example", "/admin/x").await.header("x-upstream"), Some("admin"));
     // Normalised paths cannot dodge a route.
-    assert_eq!(
-        go("other.example", "/api/../admin/panel")
-            .await
-            .header("x-upstream"),
-        Some("admin")
-    );
-    assert_eq!(
-        go("other.example", "/%61dmin").await.header("x-upstream"),
-        Some("admin")
-    );
+    assert_eq!(go("other.example", "/api/../admin/panel").await.header("x-upstream"), Some("admin"));
+    assert_eq!(go("other.example", "/%61dmin").await.header("x-upstream"), Some("admin"));
     // No route: 404 from balancer itself.
     let r = go("other.example", "/nothing").await;
     assert_eq!(r.status, 404);
     assert_eq!(r.header("content-type"), Some("text/plain; charset=utf-8"));
     assert!(r.header("x-request-id").is_some());
-    assert!(
-        r.text().ends_with('\n') && r.text().lines().count() == 1,
-        "{:?}",
-        r.text()
-    );
+    assert!(r.text().ends_with('\n') && r.text().lines().count() == 1, "{:?}", r.text());
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -366,31 +269,17 @@ async fn oversized_bodies_get_413() {
     let cfg = cfg.replace("[server.x]\n", "");
     let b = Balancer::start(&cfg, &["--set", "server.max_request_body=1KiB"]);
     // Declared length over the limit: refused before the backend is touched.
-    let r = send(
-        b.addr(),
-        req("POST", "/up")
-            .body(Full::new(Bytes::from(vec![b'a'; 2048])))
-            .unwrap(),
-    )
-    .await;
+    let r = send(b.addr(), req("POST", "/up").body(Full::new(Bytes::from(vec![b'a'; 2048]))).unwrap()).await;
     assert_eq!(r.status, 413);
     assert_eq!(r.header("content-type"), Some("text/plain; charset=utf-8"));
     assert_eq!(up.hits(), 0);
     // Within the limit: forwarded.
-    let r = send(
-        b.addr(),
-        req("POST", "/up")
-            .body(Full::new(Bytes::from(vec![b'a'; 1000])))
-            .unwrap(),
-    )
-    .await;
+    let r = send(b.addr(), req("POST", "/up").body(Full::new(Bytes::from(vec![b'a'; 1000]))).unwrap()).await;
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["body_len"], 1000);
     // Chunked, no declared length: cut off once it passes the limit.
     let mut body = Vec::new();
-    body.extend_from_slice(
-        b"POST /chunked HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
-    );
+    body.extend_from_slice(b"POST /chunked HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n");
     for _ in 0..4 {
         body.extend_from_slice(b"200\r\n");
         body.extend_from_slice(&[b'b'; 512]);
@@ -404,29 +293,14 @@ async fn oversized_bodies_get_413() {
 #[tokio::test(flavor = "multi_thread")]
 async fn oversized_heads_get_431() {
     let up = Upstream::start("a").await;
-    let b = Balancer::start(
-        &config_for(&[up.addr], ""),
-        &["--set", "server.max_header_bytes=4KiB"],
-    );
-    let big = format!(
-        "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
-        "y".repeat(8000)
-    );
+    let b = Balancer::start(&config_for(&[up.addr], ""), &["--set", "server.max_header_bytes=4KiB"]);
+    let big = format!("GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "y".repeat(8000));
     let out = raw(b.addr(), big.as_bytes(), Duration::from_secs(5)).await;
     assert_eq!(status_of(&out), 431, "{out}");
-    assert!(
-        out.contains("text/plain; charset=utf-8") && out.contains("x-request-id"),
-        "{out}"
-    );
+    assert!(out.contains("text/plain; charset=utf-8") && out.contains("x-request-id"), "{out}");
     // Just under the limit is fine.
-    let ok = format!(
-        "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Big: {}\r\n\r\n",
-        "y".repeat(3000)
-    );
-    assert_eq!(
-        status_of(&raw(b.addr(), ok.as_bytes(), Duration::from_secs(5)).await),
-        200
-    );
+    let ok = format!("GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Big: {}\r\n\r\n", "y".repeat(3000));
+    assert_eq!(status_of(&raw(b.addr(), ok.as_bytes(), Duration::from_secs(5)).await), 200);
     assert_eq!(up.hits(), 1);
 }
 
@@ -434,18 +308,10 @@ async fn oversized_heads_get_431() {
 async fn access_log_has_the_spec_fields() {
     let up = Upstream::start("a").await;
     let b = Balancer::start(&config_for(&[up.addr], ""), &[]);
-    let r = send(
-        b.addr(),
-        req("GET", "/logged?x=1")
-            .header("x-request-id", "log-me")
-            .body(Full::default())
-            .unwrap(),
-    )
-    .await;
+    let r =
+        send(b.addr(), req("GET", "/logged?x=1").header("x-request-id", "log-me").body(Full::default()).unwrap()).await;
     assert_eq!(r.status, 200);
-    let line = b.wait_for_log(Duration::from_secs(5), |l| {
-        l["target"] == "access" && l["request_id"] == "log-me"
-    });
+    let line = b.wait_for_log(Duration::from_secs(5), |l| l["target"] == "access" && l["request_id"] == "log-me");
     assert_eq!(line["client"], "127.0.0.1");
     assert_eq!(line["method"], "GET");
     assert_eq!(line["path"], "/logged?x=1");

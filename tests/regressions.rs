@@ -19,10 +19,7 @@ async fn server_limits_listed_out_of_order_do_not_deadlock() {
     let up = Upstream::start("a").await;
     // "per_ip" sorts after "everyone": listed first here, the lock order used to cross.
     let extra = "[rate_limits.everyone]\nrate = 1000000\nper = \"1s\"\nkey = \"global\"\n[rate_limits.per_ip]\nrate = 1000000\nper = \"1s\"\n[[routes]]\npath_prefix = \"/app\"\nupstream = \"app\"\nrate_limit = [\"everyone\"]\n";
-    let b = Balancer::start(
-        &config_for(&[up.addr], extra),
-        &["--set", "server.rate_limit=[\"per_ip\", \"everyone\"]"],
-    );
+    let b = Balancer::start(&config_for(&[up.addr], extra), &["--set", "server.rate_limit=[\"per_ip\", \"everyone\"]"]);
     let addr = b.addr();
     let mut tasks = Vec::new();
     for i in 0..8 {
@@ -35,10 +32,7 @@ async fn server_limits_listed_out_of_order_do_not_deadlock() {
         }));
     }
     for t in tasks {
-        tokio::time::timeout(Duration::from_secs(20), t)
-            .await
-            .expect("requests stalled: deadlock")
-            .unwrap();
+        tokio::time::timeout(Duration::from_secs(20), t).await.expect("requests stalled: deadlock").unwrap();
     }
     // A name listed twice is a config error.
     let (code, _, err) = run_cli(
@@ -61,17 +55,12 @@ async fn server_limits_listed_out_of_order_do_not_deadlock() {
 async fn clients_that_abort_uploads_cannot_eject_a_backend() {
     let up = Upstream::start("a").await;
     let b = Balancer::start(
-        &config_with_admin(
-            &[up.addr],
-            "[upstreams.app.passive]\nmax_fails = 2\nfail_timeout = \"30s\"",
-        ),
+        &config_with_admin(&[up.addr], "[upstreams.app.passive]\nmax_fails = 2\nfail_timeout = \"30s\""),
         &[],
     );
     for _ in 0..5 {
         let mut s = TcpStream::connect(b.addr()).await.unwrap();
-        s.write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 10000\r\n\r\n0123456789")
-            .await
-            .unwrap();
+        s.write_all(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 10000\r\n\r\n0123456789").await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
         drop(s);
     }
@@ -86,19 +75,9 @@ async fn clients_that_abort_uploads_cannot_eject_a_backend() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_slow_upload_is_not_a_gateway_timeout() {
     let up = Upstream::start("a").await;
-    let b = Balancer::start(
-        &config_for(
-            &[up.addr],
-            "[upstreams.app.timeouts]\nupstream_header = \"400ms\"",
-        ),
-        &[],
-    );
+    let b = Balancer::start(&config_for(&[up.addr], "[upstreams.app.timeouts]\nupstream_header = \"400ms\""), &[]);
     let mut s = TcpStream::connect(b.addr()).await.unwrap();
-    s.write_all(
-        b"POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 40\r\nConnection: close\r\n\r\n",
-    )
-    .await
-    .unwrap();
+    s.write_all(b"POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 40\r\nConnection: close\r\n\r\n").await.unwrap();
     for _ in 0..4 {
         tokio::time::sleep(Duration::from_millis(300)).await;
         s.write_all(b"0123456789").await.unwrap();
@@ -110,10 +89,7 @@ async fn a_slow_upload_is_not_a_gateway_timeout() {
     let t = Instant::now();
     let r = send(
         b.addr(),
-        Request::post("/sleep/3000")
-            .header("host", "x")
-            .body(Full::new(Bytes::from_static(b"abc")))
-            .unwrap(),
+        Request::post("/sleep/3000").header("host", "x").body(Full::new(Bytes::from_static(b"abc"))).unwrap(),
     )
     .await;
     assert_eq!(r.status, 504);
@@ -132,22 +108,15 @@ async fn pipelined_heads_are_checked_and_split_heads_are_not_refused() {
     )
     .await;
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    assert!(
-        out.contains("HTTP/1.1 400"),
-        "the pipelined head was not refused: {out}"
-    );
+    assert!(out.contains("HTTP/1.1 400"), "the pipelined head was not refused: {out}");
     assert_eq!(up.hits(), 1);
     // The next head's first bytes arrive during the previous request, the rest after it.
     let mut s = TcpStream::connect(b.addr()).await.unwrap();
-    s.write_all(b"GET /sleep/300 HTTP/1.1\r\nHost: x\r\n\r\nGET /second HTTP/1.1\r\nHo")
-        .await
-        .unwrap();
+    s.write_all(b"GET /sleep/300 HTTP/1.1\r\nHost: x\r\n\r\nGET /second HTTP/1.1\r\nHo").await.unwrap();
     tokio::time::sleep(Duration::from_millis(600)).await;
     s.write_all(b"st: x\r\nX-Long: ").await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
-    s.write_all(b"yes\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
+    s.write_all(b"yes\r\nConnection: close\r\n\r\n").await.unwrap();
     let out = read_until_close(&mut s, Duration::from_secs(5)).await;
     assert_eq!(out.matches("HTTP/1.1 200").count(), 2, "{out}");
     assert!(out.contains("\"path\":\"/second\""), "{out}");
@@ -157,18 +126,16 @@ async fn pipelined_heads_are_checked_and_split_heads_are_not_refused() {
 async fn a_tunnel_ends_when_the_backend_closes_even_if_the_client_stays() {
     let backend = RawUpstream::start(|mut s| async move {
         read_head(&mut s).await;
-        s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n").await.unwrap();
+        s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n")
+            .await
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
         // closes here
     })
     .await;
     let b = Balancer::start(&config_with_admin(&[backend.addr], ""), &[]);
     let mut s = TcpStream::connect(b.addr()).await.unwrap();
-    s.write_all(
-        b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
-    )
-    .await
-    .unwrap();
+    s.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n").await.unwrap();
     let mut buf = [0u8; 256];
     let n = s.read(&mut buf).await.unwrap();
     assert!(buf[..n].starts_with(b"HTTP/1.1 101"));
@@ -179,16 +146,10 @@ async fn a_tunnel_ends_when_the_backend_closes_even_if_the_client_stays() {
         if st["upstreams"][0]["backends"][0]["inflight"] == 0 {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "the tunnel still counts as in flight: {st}"
-        );
+        assert!(Instant::now() < deadline, "the tunnel still counts as in flight: {st}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(
-        closed_within(&mut s, Duration::from_secs(2)).await,
-        "the client side was not closed"
-    );
+    assert!(closed_within(&mut s, Duration::from_secs(2)).await, "the client side was not closed");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -196,14 +157,10 @@ async fn a_client_that_leaves_early_is_logged_as_499() {
     let up = Upstream::start("a").await;
     let b = Balancer::start(&config_with_admin(&[up.addr], ""), &[]);
     let mut s = TcpStream::connect(b.addr()).await.unwrap();
-    s.write_all(b"GET /sleep/800 HTTP/1.1\r\nHost: x\r\nX-Request-Id: leaver\r\n\r\n")
-        .await
-        .unwrap();
+    s.write_all(b"GET /sleep/800 HTTP/1.1\r\nHost: x\r\nX-Request-Id: leaver\r\n\r\n").await.unwrap();
     tokio::time::sleep(Duration::from_millis(150)).await;
     drop(s);
-    let line = b.wait_for_log(Duration::from_secs(3), |l| {
-        l["target"] == "access" && l["request_id"] == "leaver"
-    });
+    let line = b.wait_for_log(Duration::from_secs(3), |l| l["target"] == "access" && l["request_id"] == "leaver");
     assert_eq!(line["status"], 499);
     let text = get(b.admin(), "/metrics").await.text();
     assert!(text.contains("code=\"499\"} 1"), "{text}");
@@ -233,22 +190,12 @@ async fn with_one_backend_a_retry_goes_to_the_same_backend() {
         async move {
             read_head(&mut s).await;
             if n > 0 {
-                let _ = s
-                    .write_all(
-                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
-                    )
-                    .await;
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok").await;
             }
         }
     })
     .await;
-    let b = Balancer::start(
-        &config_for(
-            &[backend.addr],
-            "retries = 1\n[upstreams.app.passive]\nmax_fails = 0",
-        ),
-        &[],
-    );
+    let b = Balancer::start(&config_for(&[backend.addr], "retries = 1\n[upstreams.app.passive]\nmax_fails = 0"), &[]);
     let r = get(b.addr(), "/").await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(seen.load(Ordering::SeqCst), 2);

@@ -14,18 +14,12 @@ use tokio::net::TcpStream;
 
 fn cfg(listen: &[String], body: &str) -> String {
     let listen: Vec<String> = listen.iter().map(|l| format!("\"{l}\"")).collect();
-    format!(
-        "[server]\nlisten = [{}]\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n{body}\n",
-        listen.join(", ")
-    )
+    format!("[server]\nlisten = [{}]\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n{body}\n", listen.join(", "))
 }
 
 fn upstream(name: &str, addrs: &[SocketAddr], extra: &str) -> String {
     let list: Vec<String> = addrs.iter().map(|a| format!("\"http://{a}\"")).collect();
-    format!(
-        "[upstreams.{name}]\nbackends = [{}]\n{extra}\n",
-        list.join(", ")
-    )
+    format!("[upstreams.{name}]\nbackends = [{}]\n{extra}\n", list.join(", "))
 }
 
 async fn status(admin: SocketAddr) -> serde_json::Value {
@@ -40,49 +34,27 @@ async fn wait_generation(admin: SocketAddr, generation: u64, within: Duration) -
         if s["generation"].as_u64() == Some(generation) {
             return start.elapsed();
         }
-        assert!(
-            start.elapsed() < within,
-            "generation {generation} not reached within {within:?}: {s}"
-        );
+        assert!(start.elapsed() < within, "generation {generation} not reached within {within:?}: {s}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
 async fn failures(admin: SocketAddr) -> f64 {
-    metric(
-        &get(admin, "/metrics").await.text(),
-        "balancer_config_reloads_total{result=\"failure\"}",
-    )
-    .unwrap()
+    metric(&get(admin, "/metrics").await.text(), "balancer_config_reloads_total{result=\"failure\"}").unwrap()
 }
 
 /// A port nothing listens on right now.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn twenty_edits_under_load_drop_nothing_and_apply_within_a_second() {
-    let (a, b_, c) = (
-        Upstream::start("a").await,
-        Upstream::start("b").await,
-        Upstream::start("c").await,
-    );
+    let (a, b_, c) = (Upstream::start("a").await, Upstream::start("b").await, Upstream::start("c").await);
     let listen = vec!["127.0.0.1:0".to_owned()];
     let variants: Vec<(String, &[&str])> = vec![
         (upstream("app", &[a.addr, b_.addr], ""), &["a", "b"]),
-        (
-            upstream(
-                "app",
-                &[a.addr, b_.addr, c.addr],
-                "strategy = \"least-connections\"",
-            ),
-            &["a", "b", "c"],
-        ),
+        (upstream("app", &[a.addr, b_.addr, c.addr], "strategy = \"least-connections\""), &["a", "b", "c"]),
         (upstream("app", &[c.addr], ""), &["c"]),
         (
             format!(
@@ -146,15 +118,9 @@ async fn twenty_edits_under_load_drop_nothing_and_apply_within_a_second() {
     eprintln!("{ok} requests during 20 reloads; slowest reload seen after {slowest:?}");
     assert_eq!(failed, 0, "{failed} failed requests during reloads");
     assert!(ok > 200, "only {ok} requests");
-    assert!(
-        slowest < Duration::from_secs(1),
-        "a change took {slowest:?} to apply"
-    );
+    assert!(slowest < Duration::from_secs(1), "a change took {slowest:?} to apply");
     assert_eq!(
-        metric(
-            &get(admin, "/metrics").await.text(),
-            "balancer_config_reloads_total{result=\"success\"}"
-        ),
+        metric(&get(admin, "/metrics").await.text(), "balancer_config_reloads_total{result=\"success\"}"),
         Some(20.0)
     );
 }
@@ -168,42 +134,22 @@ async fn sighup_and_post_reload_reload_and_report() {
     let admin = bal.admin();
     bal.signal("HUP");
     wait_generation(admin, 2, Duration::from_secs(2)).await;
-    let r = send(
-        admin,
-        http::Request::post("/reload")
-            .header("host", "x")
-            .body(Default::default())
-            .unwrap(),
-    )
-    .await;
+    let r = send(admin, http::Request::post("/reload").header("host", "x").body(Default::default()).unwrap()).await;
     assert_eq!(r.status, 200);
     assert_eq!(r.json(), serde_json::json!({ "ok": true, "generation": 3 }));
     // A bad file: the watcher's attempt fails, and so does POST /reload, with the position.
     bal.write_config(&good.replace("backends", "backendz"));
     let start = Instant::now();
     while failures(admin).await < 1.0 {
-        assert!(
-            start.elapsed() < Duration::from_secs(3),
-            "the bad edit was not noticed"
-        );
+        assert!(start.elapsed() < Duration::from_secs(3), "the bad edit was not noticed");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let r = send(
-        admin,
-        http::Request::post("/reload")
-            .header("host", "x")
-            .body(Default::default())
-            .unwrap(),
-    )
-    .await;
+    let r = send(admin, http::Request::post("/reload").header("host", "x").body(Default::default()).unwrap()).await;
     assert_eq!(r.status, 422);
     let body = r.json();
     assert_eq!(body["ok"], false);
     let err = body["error"].as_str().unwrap();
-    assert!(
-        err.contains("balancer.toml:8:1:") && err.contains("backendz"),
-        "{err}"
-    );
+    assert!(err.contains("balancer.toml:8:1:") && err.contains("backendz"), "{err}");
     assert_eq!(status(admin).await["generation"], 3);
     assert_eq!(get(admin, "/reload").await.status, 405);
 }
@@ -216,37 +162,15 @@ async fn invalid_edits_change_nothing_and_the_next_good_edit_applies() {
     let bal = Balancer::start(&good_a, &[]);
     let admin = bal.admin();
     let bad_edits = [
-        (
-            "syntax error",
-            cfg(&listen, &upstream("app", &[b_.addr], "retries = = 1")),
-            Some("balancer.toml:9:"),
-        ),
-        (
-            "unknown key",
-            cfg(&listen, &upstream("app", &[b_.addr], "retrys = 1")),
-            Some("balancer.toml:9:1:"),
-        ),
+        ("syntax error", cfg(&listen, &upstream("app", &[b_.addr], "retries = = 1")), Some("balancer.toml:9:")),
+        ("unknown key", cfg(&listen, &upstream("app", &[b_.addr], "retrys = 1")), Some("balancer.toml:9:1:")),
         (
             "route to a missing upstream",
-            cfg(
-                &listen,
-                &format!(
-                    "{}[[routes]]\nupstream = \"nope\"\n",
-                    upstream("app", &[b_.addr], "")
-                ),
-            ),
+            cfg(&listen, &format!("{}[[routes]]\nupstream = \"nope\"\n", upstream("app", &[b_.addr], ""))),
             Some("balancer.toml:11:12:"),
         ),
-        (
-            "deleted file",
-            String::new(),
-            Some("cannot read config file"),
-        ),
-        (
-            "unreadable file",
-            String::new(),
-            Some("cannot read config file"),
-        ),
+        ("deleted file", String::new(), Some("cannot read config file")),
+        ("unreadable file", String::new(), Some("cannot read config file")),
     ];
     for (n, (what, text, expect)) in bad_edits.iter().enumerate() {
         match *what {
@@ -257,18 +181,11 @@ async fn invalid_edits_change_nothing_and_the_next_good_edit_applies() {
         }
         let start = Instant::now();
         while failures(admin).await < (n + 1) as f64 {
-            assert!(
-                start.elapsed() < Duration::from_secs(4),
-                "{what}: failure not counted"
-            );
+            assert!(start.elapsed() < Duration::from_secs(4), "{what}: failure not counted");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         // The old config still serves.
-        assert_eq!(
-            get(bal.addr(), "/").await.header("x-upstream"),
-            Some("a"),
-            "{what}"
-        );
+        assert_eq!(get(bal.addr(), "/").await.header("x-upstream"), Some("a"), "{what}");
         let s = status(admin).await;
         assert_eq!(s["generation"], 1, "{what}");
         assert_eq!(s["last_reload"]["ok"], false, "{what}");
@@ -277,8 +194,7 @@ async fn invalid_edits_change_nothing_and_the_next_good_edit_applies() {
             assert!(err.contains(e), "{what}: {err}");
         }
         let logged = bal.wait_for_log(Duration::from_secs(1), |l| {
-            l["message"] == "config reload failed; the running config stays in force"
-                && l["error"] == err
+            l["message"] == "config reload failed; the running config stays in force" && l["error"] == err
         });
         assert_eq!(logged["level"], "ERROR");
     }
@@ -296,10 +212,7 @@ async fn kept_backends_keep_counters_pools_and_health_and_unchanged_limits_keep_
     let listen = vec!["127.0.0.1:0".to_owned()];
     let hc = "[upstreams.app.health_check]\ninterval = \"100ms\"\ntimeout = \"100ms\"\nunhealthy_threshold = 1\nhealthy_threshold = 50\n";
     let limit = "[rate_limits.ip]\nrate = 2\nper = \"1h\"\n[[routes]]\nupstream = \"app\"\nrate_limit = \"ip\"\n";
-    let v1 = cfg(
-        &listen,
-        &format!("{}{hc}{limit}", upstream("app", &[a.addr, b_.addr], "")),
-    );
+    let v1 = cfg(&listen, &format!("{}{hc}{limit}", upstream("app", &[a.addr, b_.addr], "")));
     let bal = Balancer::start(&v1, &[]);
     let (admin, addr) = (bal.admin(), bal.addr());
     let mut conn = Conn::open(addr).await;
@@ -310,13 +223,7 @@ async fn kept_backends_keep_counters_pools_and_health_and_unchanged_limits_keep_
     b_.set_health(500);
     let url_b = format!("http://{}", b_.addr);
     let healthy_b = |s: &serde_json::Value| {
-        s["upstreams"][0]["backends"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|x| x["url"] == url_b)
-            .unwrap()["healthy"]
-            .clone()
+        s["upstreams"][0]["backends"].as_array().unwrap().iter().find(|x| x["url"] == url_b).unwrap()["healthy"].clone()
     };
     let start = Instant::now();
     while healthy_b(&status(admin).await) != false {
@@ -324,43 +231,19 @@ async fn kept_backends_keep_counters_pools_and_health_and_unchanged_limits_keep_
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     b_.set_health(200);
-    let requests_a = status(admin).await["upstreams"][0]["backends"][0]["requests"]
-        .as_u64()
-        .unwrap();
+    let requests_a = status(admin).await["upstreams"][0]["backends"][0]["requests"].as_u64().unwrap();
 
     // An unrelated change: one more retry.
-    bal.write_config(&cfg(
-        &listen,
-        &format!(
-            "{}{hc}{limit}",
-            upstream("app", &[a.addr, b_.addr], "retries = 2")
-        ),
-    ));
+    bal.write_config(&cfg(&listen, &format!("{}{hc}{limit}", upstream("app", &[a.addr, b_.addr], "retries = 2"))));
     wait_generation(admin, 2, Duration::from_secs(3)).await;
     let s = status(admin).await;
     assert_eq!(healthy_b(&s), false, "b's health state was kept: {s}");
-    assert_eq!(
-        s["upstreams"][0]["backends"][0]["requests"]
-            .as_u64()
-            .unwrap(),
-        requests_a,
-        "a's counters kept"
-    );
-    assert_eq!(
-        conn.get("/").await.unwrap().status,
-        429,
-        "the unchanged limit kept its bucket"
-    );
+    assert_eq!(s["upstreams"][0]["backends"][0]["requests"].as_u64().unwrap(), requests_a, "a's counters kept");
+    assert_eq!(conn.get("/").await.unwrap().status, 429, "the unchanged limit kept its bucket");
 
     // Change the limit's definition: its buckets start afresh.
     let limit2 = limit.replace("rate = 2", "rate = 3");
-    bal.write_config(&cfg(
-        &listen,
-        &format!(
-            "{}{hc}{limit2}",
-            upstream("app", &[a.addr, b_.addr], "retries = 2")
-        ),
-    ));
+    bal.write_config(&cfg(&listen, &format!("{}{hc}{limit2}", upstream("app", &[a.addr, b_.addr], "retries = 2"))));
     wait_generation(admin, 3, Duration::from_secs(3)).await;
     assert_eq!(conn.get("/").await.unwrap().status, 200);
 }
@@ -369,13 +252,7 @@ async fn kept_backends_keep_counters_pools_and_health_and_unchanged_limits_keep_
 async fn a_kept_backend_keeps_its_pooled_connections() {
     let a = Upstream::start("a").await;
     let listen = vec!["127.0.0.1:0".to_owned()];
-    let bal = Balancer::start(
-        &cfg(
-            &listen,
-            &upstream("app", &[a.addr], "pool_idle_timeout = \"30s\""),
-        ),
-        &[],
-    );
+    let bal = Balancer::start(&cfg(&listen, &upstream("app", &[a.addr], "pool_idle_timeout = \"30s\"")), &[]);
     let admin = bal.admin();
     for _ in 0..3 {
         assert_eq!(get(bal.addr(), "/").await.status, 200);
@@ -387,11 +264,7 @@ async fn a_kept_backend_keeps_its_pooled_connections() {
         wait_generation(admin, generation, Duration::from_secs(3)).await;
         assert_eq!(get(bal.addr(), "/").await.status, 200);
     }
-    assert_eq!(
-        a.connections.load(Ordering::SeqCst),
-        1,
-        "the pooled connection was reused across reloads"
-    );
+    assert_eq!(a.connections.load(Ordering::SeqCst), 1, "the pooled connection was reused across reloads");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -416,26 +289,16 @@ async fn listeners_are_added_removed_and_a_bind_failure_fails_the_reload() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     bal.write_config(&cfg(std::slice::from_ref(&l2), &body));
     wait_generation(admin, 3, Duration::from_secs(3)).await;
-    assert_eq!(
-        slow.await.unwrap().status,
-        200,
-        "the removed listener's request finished"
-    );
+    assert_eq!(slow.await.unwrap().status, 200, "the removed listener's request finished");
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(
-        TcpStream::connect(a1).await.is_err(),
-        "the removed listener still accepts"
-    );
+    assert!(TcpStream::connect(a1).await.is_err(), "the removed listener still accepts");
     assert_eq!(get(a2, "/").await.status, 200);
 
     // A listener that cannot be bound fails the whole reload: nothing else changes.
     let squatter = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let taken = squatter.local_addr().unwrap().to_string();
     let b_ = Upstream::start("b").await;
-    bal.write_config(&cfg(
-        &[l2.clone(), taken.clone()],
-        &upstream("app", &[b_.addr], ""),
-    ));
+    bal.write_config(&cfg(&[l2.clone(), taken.clone()], &upstream("app", &[b_.addr], "")));
     let start = Instant::now();
     while failures(admin).await < 1.0 {
         assert!(start.elapsed() < Duration::from_secs(3));
@@ -443,15 +306,8 @@ async fn listeners_are_added_removed_and_a_bind_failure_fails_the_reload() {
     }
     let s = status(admin).await;
     assert_eq!(s["generation"], 3);
-    assert!(
-        s["last_reload"]["error"].as_str().unwrap().contains(&taken),
-        "{s}"
-    );
-    assert_eq!(
-        get(a2, "/").await.header("x-upstream"),
-        Some("a"),
-        "the old upstream still serves"
-    );
+    assert!(s["last_reload"]["error"].as_str().unwrap().contains(&taken), "{s}");
+    assert_eq!(get(a2, "/").await.header("x-upstream"), Some("a"), "the old upstream still serves");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -461,11 +317,7 @@ async fn an_upgraded_connection_survives_reloads_even_when_its_backend_is_remove
     let bal = Balancer::start(&cfg(&listen, &upstream("app", &[ws.addr], "")), &[]);
     let admin = bal.admin();
     let mut s = TcpStream::connect(bal.addr()).await.unwrap();
-    s.write_all(
-        b"GET /chat HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
-    )
-    .await
-    .unwrap();
+    s.write_all(b"GET /chat HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n").await.unwrap();
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -474,23 +326,13 @@ async fn an_upgraded_connection_survives_reloads_even_when_its_backend_is_remove
     }
     assert!(head.starts_with(b"HTTP/1.1 101"));
     for generation in 2..=4 {
-        let backend = if generation % 2 == 0 {
-            other.addr
-        } else {
-            ws.addr
-        };
-        bal.write_config(&cfg(
-            &listen,
-            &upstream("app", &[backend], &format!("retries = {generation}")),
-        ));
+        let backend = if generation % 2 == 0 { other.addr } else { ws.addr };
+        bal.write_config(&cfg(&listen, &upstream("app", &[backend], &format!("retries = {generation}"))));
         wait_generation(admin, generation, Duration::from_secs(3)).await;
         let msg = format!("still here after generation {generation}");
         s.write_all(msg.as_bytes()).await.unwrap();
         let mut got = vec![0u8; msg.len()];
-        tokio::time::timeout(Duration::from_secs(3), s.read_exact(&mut got))
-            .await
-            .unwrap()
-            .unwrap();
+        tokio::time::timeout(Duration::from_secs(3), s.read_exact(&mut got)).await.unwrap().unwrap();
         assert_eq!(got, msg.as_bytes());
     }
 }
@@ -500,10 +342,7 @@ async fn command_line_overrides_keep_winning_after_a_reload() {
     let (a, b_) = (Upstream::start("a").await, Upstream::start("b").await);
     let listen = vec!["127.0.0.1:0".to_owned()];
     let backend_flag = format!("http://{}", a.addr);
-    let bal = Balancer::start(
-        &cfg(&listen, &upstream("app", &[b_.addr], "")),
-        &["-b", &backend_flag],
-    );
+    let bal = Balancer::start(&cfg(&listen, &upstream("app", &[b_.addr], "")), &["-b", &backend_flag]);
     let admin = bal.admin();
     assert_eq!(get(bal.addr(), "/").await.header("x-upstream"), Some("a"));
     bal.write_config(&cfg(&listen, &upstream("app", &[b_.addr], "retries = 3")));
@@ -525,11 +364,7 @@ async fn a_kubernetes_style_symlink_swap_is_seen() {
     let dir = tempfile::tempdir().unwrap();
     let v1 = dir.path().join("..v1");
     std::fs::create_dir(&v1).unwrap();
-    std::fs::write(
-        v1.join("balancer.toml"),
-        cfg(&listen, &upstream("app", &[a.addr], "")),
-    )
-    .unwrap();
+    std::fs::write(v1.join("balancer.toml"), cfg(&listen, &upstream("app", &[a.addr], ""))).unwrap();
     std::os::unix::fs::symlink("..v1", dir.path().join("..data")).unwrap();
     let link = dir.path().join("balancer.toml");
     std::os::unix::fs::symlink("..data/balancer.toml", &link).unwrap();
@@ -539,11 +374,7 @@ async fn a_kubernetes_style_symlink_swap_is_seen() {
     // The kubelet's swap: a new versioned dir, a new ..data link renamed over the old one.
     let v2 = dir.path().join("..v2");
     std::fs::create_dir(&v2).unwrap();
-    std::fs::write(
-        v2.join("balancer.toml"),
-        cfg(&listen, &upstream("app", &[b_.addr], "")),
-    )
-    .unwrap();
+    std::fs::write(v2.join("balancer.toml"), cfg(&listen, &upstream("app", &[b_.addr], ""))).unwrap();
     std::os::unix::fs::symlink("..v2", dir.path().join("..data_tmp")).unwrap();
     std::fs::rename(dir.path().join("..data_tmp"), dir.path().join("..data")).unwrap();
     std::fs::remove_dir_all(&v1).unwrap();

@@ -12,17 +12,12 @@ use tokio::net::TcpStream;
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dribbling_client_gets_408_while_others_are_served() {
     let up = Upstream::start("a").await;
-    let b = Balancer::start(
-        &config_for(&[up.addr], ""),
-        &["--set", "timeouts.client_header=700ms"],
-    );
+    let b = Balancer::start(&config_for(&[up.addr], ""), &["--set", "timeouts.client_header=700ms"]);
     // A crowd of slowloris clients, each sending a byte now and then.
     let mut crowd = Vec::new();
     for _ in 0..50 {
         let mut s = TcpStream::connect(b.addr()).await.unwrap();
-        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ")
-            .await
-            .unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ").await.unwrap();
         crowd.push(s);
     }
     let start = Instant::now();
@@ -42,23 +37,12 @@ async fn a_dribbling_client_gets_408_while_others_are_served() {
     for _ in 0..5 {
         let t = Instant::now();
         assert_eq!(get(b.addr(), "/").await.status, 200);
-        assert!(
-            t.elapsed() < Duration::from_millis(500),
-            "normal request took {:?}",
-            t.elapsed()
-        );
+        assert!(t.elapsed() < Duration::from_millis(500), "normal request took {:?}", t.elapsed());
     }
     let out = dribbler.await.unwrap();
     assert_eq!(status_of(&out), 408, "{out}");
-    assert!(
-        out.contains("text/plain; charset=utf-8") && out.contains("x-request-id"),
-        "{out}"
-    );
-    assert!(
-        start.elapsed() < Duration::from_secs(3),
-        "cut off after {:?}",
-        start.elapsed()
-    );
+    assert!(out.contains("text/plain; charset=utf-8") && out.contains("x-request-id"), "{out}");
+    assert!(start.elapsed() < Duration::from_secs(3), "cut off after {:?}", start.elapsed());
     // The rest of the crowd was cut off too.
     for mut s in crowd {
         assert!(closed_within(&mut s, Duration::from_secs(2)).await);
@@ -69,25 +53,14 @@ async fn a_dribbling_client_gets_408_while_others_are_served() {
 #[tokio::test(flavor = "multi_thread")]
 async fn idle_keepalive_connections_are_closed() {
     let up = Upstream::start("a").await;
-    let b = Balancer::start(
-        &config_for(&[up.addr], ""),
-        &["--set", "timeouts.idle=600ms"],
-    );
+    let b = Balancer::start(&config_for(&[up.addr], ""), &["--set", "timeouts.idle=600ms"]);
     let mut s = TcpStream::connect(b.addr()).await.unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
     let start = Instant::now();
     // Reads the response, then waits for the close.
-    assert!(
-        closed_within(&mut s, Duration::from_secs(3)).await,
-        "idle connection left open"
-    );
+    assert!(closed_within(&mut s, Duration::from_secs(3)).await, "idle connection left open");
     let waited = start.elapsed();
-    assert!(
-        waited >= Duration::from_millis(500),
-        "closed too early: {waited:?}"
-    );
+    assert!(waited >= Duration::from_millis(500), "closed too early: {waited:?}");
     // Not while a request is in progress: a slow response outlives the idle timeout.
     let r = get(b.addr(), "/sleep/1200").await;
     assert_eq!(r.status, 200);
@@ -96,10 +69,7 @@ async fn idle_keepalive_connections_are_closed() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_silent_connection_is_closed_after_client_header_without_a_response() {
     let up = Upstream::start("a").await;
-    let b = Balancer::start(
-        &config_for(&[up.addr], ""),
-        &["--set", "timeouts.client_header=500ms"],
-    );
+    let b = Balancer::start(&config_for(&[up.addr], ""), &["--set", "timeouts.client_header=500ms"]);
     let mut s = TcpStream::connect(b.addr()).await.unwrap();
     let out = read_until_close(&mut s, Duration::from_secs(3)).await;
     assert_eq!(out, "", "nothing was asked, nothing is answered");
@@ -108,19 +78,13 @@ async fn a_silent_connection_is_closed_after_client_header_without_a_response() 
 #[tokio::test(flavor = "multi_thread")]
 async fn max_connections_makes_new_connections_wait() {
     let up = Upstream::start("a").await;
-    let b = Balancer::start(
-        &config_for(&[up.addr], ""),
-        &["--set", "server.max_connections=1"],
-    );
+    let b = Balancer::start(&config_for(&[up.addr], ""), &["--set", "server.max_connections=1"]);
     let mut first = Conn::open(b.addr()).await;
     assert_eq!(first.get("/").await.unwrap().status, 200);
     let addr = b.addr();
     let second = tokio::spawn(async move { get(addr, "/second").await });
     tokio::time::sleep(Duration::from_millis(700)).await;
-    assert!(
-        !second.is_finished(),
-        "the second connection was served while the first was open"
-    );
+    assert!(!second.is_finished(), "the second connection was served while the first was open");
     drop(first);
     let r = tokio::time::timeout(Duration::from_secs(5), second)
         .await
@@ -138,31 +102,16 @@ async fn connect_timeout_bounds_an_unanswered_connect() {
     let addr = listener.local_addr().unwrap();
     let mut fillers = Vec::new();
     for _ in 0..4 {
-        if let Ok(Ok(s)) =
-            tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await
-        {
+        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await {
             fillers.push(s);
         }
     }
-    let b = Balancer::start(
-        &config_for(&[addr], "retries = 0"),
-        &["--set", "timeouts.connect=300ms"],
-    );
+    let b = Balancer::start(&config_for(&[addr], "retries = 0"), &["--set", "timeouts.connect=300ms"]);
     let start = Instant::now();
     let r = get(b.addr(), "/").await;
     assert_eq!(r.status, 502, "{}", r.text());
-    assert!(
-        start.elapsed() < Duration::from_secs(2),
-        "took {:?}",
-        start.elapsed()
-    );
-    let line = b.wait_for_log(Duration::from_secs(2), |l| {
-        l["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("timed out"))
-    });
-    assert!(
-        line["message"].as_str().unwrap().contains("300ms"),
-        "{line}"
-    );
+    assert!(start.elapsed() < Duration::from_secs(2), "took {:?}", start.elapsed());
+    let line =
+        b.wait_for_log(Duration::from_secs(2), |l| l["message"].as_str().is_some_and(|m| m.contains("timed out")));
+    assert!(line["message"].as_str().unwrap().contains("300ms"), "{line}");
 }

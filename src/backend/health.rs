@@ -8,16 +8,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::{Request, header};
-use http_body_util::Empty;
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
 use super::Backend;
 use crate::config::HealthCheckConfig;
+use crate::proxy::body::RequestBody;
 use crate::runtime::Runtime;
 
 /// Starts the checkers of every upstream that has `[health_check]`; marks the backends of
@@ -33,22 +30,12 @@ pub fn spawn_all(rt: &Runtime, stop: &CancellationToken) {
         let n = up.backends.len() as u32;
         for (i, backend) in up.backends.iter().enumerate() {
             let offset = hc.interval * i as u32 / n;
-            tokio::spawn(check_loop(
-                backend.clone(),
-                hc.clone(),
-                offset,
-                stop.clone(),
-            ));
+            tokio::spawn(check_loop(backend.clone(), hc.clone(), offset, stop.clone()));
         }
     }
 }
 
-async fn check_loop(
-    backend: Arc<Backend>,
-    hc: HealthCheckConfig,
-    offset: Duration,
-    stop: CancellationToken,
-) {
+async fn check_loop(backend: Arc<Backend>, hc: HealthCheckConfig, offset: Duration, stop: CancellationToken) {
     tokio::select! {
         _ = stop.cancelled() => return,
         _ = tokio::time::sleep(offset) => {}
@@ -73,8 +60,7 @@ async fn check_loop(
                 fails = 0;
                 passes = passes.saturating_add(1);
                 if !backend.is_active_up() && passes >= hc.healthy_threshold {
-                    let reason =
-                        format!("GET {} answered {status} {passes} times in a row", hc.path);
+                    let reason = format!("GET {} answered {status} {passes} times in a row", hc.path);
                     backend.set_active_up(true, &reason);
                 }
             }
@@ -83,45 +69,25 @@ async fn check_loop(
                 fails = fails.saturating_add(1);
                 tracing::debug!(upstream = %backend.upstream, backend = %backend.url, %reason, "health check failed");
                 if backend.is_active_up() && fails >= hc.unhealthy_threshold {
-                    backend.set_active_up(
-                        false,
-                        &format!("{fails} checks in a row failed, the last: {reason}"),
-                    );
+                    backend.set_active_up(false, &format!("{fails} checks in a row failed, the last: {reason}"));
                 }
             }
         }
     }
 }
 
-/// One check: the status code when it is expected, else why not.
+/// One check on a new connection (TLS for an https backend), never a pooled one: the
+/// status code when it is expected, else why not.
 async fn probe(backend: &Backend, hc: &HealthCheckConfig) -> Result<u16, String> {
-    let a = &backend.authority;
-    let stream = TcpStream::connect((a.host(), a.port_u16().unwrap_or(80)))
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
-    let _ = stream.set_nodelay(true);
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
-            .await
-            .map_err(|e| format!("handshake: {e}"))?;
-    let driver = tokio::spawn(conn);
+    let mut conn = backend.pool.connect().await.map_err(|e| format!("connect: {e}"))?;
     let req = Request::get(hc.path.as_str())
-        .header(header::HOST, a.as_str())
+        .header(header::HOST, backend.authority.as_str())
         .header(header::USER_AGENT, "balancer-health-check")
         .header(header::CONNECTION, "close")
-        .body(Empty::new())
+        .body(RequestBody::empty())
         .map_err(|e| format!("bad check request: {e}"))?;
-    let result = sender.send_request(req).await;
-    driver.abort();
-    let status = result
-        .map_err(|e| format!("GET {}: {e}", hc.path))?
-        .status()
-        .as_u16();
-    if hc
-        .expect_status
-        .iter()
-        .any(|&(lo, hi)| (lo..=hi).contains(&status))
-    {
+    let status = conn.sender.send_request(req).await.map_err(|e| format!("GET {}: {e}", hc.path))?.status().as_u16();
+    if hc.expect_status.iter().any(|&(lo, hi)| (lo..=hi).contains(&status)) {
         Ok(status)
     } else {
         Err(format!("GET {} answered {status}", hc.path))

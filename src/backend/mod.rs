@@ -17,6 +17,7 @@ use http::uri::Authority;
 
 use crate::config::{PassiveConfig, PoolConfig};
 use crate::metrics::StatusCounts;
+use crate::tls::BackendTls;
 pub use passive::Admission;
 use passive::{PassiveState, Transition};
 pub use pool::{ConnectError, Pool, PooledConn};
@@ -44,11 +45,12 @@ pub struct Backend {
 }
 
 impl Backend {
-    pub fn new(upstream: &str, url: &str, authority: Authority, pool: PoolConfig) -> Backend {
+    /// `tls` is set for an `https://` backend.
+    pub fn new(upstream: &str, url: &str, authority: Authority, pool: PoolConfig, tls: Option<BackendTls>) -> Backend {
         Backend {
             url: url.into(),
             upstream: upstream.into(),
-            pool: Arc::new(Pool::new(authority.clone(), pool)),
+            pool: Arc::new(Pool::new(authority.clone(), pool, tls)),
             authority,
             active_up: AtomicBool::new(true),
             passive: PassiveState::default(),

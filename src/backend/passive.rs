@@ -78,9 +78,7 @@ impl PassiveState {
     /// Claims the trial that `admission` offered with `seen`; false if another request
     /// got it first.
     pub fn claim_trial(&self, seen: u64) -> bool {
-        self.trial_since
-            .compare_exchange(seen, self.now(), Relaxed, Relaxed)
-            .is_ok()
+        self.trial_since.compare_exchange(seen, self.now(), Relaxed, Relaxed).is_ok()
     }
 
     pub fn on_success(&self) -> Option<Transition> {
@@ -105,12 +103,7 @@ impl PassiveState {
             }
             return None;
         }
-        if failures >= cfg.max_fails
-            && self
-                .out_until
-                .compare_exchange(0, until, Relaxed, Relaxed)
-                .is_ok()
-        {
+        if failures >= cfg.max_fails && self.out_until.compare_exchange(0, until, Relaxed, Relaxed).is_ok() {
             return Some(Transition::Ejected { failures });
         }
         None
@@ -130,10 +123,7 @@ mod tests {
     use std::time::Duration;
 
     fn cfg(ms: u64) -> PassiveConfig {
-        PassiveConfig {
-            max_fails: 2,
-            fail_timeout: Duration::from_millis(ms),
-        }
+        PassiveConfig { max_fails: 2, fail_timeout: Duration::from_millis(ms) }
     }
 
     #[test]
@@ -146,26 +136,15 @@ mod tests {
         assert_eq!(s.on_failure(&c), Some(Transition::Ejected { failures: 2 }));
         assert_eq!(s.admission(&c), Admission::Closed);
         std::thread::sleep(Duration::from_millis(40));
-        let Admission::Trial(seen) = s.admission(&c) else {
-            panic!("no trial offered")
-        };
+        let Admission::Trial(seen) = s.admission(&c) else { panic!("no trial offered") };
         assert!(s.claim_trial(seen));
-        assert!(
-            !s.claim_trial(seen),
-            "a second claimer with the same offer loses"
-        );
-        assert_eq!(
-            s.admission(&c),
-            Admission::Closed,
-            "only one trial at a time"
-        );
+        assert!(!s.claim_trial(seen), "a second claimer with the same offer loses");
+        assert_eq!(s.admission(&c), Admission::Closed, "only one trial at a time");
         // The trial fails: out for another fail_timeout.
         assert_eq!(s.on_failure(&c), None);
         assert_eq!(s.admission(&c), Admission::Closed);
         std::thread::sleep(Duration::from_millis(40));
-        let Admission::Trial(seen) = s.admission(&c) else {
-            panic!("no trial offered")
-        };
+        let Admission::Trial(seen) = s.admission(&c) else { panic!("no trial offered") };
         assert!(s.claim_trial(seen));
         assert_eq!(s.on_success(), Some(Transition::Recovered));
         assert_eq!(s.admission(&c), Admission::Open);
@@ -174,10 +153,7 @@ mod tests {
     #[test]
     fn max_fails_zero_never_ejects() {
         let s = PassiveState::default();
-        let c = PassiveConfig {
-            max_fails: 0,
-            fail_timeout: Duration::from_secs(1),
-        };
+        let c = PassiveConfig { max_fails: 0, fail_timeout: Duration::from_secs(1) };
         for _ in 0..10 {
             assert_eq!(s.on_failure(&c), None);
         }

@@ -18,6 +18,8 @@ use tokio::net::TcpStream;
 
 use crate::config::PoolConfig;
 use crate::proxy::body::RequestBody;
+use crate::tls::BackendTls;
+use rustls::pki_types::ServerName;
 
 #[derive(Debug)]
 pub struct Pool {
@@ -28,6 +30,8 @@ pub struct Pool {
 #[derive(Debug)]
 struct PoolInner {
     config: PoolConfig,
+    /// Set for an `https://` backend: how its certificate is verified.
+    tls: Option<BackendTls>,
     /// Oldest first.
     idle: Vec<Idle>,
 }
@@ -57,8 +61,24 @@ impl PooledConn {
     }
 }
 
+/// HTTP/1.1 over `io`, its connection driven by its own task.
+async fn handshake<T>(io: T) -> Result<SendRequest<RequestBody>, hyper::Error>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = http1::Builder::new().handshake(TokioIo::new(io)).await?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "backend connection ended with an error");
+        }
+    });
+    Ok(sender)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
+    #[error("TLS handshake failed: {0}")]
+    Tls(std::io::Error),
     #[error("connect timed out after {0:?}")]
     Timeout(Duration),
     #[error("{0}")]
@@ -68,20 +88,16 @@ pub enum ConnectError {
 }
 
 impl Pool {
-    pub fn new(authority: Authority, config: PoolConfig) -> Pool {
-        Pool {
-            authority,
-            inner: Mutex::new(PoolInner {
-                config,
-                idle: Vec::new(),
-            }),
-        }
+    /// A pool for the backend at `authority`; `tls` is set for an `https://` backend.
+    pub fn new(authority: Authority, config: PoolConfig, tls: Option<BackendTls>) -> Pool {
+        Pool { authority, inner: Mutex::new(PoolInner { config, tls, idle: Vec::new() }) }
     }
 
-    /// Applies a reloaded upstream's pool settings; idle connections are kept.
-    pub fn reconfigure(&self, config: PoolConfig) {
+    /// Applies a reloaded upstream's settings; idle connections are kept.
+    pub fn reconfigure(&self, config: PoolConfig, tls: Option<BackendTls>) {
         let mut inner = self.inner.lock().expect("pool lock");
         inner.config = config;
+        inner.tls = tls;
         let keep = config.keepalive;
         let len = inner.idle.len();
         if len > keep {
@@ -118,33 +134,37 @@ impl Pool {
     }
 
     /// A new connection, never one from the pool.
+    /// The TCP connect and, for https, the TLS handshake share `timeouts.connect`.
     pub async fn connect(self: &Arc<Self>) -> Result<PooledConn, ConnectError> {
-        let timeout = self.inner.lock().expect("pool lock").config.connect_timeout;
-        let target = (
-            self.authority.host(),
-            self.authority.port_u16().unwrap_or(80),
-        );
-        let stream = match tokio::time::timeout(timeout, TcpStream::connect(target)).await {
-            Ok(s) => s?,
-            Err(_) => return Err(ConnectError::Timeout(timeout)),
+        let (timeout, tls) = {
+            let inner = self.inner.lock().expect("pool lock");
+            (inner.config.connect_timeout, inner.tls.clone())
         };
+        match tokio::time::timeout(timeout, self.open(tls)).await {
+            Ok(r) => r,
+            Err(_) => Err(ConnectError::Timeout(timeout)),
+        }
+    }
+
+    async fn open(&self, tls: Option<BackendTls>) -> Result<PooledConn, ConnectError> {
+        let host = self.authority.host();
+        let port = self.authority.port_u16().unwrap_or(if tls.is_some() { 443 } else { 80 });
+        let stream = TcpStream::connect((host, port)).await?;
         stream.set_nodelay(true)?;
         let read = Arc::new(AtomicU64::new(0));
-        let io = CountingIo {
-            inner: stream,
-            read: read.clone(),
-        };
-        let (sender, conn) = http1::Builder::new().handshake(TokioIo::new(io)).await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(error = %e, "backend connection ended with an error");
+        let sender = match tls {
+            None => handshake(CountingIo { inner: stream, read: read.clone() }).await?,
+            Some(tls) => {
+                let name = match tls.server_name {
+                    Some(n) => n,
+                    None => ServerName::try_from(host.trim_start_matches('[').trim_end_matches(']').to_owned())
+                        .map_err(|e| ConnectError::Tls(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?,
+                };
+                let stream = tls.connector.connect(name, stream).await.map_err(ConnectError::Tls)?;
+                handshake(CountingIo { inner: stream, read: read.clone() }).await?
             }
-        });
-        Ok(PooledConn {
-            sender,
-            reused: false,
-            read,
-        })
+        };
+        Ok(PooledConn { sender, reused: false, read })
     }
 
     /// Returns the connection to the pool once its response has been read in full.
@@ -168,9 +188,7 @@ impl Pool {
             return;
         }
         let now = Instant::now();
-        inner.idle.retain(|i| {
-            now.duration_since(i.since) < cfg.idle_timeout && !i.conn.sender.is_closed()
-        });
+        inner.idle.retain(|i| now.duration_since(i.since) < cfg.idle_timeout && !i.conn.sender.is_closed());
         if inner.idle.len() >= cfg.keepalive {
             inner.idle.remove(0);
         }
@@ -178,18 +196,14 @@ impl Pool {
     }
 }
 
-/// A backend socket that counts the bytes read from it.
-struct CountingIo {
-    inner: TcpStream,
+/// A backend stream that counts the bytes read from it.
+struct CountingIo<T> {
+    inner: T,
     read: Arc<AtomicU64>,
 }
 
-impl AsyncRead for CountingIo {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
+impl<T: AsyncRead + Unpin> AsyncRead for CountingIo<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = buf.filled().len() - before;
@@ -200,12 +214,8 @@ impl AsyncRead for CountingIo {
     }
 }
 
-impl AsyncWrite for CountingIo {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
+impl<T: AsyncWrite + Unpin> AsyncWrite for CountingIo<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
     fn poll_write_vectored(

@@ -16,19 +16,12 @@ pub struct LeastConnections {
 
 impl LeastConnections {
     pub fn new(weights: &[u32]) -> LeastConnections {
-        LeastConnections {
-            weights: weights.into(),
-            start: AtomicUsize::new(0),
-        }
+        LeastConnections { weights: weights.into(), start: AtomicUsize::new(0) }
     }
 }
 
 impl Balancer for LeastConnections {
-    fn pick(
-        &self,
-        backends: &[Arc<Backend>],
-        accept: &mut dyn FnMut(usize, &Backend) -> bool,
-    ) -> Option<usize> {
+    fn pick(&self, backends: &[Arc<Backend>], accept: &mut dyn FnMut(usize, &Backend) -> bool) -> Option<usize> {
         let n = backends.len();
         let start = self.start.fetch_add(1, Relaxed) % n.max(1);
         // (index, inflight, weight) of the best so far; compare a/wa < b/wb as a*wb < b*wa.
@@ -71,9 +64,7 @@ mod tests {
     fn ties_rotate() {
         let bs = backends(3);
         let lc = LeastConnections::new(&[1, 1, 1]);
-        let picks: Vec<usize> = (0..6)
-            .map(|_| lc.pick(&bs, &mut |_, _| true).unwrap())
-            .collect();
+        let picks: Vec<usize> = (0..6).map(|_| lc.pick(&bs, &mut |_, _| true).unwrap()).collect();
         assert_eq!(picks, vec![0, 1, 2, 0, 1, 2]);
         assert_eq!(lc.pick(&bs, &mut |i, _| i == 2), Some(2));
         assert_eq!(lc.pick(&bs, &mut |_, _| false), None);

@@ -16,11 +16,7 @@ pub use round_robin::RoundRobin;
 pub trait Balancer: Send + Sync + std::fmt::Debug {
     /// The index of the backend to use among `backends`, or `None` when `accept` refuses
     /// them all. `backends` is the same slice, in the same order, on every call.
-    fn pick(
-        &self,
-        backends: &[Arc<Backend>],
-        accept: &mut dyn FnMut(usize, &Backend) -> bool,
-    ) -> Option<usize>;
+    fn pick(&self, backends: &[Arc<Backend>], accept: &mut dyn FnMut(usize, &Backend) -> bool) -> Option<usize>;
 }
 
 /// The strategy named in the config, for backends with these weights.
@@ -38,15 +34,12 @@ pub(crate) mod tests {
     use std::time::Duration;
 
     pub fn backends(n: usize) -> Vec<Arc<Backend>> {
-        let pool = PoolConfig {
-            keepalive: 1,
-            idle_timeout: Duration::from_secs(1),
-            connect_timeout: Duration::from_secs(1),
-        };
+        let pool =
+            PoolConfig { keepalive: 1, idle_timeout: Duration::from_secs(1), connect_timeout: Duration::from_secs(1) };
         (0..n)
             .map(|i| {
                 let auth: http::uri::Authority = format!("127.0.0.1:{}", 1000 + i).parse().unwrap();
-                Arc::new(Backend::new("test", &format!("http://{auth}"), auth, pool))
+                Arc::new(Backend::new("test", &format!("http://{auth}"), auth, pool, None))
             })
             .collect()
     }

@@ -36,10 +36,7 @@ impl RoundRobin {
             current[best] -= total;
             schedule.push(best as u32);
         }
-        RoundRobin {
-            schedule: schedule.into_boxed_slice(),
-            cursor: AtomicUsize::new(0),
-        }
+        RoundRobin { schedule: schedule.into_boxed_slice(), cursor: AtomicUsize::new(0) }
     }
 }
 
@@ -48,11 +45,7 @@ fn gcd(a: u32, b: u32) -> u32 {
 }
 
 impl Balancer for RoundRobin {
-    fn pick(
-        &self,
-        backends: &[Arc<Backend>],
-        accept: &mut dyn FnMut(usize, &Backend) -> bool,
-    ) -> Option<usize> {
+    fn pick(&self, backends: &[Arc<Backend>], accept: &mut dyn FnMut(usize, &Backend) -> bool) -> Option<usize> {
         let len = self.schedule.len();
         for _ in 0..len {
             let slot = self.cursor.fetch_add(1, Relaxed) % len;
@@ -73,9 +66,7 @@ mod tests {
     fn run(weights: &[u32], n: usize) -> Vec<usize> {
         let rr = RoundRobin::new(weights);
         let bs = backends(weights.len());
-        (0..n)
-            .map(|_| rr.pick(&bs, &mut |_, _| true).unwrap())
-            .collect()
+        (0..n).map(|_| rr.pick(&bs, &mut |_, _| true).unwrap()).collect()
     }
 
     #[test]
@@ -89,11 +80,7 @@ mod tests {
         let picks = run(&weights, 200);
         for window in picks.windows(10) {
             for (i, &w) in weights.iter().enumerate() {
-                assert_eq!(
-                    window.iter().filter(|&&p| p == i).count(),
-                    w as usize,
-                    "{window:?}"
-                );
+                assert_eq!(window.iter().filter(|&&p| p == i).count(), w as usize, "{window:?}");
             }
         }
         // Smooth: the heavy backend is never picked three times in a row here.
@@ -104,9 +91,7 @@ mod tests {
     fn refused_backends_are_skipped_and_others_keep_their_shares() {
         let rr = RoundRobin::new(&[1, 2, 1]);
         let bs = backends(3);
-        let picks: Vec<usize> = (0..30)
-            .map(|_| rr.pick(&bs, &mut |i, _| i != 1).unwrap())
-            .collect();
+        let picks: Vec<usize> = (0..30).map(|_| rr.pick(&bs, &mut |i, _| i != 1).unwrap()).collect();
         assert_eq!(picks.iter().filter(|&&p| p == 0).count(), 15);
         assert_eq!(picks.iter().filter(|&&p| p == 2).count(), 15);
         assert_eq!(rr.pick(&bs, &mut |_, _| false), None);

@@ -23,10 +23,7 @@ pub use source::{Location, Overrides};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{}: cannot read config file: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{location}: {message}")]
     Invalid { location: Location, message: String },
 }
@@ -43,14 +40,11 @@ pub struct Loaded {
 pub fn load(path: &Path, required: bool, overrides: &Overrides) -> Result<Loaded, ConfigError> {
     let src = source::Source::read(path, required)?;
     let merged = src.merge(overrides)?;
-    let config = validate::validate(&merged.raw).map_err(|e| ConfigError::Invalid {
-        location: merged.index.locate(&e.key),
-        message: e.message,
-    })?;
-    Ok(Loaded {
-        config,
-        raw: merged.raw,
-    })
+    // Relative file names in the config (certificates, keys, CAs) are relative to its directory.
+    let base = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let config = validate::validate(&merged.raw, base)
+        .map_err(|e| ConfigError::Invalid { location: merged.index.locate(&e.key), message: e.message })?;
+    Ok(Loaded { config, raw: merged.raw })
 }
 
 /// The checked config. Everything the runtime needs, in its own types, no serde.
@@ -63,6 +57,9 @@ pub struct Config {
     pub upstreams: Vec<UpstreamConfig>,
     pub rate_limits: BTreeMap<String, RateLimitConfig>,
     pub routes: Vec<RouteConfig>,
+    /// Every file this config reads besides itself (certificates, keys, CAs): a change to
+    /// any of them is a reason to reload.
+    pub files: Vec<PathBuf>,
 }
 
 #[derive(Clone, Debug)]
@@ -78,6 +75,15 @@ pub struct ServerConfig {
     pub rate_limit: Vec<String>,
     /// Timeouts that apply to client connections (`[timeouts]`).
     pub timeouts: Timeouts,
+    /// HTTPS listeners, when `[server.tls]` is set.
+    pub tls: Option<TlsListeners>,
+}
+
+/// `[server.tls]`, with its certificates loaded and checked.
+#[derive(Clone, Debug)]
+pub struct TlsListeners {
+    pub listen: Vec<SocketAddr>,
+    pub certs: crate::tls::ServerCerts,
 }
 
 #[derive(Clone, Debug)]
@@ -95,7 +101,7 @@ pub struct Timeouts {
     pub idle: Duration,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct UpstreamConfig {
     pub name: String,
     pub strategy: StrategyName,
@@ -106,6 +112,8 @@ pub struct UpstreamConfig {
     pub timeouts: Timeouts,
     pub health_check: Option<HealthCheckConfig>,
     pub passive: PassiveConfig,
+    /// How `https://` backends are verified; set when the upstream has any.
+    pub tls: Option<crate::tls::BackendTls>,
 }
 
 /// How connections to one backend are pooled.

@@ -82,9 +82,7 @@ pub struct RawAdmin {
 
 impl Default for RawAdmin {
     fn default() -> Self {
-        RawAdmin {
-            listen: "127.0.0.1:9901".into(),
-        }
+        RawAdmin { listen: "127.0.0.1:9901".into() }
     }
 }
 
@@ -98,11 +96,7 @@ pub struct RawLog {
 
 impl Default for RawLog {
     fn default() -> Self {
-        RawLog {
-            level: LogLevel::Info,
-            format: LogFormat::Text,
-            access: true,
-        }
+        RawLog { level: LogLevel::Info, format: LogFormat::Text, access: true }
     }
 }
 
@@ -282,17 +276,11 @@ impl<'de> Deserialize<'de> for RawBackend {
                 f.write_str(r#"a backend URL string or a table { url = "...", weight = N }"#)
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<RawBackend, E> {
-                Ok(RawBackend {
-                    url: v.to_owned(),
-                    weight: None,
-                })
+                Ok(RawBackend { url: v.to_owned(), weight: None })
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawBackend, A::Error> {
                 let t = Table::deserialize(de::value::MapAccessDeserializer::new(map))?;
-                Ok(RawBackend {
-                    url: t.url,
-                    weight: t.weight,
-                })
+                Ok(RawBackend { url: t.url, weight: t.weight })
             }
         }
         d.deserialize_any(V)
@@ -333,10 +321,7 @@ pub struct RawPassive {
 
 impl Default for RawPassive {
     fn default() -> Self {
-        RawPassive {
-            max_fails: 3,
-            fail_timeout: HumanDuration::secs(10),
-        }
+        RawPassive { max_fails: 3, fail_timeout: HumanDuration::secs(10) }
     }
 }
 

@@ -31,11 +31,7 @@ pub struct Overrides {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Location {
     /// A position in the config file (1-based line and column).
-    File {
-        path: PathBuf,
-        line: usize,
-        col: usize,
-    },
+    File { path: PathBuf, line: usize, col: usize },
     /// A key whose value is not written anywhere (a default); `path` is `None` when
     /// there is no config file at all.
     Key { path: Option<PathBuf>, key: String },
@@ -47,10 +43,7 @@ impl fmt::Display for Location {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Location::File { path, line, col } => write!(f, "{}:{line}:{col}", path.display()),
-            Location::Key {
-                path: Some(path),
-                key,
-            } => write!(f, "{}: {key}", path.display()),
+            Location::Key { path: Some(path), key } => write!(f, "{}: {key}", path.display()),
             Location::Key { path: None, key } => write!(f, "(no config file): {key}"),
             Location::Flag(flag) => f.write_str(flag),
         }
@@ -100,11 +93,7 @@ impl Overrides {
         }
         let mut simple = |k: &str, v: &Option<String>, flag: &str| {
             if let Some(v) = v {
-                edits.push(Edit {
-                    target: key(k),
-                    snippet: toml_string(v),
-                    origin: format!("{flag} {v}"),
-                });
+                edits.push(Edit { target: key(k), snippet: toml_string(v), origin: format!("{flag} {v}") });
             }
         };
         simple("admin.listen", &self.admin, "--admin");
@@ -112,16 +101,8 @@ impl Overrides {
         simple("log.format", &self.log_format, "--log-format");
         for (k, v) in &self.set {
             // A VALUE that is not valid TOML is taken as a plain string.
-            let snippet = if DeValue::parse(v).is_ok() {
-                v.clone()
-            } else {
-                toml_string(v)
-            };
-            edits.push(Edit {
-                target: key(k),
-                snippet,
-                origin: format!("--set {k}={v}"),
-            });
+            let snippet = if DeValue::parse(v).is_ok() { v.clone() } else { toml_string(v) };
+            edits.push(Edit { target: key(k), snippet, origin: format!("--set {k}={v}") });
         }
         edits
     }
@@ -148,20 +129,11 @@ impl Source {
     /// Reads `path`; a missing file is an error only when `required`.
     pub fn read(path: &Path, required: bool) -> Result<Source, ConfigError> {
         match std::fs::read_to_string(path) {
-            Ok(text) => Ok(Source {
-                path: path.to_owned(),
-                text,
-                exists: true,
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => Ok(Source {
-                path: path.to_owned(),
-                text: String::new(),
-                exists: false,
-            }),
-            Err(source) => Err(ConfigError::Read {
-                path: path.to_owned(),
-                source,
-            }),
+            Ok(text) => Ok(Source { path: path.to_owned(), text, exists: true }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
+                Ok(Source { path: path.to_owned(), text: String::new(), exists: false })
+            }
+            Err(source) => Err(ConfigError::Read { path: path.to_owned(), source }),
         }
     }
 
@@ -176,13 +148,10 @@ impl Source {
             })?;
             parsed.push(respan(value, marker(i)));
         }
-        let mut root =
-            DeTable::parse(&self.text).map_err(|e| self.error_at(e.span(), e.message(), &edits))?;
+        let mut root = DeTable::parse(&self.text).map_err(|e| self.error_at(e.span(), e.message(), &edits))?;
         for (edit, value) in edits.iter().zip(parsed) {
-            apply(root.get_mut(), &edit.target, value).map_err(|message| ConfigError::Invalid {
-                location: Location::Flag(edit.origin.clone()),
-                message,
-            })?;
+            apply(root.get_mut(), &edit.target, value)
+                .map_err(|message| ConfigError::Invalid { location: Location::Flag(edit.origin.clone()), message })?;
         }
         let file = self.exists.then(|| self.path.clone());
         let index = KeyIndex::build(root.get_ref(), &self.text, &self.path, file, &edits);
@@ -194,15 +163,9 @@ impl Source {
     fn error_at(&self, span: Option<Range<usize>>, message: &str, edits: &[Edit]) -> ConfigError {
         let location = match span {
             Some(span) => span_location(span, &self.text, &self.path, edits),
-            None => Location::Key {
-                path: self.exists.then(|| self.path.clone()),
-                key: String::from("(top level)"),
-            },
+            None => Location::Key { path: self.exists.then(|| self.path.clone()), key: String::from("(top level)") },
         };
-        ConfigError::Invalid {
-            location,
-            message: message.trim().to_owned(),
-        }
+        ConfigError::Invalid { location, message: message.trim().to_owned() }
     }
 }
 
@@ -212,19 +175,13 @@ fn marker(i: usize) -> Range<usize> {
 
 fn span_location(span: Range<usize>, text: &str, path: &Path, edits: &[Edit]) -> Location {
     if span.start >= OVERRIDE_SPAN_BASE {
-        let origin = edits
-            .get(span.start - OVERRIDE_SPAN_BASE)
-            .map(|e| e.origin.clone());
+        let origin = edits.get(span.start - OVERRIDE_SPAN_BASE).map(|e| e.origin.clone());
         return Location::Flag(origin.unwrap_or_else(|| "command line".into()));
     }
     let upto = &text[..span.start.min(text.len())];
     let line = upto.matches('\n').count() + 1;
     let col = upto.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-    Location::File {
-        path: path.to_owned(),
-        line,
-        col,
-    }
+    Location::File { path: path.to_owned(), line, col }
 }
 
 /// Gives every span inside an override value the override's marker span.
@@ -240,10 +197,7 @@ fn respan<'i>(value: Spanned<DeValue<'i>>, span: Range<usize>) -> Spanned<DeValu
         DeValue::Table(table) => {
             let mut out = DeTable::new();
             for (k, v) in table {
-                out.insert(
-                    Spanned::new(span.clone(), k.into_inner()),
-                    respan(v, span.clone()),
-                );
+                out.insert(Spanned::new(span.clone(), k.into_inner()), respan(v, span.clone()));
             }
             DeValue::Table(out)
         }
@@ -252,11 +206,7 @@ fn respan<'i>(value: Spanned<DeValue<'i>>, span: Range<usize>) -> Spanned<DeValu
     Spanned::new(span, inner)
 }
 
-fn apply<'i>(
-    root: &mut DeTable<'i>,
-    target: &Target,
-    value: Spanned<DeValue<'i>>,
-) -> Result<(), String> {
+fn apply<'i>(root: &mut DeTable<'i>, target: &Target, value: Spanned<DeValue<'i>>) -> Result<(), String> {
     match target {
         Target::Key(path) => set_path(root, path, value),
         Target::BackendsOfOnlyUpstream => {
@@ -291,11 +241,7 @@ fn apply<'i>(
 }
 
 /// Sets the dotted `path` in `table`; numeric segments index into lists (`routes.0.upstream`).
-fn set_path<'i>(
-    table: &mut DeTable<'i>,
-    path: &[String],
-    value: Spanned<DeValue<'i>>,
-) -> Result<(), String> {
+fn set_path<'i>(table: &mut DeTable<'i>, path: &[String], value: Spanned<DeValue<'i>>) -> Result<(), String> {
     let (first, rest) = path.split_first().ok_or("empty key")?;
     if first.is_empty() {
         return Err("empty key segment".into());
@@ -317,13 +263,9 @@ fn set_in_value<'i>(
     match node {
         DeValue::Table(t) => set_path(t, rest, value),
         DeValue::Array(items) => {
-            let idx: usize = rest[0]
-                .parse()
-                .map_err(|_| format!("`{at}` is a list: index it with a number"))?;
+            let idx: usize = rest[0].parse().map_err(|_| format!("`{at}` is a list: index it with a number"))?;
             let len = items.len();
-            let item = items
-                .get_mut(idx)
-                .ok_or_else(|| format!("`{at}` has {len} entries, no index {idx}"))?;
+            let item = items.get_mut(idx).ok_or_else(|| format!("`{at}` has {len} entries, no index {idx}"))?;
             match &rest[1..] {
                 [] => {
                     *item = value;
@@ -336,11 +278,7 @@ fn set_in_value<'i>(
     }
 }
 
-fn table_entry_value<'t, 'i>(
-    table: &'t mut DeTable<'i>,
-    key: &str,
-    span: Range<usize>,
-) -> &'t mut DeValue<'i> {
+fn table_entry_value<'t, 'i>(table: &'t mut DeTable<'i>, key: &str, span: Range<usize>) -> &'t mut DeValue<'i> {
     if table.get(key).is_none() {
         table.insert(
             Spanned::new(span.clone(), key.to_owned().into()),
@@ -369,17 +307,9 @@ pub struct KeyIndex {
 }
 
 impl KeyIndex {
-    fn build(
-        root: &DeTable<'_>,
-        text: &str,
-        path: &Path,
-        file: Option<PathBuf>,
-        edits: &[Edit],
-    ) -> KeyIndex {
+    fn build(root: &DeTable<'_>, text: &str, path: &Path, file: Option<PathBuf>, edits: &[Edit]) -> KeyIndex {
         let mut entries = Vec::new();
-        walk(root, String::new(), &mut |key, span| {
-            entries.push((key, span_location(span, text, path, edits)))
-        });
+        walk(root, String::new(), &mut |key, span| entries.push((key, span_location(span, text, path, edits))));
         KeyIndex { file, entries }
     }
 
@@ -395,10 +325,7 @@ impl KeyIndex {
             match probe.rfind(['.', '[']) {
                 Some(i) => probe.truncate(i),
                 None => {
-                    return Location::Key {
-                        path: self.file.clone(),
-                        key: key.to_owned(),
-                    };
+                    return Location::Key { path: self.file.clone(), key: key.to_owned() };
                 }
             }
         }
@@ -407,11 +334,7 @@ impl KeyIndex {
 
 fn walk(table: &DeTable<'_>, prefix: String, out: &mut dyn FnMut(String, Range<usize>)) {
     for (k, v) in table.iter() {
-        let key = if prefix.is_empty() {
-            k.get_ref().to_string()
-        } else {
-            format!("{prefix}.{}", k.get_ref())
-        };
+        let key = if prefix.is_empty() { k.get_ref().to_string() } else { format!("{prefix}.{}", k.get_ref()) };
         walk_value(v, key, out);
     }
 }

@@ -43,11 +43,7 @@ impl<'de> Deserialize<'de> for HumanDuration {
             fn visit_str<E: de::Error>(self, v: &str) -> Result<HumanDuration, E> {
                 humantime::parse_duration(v.trim())
                     .map(HumanDuration)
-                    .map_err(|e| {
-                        E::custom(format!(
-                            r#"invalid duration "{v}": {e} (write e.g. "250ms", "2s", "1m")"#
-                        ))
-                    })
+                    .map_err(|e| E::custom(format!(r#"invalid duration "{v}": {e} (write e.g. "250ms", "2s", "1m")"#)))
             }
         }
         d.deserialize_str(V)
@@ -113,19 +109,14 @@ impl<'de> Deserialize<'de> for ByteSize {
                 f.write_str(r#"a size in bytes, or a string such as "64KiB" or "10MiB""#)
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<ByteSize, E> {
-                u64::try_from(v)
-                    .map(ByteSize)
-                    .map_err(|_| E::custom(format!("size must not be negative, got {v}")))
+                u64::try_from(v).map(ByteSize).map_err(|_| E::custom(format!("size must not be negative, got {v}")))
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<ByteSize, E> {
                 Ok(ByteSize(v))
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<ByteSize, E> {
-                ByteSize::parse(v).ok_or_else(|| {
-                    E::custom(format!(
-                        r#"invalid size "{v}" (write bytes, or e.g. "64KiB", "10MiB")"#
-                    ))
-                })
+                ByteSize::parse(v)
+                    .ok_or_else(|| E::custom(format!(r#"invalid size "{v}" (write bytes, or e.g. "64KiB", "10MiB")"#)))
             }
         }
         d.deserialize_any(V)
@@ -146,10 +137,7 @@ mod tests {
         assert_eq!(ByteSize::parse("10XB"), None);
         assert_eq!(ByteSize(65536).to_string(), "64KiB");
         assert_eq!(ByteSize(1500).to_string(), "1500B");
-        assert_eq!(
-            ByteSize::parse(&ByteSize(1500).to_string()),
-            Some(ByteSize(1500))
-        );
+        assert_eq!(ByteSize::parse(&ByteSize(1500).to_string()), Some(ByteSize(1500)));
     }
 
     #[test]

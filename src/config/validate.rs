@@ -8,9 +8,9 @@ use http::Uri;
 use http::uri::Scheme;
 use ipnet::IpNet;
 
-use super::raw::{
-    OneOrMany, RawConfig, RawHealthCheck, RawTimeoutOverrides, RawTimeouts, RawUpstream,
-};
+use std::path::{Path, PathBuf};
+
+use super::raw::{RawTls, OneOrMany, RawConfig, RawHealthCheck, RawTimeoutOverrides, RawTimeouts, RawUpstream};
 use super::*;
 
 /// The largest backend weight: keeps the round-robin schedule small.
@@ -23,13 +23,12 @@ pub struct KeyError {
 }
 
 fn err<T>(key: impl Into<String>, message: impl Into<String>) -> Result<T, KeyError> {
-    Err(KeyError {
-        key: key.into(),
-        message: message.into(),
-    })
+    Err(KeyError { key: key.into(), message: message.into() })
 }
 
-pub fn validate(raw: &RawConfig) -> Result<Config, KeyError> {
+/// Checks `raw`; relative file names are resolved against `base` (the config's directory).
+pub fn validate(raw: &RawConfig, base: &Path) -> Result<Config, KeyError> {
+    let mut files: Vec<PathBuf> = Vec::new();
     let timeouts = base_timeouts(&raw.timeouts)?;
     let s = &raw.server;
     let listen = addrs(&s.listen, "server.listen")?;
@@ -48,22 +47,18 @@ pub fn validate(raw: &RawConfig) -> Result<Config, KeyError> {
         .iter()
         .enumerate()
         .map(|(i, p)| {
-            p.parse::<IpNet>()
-                .or_else(|_| p.parse::<IpAddr>().map(IpNet::from))
-                .or_else(|_| {
-                    err(
-                        format!("server.trusted_proxies[{i}]"),
-                        format!(r#""{p}" is not an IP address or CIDR (e.g. "10.0.0.0/8")"#),
-                    )
-                })
+            p.parse::<IpNet>().or_else(|_| p.parse::<IpAddr>().map(IpNet::from)).or_else(|_| {
+                err(
+                    format!("server.trusted_proxies[{i}]"),
+                    format!(r#""{p}" is not an IP address or CIDR (e.g. "10.0.0.0/8")"#),
+                )
+            })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    if s.tls.is_some() {
-        return err(
-            "server.tls",
-            "TLS listeners are not built yet in this version of balancer",
-        );
-    }
+    let tls = match &s.tls {
+        None => None,
+        Some(t) => Some(tls_listeners(t, &listen, base, &mut files)?),
+    };
 
     let admin = match raw.admin.listen.trim() {
         "off" => None,
@@ -90,7 +85,12 @@ pub fn validate(raw: &RawConfig) -> Result<Config, KeyError> {
                 "global" => LimitKey::Global,
                 k => match k.strip_prefix("header:").map(|h| http::HeaderName::from_bytes(h.trim().as_bytes())) {
                     Some(Ok(h)) => LimitKey::Header(h),
-                    _ => return err(format!("{key}.key"), format!(r#"unknown key "{k}", expected "client_ip", "global" or "header:NAME""#)),
+                    _ => {
+                        return err(
+                            format!("{key}.key"),
+                            format!(r#"unknown key "{k}", expected "client_ip", "global" or "header:NAME""#),
+                        );
+                    }
                 },
             };
             Ok((name.clone(), RateLimitConfig { rate: rl.rate, per: rl.per.0, burst, key: limit_key }))
@@ -99,16 +99,10 @@ pub fn validate(raw: &RawConfig) -> Result<Config, KeyError> {
     let limit_names = |list: &OneOrMany, key: &str| -> Result<Vec<String>, KeyError> {
         for (i, name) in list.0.iter().enumerate() {
             if !rate_limits.contains_key(name) {
-                return err(
-                    format!("{key}[{i}]"),
-                    format!(r#"no [rate_limits.{name}] is defined"#),
-                );
+                return err(format!("{key}[{i}]"), format!(r#"no [rate_limits.{name}] is defined"#));
             }
             if list.0[..i].contains(name) {
-                return err(
-                    format!("{key}[{i}]"),
-                    format!(r#""{name}" is listed twice"#),
-                );
+                return err(format!("{key}[{i}]"), format!(r#""{name}" is listed twice"#));
             }
         }
         Ok(list.0.clone())
@@ -116,16 +110,10 @@ pub fn validate(raw: &RawConfig) -> Result<Config, KeyError> {
     let server_limits = limit_names(&s.rate_limit, "server.rate_limit")?;
 
     if raw.upstreams.is_empty() {
-        return err(
-            "upstreams",
-            "no upstreams are configured: add an [upstreams.NAME] table or pass --backend URL",
-        );
+        return err("upstreams", "no upstreams are configured: add an [upstreams.NAME] table or pass --backend URL");
     }
-    let upstreams = raw
-        .upstreams
-        .iter()
-        .map(|(name, up)| upstream(name, up, &timeouts))
-        .collect::<Result<Vec<_>, _>>()?;
+    let upstreams =
+        raw.upstreams.iter().map(|(name, up)| upstream(name, up, &timeouts, base, &mut files)).collect::<Result<Vec<_>, _>>()?;
 
     let mut routes = Vec::with_capacity(raw.routes.len());
     for (i, r) in raw.routes.iter().enumerate() {
@@ -134,11 +122,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, KeyError> {
             let known: Vec<&str> = raw.upstreams.keys().map(String::as_str).collect();
             return err(
                 format!("{key}.upstream"),
-                format!(
-                    r#"no upstream named "{}" (defined: {})"#,
-                    r.upstream,
-                    known.join(", ")
-                ),
+                format!(r#"no upstream named "{}" (defined: {})"#, r.upstream, known.join(", ")),
             );
         }
         if !r.path_prefix.starts_with('/') {
@@ -180,21 +164,53 @@ pub fn validate(raw: &RawConfig) -> Result<Config, KeyError> {
             trusted_proxies,
             rate_limit: server_limits,
             timeouts,
+            tls,
         },
         admin,
-        log: LogConfig {
-            level: raw.log.level,
-            format: raw.log.format,
-            access: raw.log.access,
-        },
+        log: LogConfig { level: raw.log.level, format: raw.log.format, access: raw.log.access },
         upstreams,
         rate_limits,
         routes,
+        files,
     })
 }
 
+/// A file name from the config, relative to the config's directory.
+fn resolve(base: &Path, file: &str) -> PathBuf {
+    base.join(file)
+}
+
+fn tls_listeners(t: &RawTls, plain: &[SocketAddr], base: &Path, files: &mut Vec<PathBuf>) -> Result<TlsListeners, KeyError> {
+    let listen = addrs(&t.listen, "server.tls.listen")?;
+    if listen.is_empty() {
+        return err("server.tls.listen", "at least one listen address is needed");
+    }
+    if let Some((i, a)) = listen.iter().enumerate().find(|(_, a)| a.port() != 0 && plain.contains(a)) {
+        return err(format!("server.tls.listen[{i}]"), format!("{a} is also a plain listen address"));
+    }
+    let mut pair = |cert: &str, key: &str, at: &str| {
+        let (cert, key) = (resolve(base, cert), resolve(base, key));
+        let loaded = crate::tls::load_certified_key(&cert, &key).map_err(|m| KeyError { key: at.to_owned(), message: m });
+        files.extend([cert, key]);
+        loaded
+    };
+    let default = pair(&t.cert, &t.key, "server.tls.cert")?;
+    let mut sni = Vec::with_capacity(t.sni.len());
+    for (i, entry) in t.sni.iter().enumerate() {
+        let at = format!("server.tls.sni[{i}]");
+        let host = host_match(&entry.host).ok_or_else(|| KeyError {
+            key: format!("{at}.host"),
+            message: format!(r#""{}" is not a host name or "*.domain" pattern"#, entry.host),
+        })?;
+        sni.push((host, pair(&entry.cert, &entry.key, &format!("{at}.cert"))?));
+    }
+    Ok(TlsListeners { listen, certs: crate::tls::ServerCerts { default, sni } })
+}
+
 fn addr(a: &str, key: &str) -> Result<SocketAddr, KeyError> {
-    a.trim().parse().or_else(|_| err(key, format!(r#""{a}" is not a listen address: write IP:PORT, e.g. "127.0.0.1:8080" or "[::1]:8080""#)))
+    a.trim().parse().or_else(|_| {
+        err(key, format!(r#""{a}" is not a listen address: write IP:PORT, e.g. "127.0.0.1:8080" or "[::1]:8080""#))
+    })
 }
 
 fn addrs(list: &OneOrMany, key: &str) -> Result<Vec<SocketAddr>, KeyError> {
@@ -211,11 +227,7 @@ fn addrs(list: &OneOrMany, key: &str) -> Result<Vec<SocketAddr>, KeyError> {
 }
 
 fn nonzero(d: &units::HumanDuration, key: &str) -> Result<std::time::Duration, KeyError> {
-    if d.0.is_zero() {
-        err(key, "must be longer than 0s")
-    } else {
-        Ok(d.0)
-    }
+    if d.0.is_zero() { err(key, "must be longer than 0s") } else { Ok(d.0) }
 }
 
 fn base_timeouts(t: &RawTimeouts) -> Result<Timeouts, KeyError> {
@@ -227,11 +239,7 @@ fn base_timeouts(t: &RawTimeouts) -> Result<Timeouts, KeyError> {
     })
 }
 
-fn upstream_timeouts(
-    base: &Timeouts,
-    o: Option<&RawTimeoutOverrides>,
-    key: &str,
-) -> Result<Timeouts, KeyError> {
+fn upstream_timeouts(base: &Timeouts, o: Option<&RawTimeoutOverrides>, key: &str) -> Result<Timeouts, KeyError> {
     let Some(o) = o else { return Ok(*base) };
     let pick = |v: &Option<units::HumanDuration>, name: &str, dflt| match v {
         Some(d) => nonzero(d, &format!("{key}.timeouts.{name}")),
@@ -245,13 +253,16 @@ fn upstream_timeouts(
     })
 }
 
-fn upstream(name: &str, up: &RawUpstream, base: &Timeouts) -> Result<UpstreamConfig, KeyError> {
+fn upstream(
+    name: &str,
+    up: &RawUpstream,
+    base: &Timeouts,
+    dir: &Path,
+    files: &mut Vec<PathBuf>,
+) -> Result<UpstreamConfig, KeyError> {
     let key = format!("upstreams.{name}");
     if up.backends.is_empty() {
-        return err(
-            format!("{key}.backends"),
-            "an upstream needs at least one backend",
-        );
+        return err(format!("{key}.backends"), "an upstream needs at least one backend");
     }
     let mut seen = HashSet::new();
     let mut backends = Vec::with_capacity(up.backends.len());
@@ -259,42 +270,35 @@ fn upstream(name: &str, up: &RawUpstream, base: &Timeouts) -> Result<UpstreamCon
         let bkey = format!("{key}.backends[{i}]");
         let weight = b.weight.unwrap_or(1);
         if weight == 0 {
-            return err(
-                bkey,
-                "weight must be at least 1 (remove the backend to stop sending it traffic)",
-            );
+            return err(bkey, "weight must be at least 1 (remove the backend to stop sending it traffic)");
         }
         if weight > MAX_WEIGHT {
             return err(bkey, format!("weight must be at most {MAX_WEIGHT}"));
         }
-        let (scheme, authority) = backend_url(&b.url).map_err(|m| KeyError {
-            key: bkey.clone(),
-            message: m,
-        })?;
+        let (scheme, authority) = backend_url(&b.url).map_err(|m| KeyError { key: bkey.clone(), message: m })?;
         if !seen.insert(authority.clone()) {
-            return err(
-                bkey,
-                format!(r#""{}" is listed twice in this upstream"#, b.url),
-            );
+            return err(bkey, format!(r#""{}" is listed twice in this upstream"#, b.url));
         }
-        backends.push(BackendConfig {
-            url: b.url.trim_end_matches('/').to_owned(),
-            scheme,
-            authority,
-            weight,
-        });
+        backends.push(BackendConfig { url: b.url.trim_end_matches('/').to_owned(), scheme, authority, weight });
     }
     let timeouts = upstream_timeouts(base, up.timeouts.as_ref(), &key)?;
     let health_check = match &up.health_check {
         None => None,
         Some(hc) => Some(health_check(hc, &format!("{key}.health_check"))?),
     };
-    if up.ca.is_some() || up.tls_server_name.is_some() {
-        return err(
-            format!("{key}.ca"),
-            "https backends are not built yet in this version of balancer",
-        );
-    }
+    let any_https = backends.iter().any(|b| b.scheme == Scheme::HTTPS);
+    let tls = if any_https {
+        let ca = up.ca.as_deref().map(|f| resolve(dir, f));
+        let tls = crate::tls::backend_tls(ca.as_deref(), up.tls_server_name.as_deref())
+            .map_err(|m| KeyError { key: format!("{key}.{}", if up.ca.is_some() { "ca" } else { "backends" }), message: m })?;
+        files.extend(ca);
+        Some(tls)
+    } else if up.ca.is_some() || up.tls_server_name.is_some() {
+        let which = if up.ca.is_some() { "ca" } else { "tls_server_name" };
+        return err(format!("{key}.{which}"), "set, but no backend of this upstream is https://");
+    } else {
+        None
+    };
     Ok(UpstreamConfig {
         name: name.to_owned(),
         strategy: up.strategy,
@@ -308,26 +312,17 @@ fn upstream(name: &str, up: &RawUpstream, base: &Timeouts) -> Result<UpstreamCon
         },
         timeouts,
         health_check,
-        passive: PassiveConfig {
-            max_fails: up.passive.max_fails,
-            fail_timeout: up.passive.fail_timeout.0,
-        },
+        passive: PassiveConfig { max_fails: up.passive.max_fails, fail_timeout: up.passive.fail_timeout.0 },
+        tls,
     })
 }
 
 fn backend_url(url: &str) -> Result<(Scheme, http::uri::Authority), String> {
-    let bad = |why: &str| {
-        format!(r#"invalid backend URL "{url}": {why} (write e.g. "http://127.0.0.1:8000")"#)
-    };
+    let bad = |why: &str| format!(r#"invalid backend URL "{url}": {why} (write e.g. "http://127.0.0.1:8000")"#);
     let uri: Uri = url.trim().parse().map_err(|e| bad(&format!("{e}")))?;
     let scheme = uri.scheme().cloned().ok_or_else(|| bad("no scheme"))?;
-    if scheme == Scheme::HTTPS {
-        return Err(bad(
-            "https backends are not built yet in this version of balancer",
-        ));
-    }
-    if scheme != Scheme::HTTP {
-        return Err(bad("the scheme must be http"));
+    if scheme != Scheme::HTTP && scheme != Scheme::HTTPS {
+        return Err(bad("the scheme must be http or https"));
     }
     let authority = uri.authority().cloned().ok_or_else(|| bad("no host"))?;
     if authority.as_str().contains('@') {
@@ -341,9 +336,8 @@ fn backend_url(url: &str) -> Result<(Scheme, http::uri::Authority), String> {
     }
     // Always carry an explicit port so the pool key and Host header are stable.
     let authority = if authority.port().is_none() {
-        format!("{}:80", authority.host())
-            .parse()
-            .map_err(|_| bad("bad host"))?
+        let port = if scheme == Scheme::HTTPS { 443 } else { 80 };
+        format!("{}:{port}", authority.host()).parse().map_err(|_| bad("bad host"))?
     } else {
         authority
     };
@@ -373,10 +367,7 @@ fn health_check(hc: &RawHealthCheck, key: &str) -> Result<HealthCheckConfig, Key
         }
     }
     if expect_status.is_empty() {
-        return err(
-            format!("{key}.expect_status"),
-            "list at least one status or range",
-        );
+        return err(format!("{key}.expect_status"), "list at least one status or range");
     }
     Ok(HealthCheckConfig {
         path: hc.path.clone(),
@@ -403,8 +394,7 @@ fn host_match(h: &str) -> Option<HostMatch> {
     let h = h.trim().to_ascii_lowercase();
     let valid = |s: &str| {
         !s.is_empty()
-            && s.split('.')
-                .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+            && s.split('.').all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
     };
     match h.strip_prefix("*.") {
         Some(suffix) if valid(suffix) => Some(HostMatch::Suffix(suffix.to_owned())),
@@ -438,10 +428,7 @@ mod tests {
 
     #[test]
     fn backend_urls() {
-        assert_eq!(
-            backend_url("http://127.0.0.1:8000").unwrap().1.as_str(),
-            "127.0.0.1:8000"
-        );
+        assert_eq!(backend_url("http://127.0.0.1:8000").unwrap().1.as_str(), "127.0.0.1:8000");
         assert_eq!(backend_url("http://app").unwrap().1.as_str(), "app:80");
         assert!(backend_url("127.0.0.1:8000").is_err());
         assert!(backend_url("http://h:1/path").is_err());

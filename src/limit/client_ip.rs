@@ -11,11 +11,7 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr
     if trusted.is_empty() || !is_trusted(&peer) {
         return peer;
     }
-    let values: Vec<&str> = headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
+    let values: Vec<&str> = headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).collect();
     let mut leftmost = peer;
     for entry in values.iter().rev().flat_map(|v| v.rsplit(',')) {
         let Some(ip) = parse_entry(entry) else {
@@ -39,9 +35,7 @@ fn parse_entry(s: &str) -> Option<IpAddr> {
     if let Ok(sa) = s.parse::<std::net::SocketAddr>() {
         return Some(sa.ip());
     }
-    s.strip_prefix('[')
-        .and_then(|r| r.strip_suffix(']'))
-        .and_then(|r| r.parse().ok())
+    s.strip_prefix('[').and_then(|r| r.strip_suffix(']')).and_then(|r| r.parse().ok())
 }
 
 #[cfg(test)]
@@ -66,29 +60,14 @@ mod tests {
 
     #[test]
     fn trusted_chains_give_the_rightmost_untrusted_entry() {
-        let trusted: Vec<IpNet> = vec![
-            "10.0.0.0/8".parse().unwrap(),
-            "192.168.1.1/32".parse().unwrap(),
-        ];
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap(), "192.168.1.1/32".parse().unwrap()];
         let proxy: IpAddr = "10.1.1.1".parse().unwrap();
         // spoofed, real client, trusted hop
         let headers = h(&["6.6.6.6, 198.51.100.7", "192.168.1.1"]);
-        assert_eq!(
-            client_ip(proxy, &headers, &trusted),
-            "198.51.100.7".parse::<IpAddr>().unwrap()
-        );
+        assert_eq!(client_ip(proxy, &headers, &trusted), "198.51.100.7".parse::<IpAddr>().unwrap());
         assert_eq!(client_ip(proxy, &h(&[]), &trusted), proxy);
-        assert_eq!(
-            client_ip(proxy, &h(&["10.2.2.2"]), &trusted),
-            "10.2.2.2".parse::<IpAddr>().unwrap()
-        );
-        assert_eq!(
-            client_ip(proxy, &h(&["198.51.100.7:4711"]), &trusted),
-            "198.51.100.7".parse::<IpAddr>().unwrap()
-        );
-        assert_eq!(
-            client_ip(proxy, &h(&["junk, 10.3.3.3"]), &trusted),
-            "10.3.3.3".parse::<IpAddr>().unwrap()
-        );
+        assert_eq!(client_ip(proxy, &h(&["10.2.2.2"]), &trusted), "10.2.2.2".parse::<IpAddr>().unwrap());
+        assert_eq!(client_ip(proxy, &h(&["198.51.100.7:4711"]), &trusted), "198.51.100.7".parse::<IpAddr>().unwrap());
+        assert_eq!(client_ip(proxy, &h(&["junk, 10.3.3.3"]), &trusted), "10.3.3.3".parse::<IpAddr>().unwrap());
     }
 }

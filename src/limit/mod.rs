@@ -115,10 +115,7 @@ impl RateLimiter {
 
     /// Buckets held now (full ones not yet swept included).
     pub fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.lock().expect("limit shard lock").len())
-            .sum()
+        self.shards.iter().map(|s| s.lock().expect("limit shard lock").len()).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -130,19 +127,14 @@ impl RateLimiter {
 /// the runtime's limit order (the lock order), each limiter at most once: the shards are
 /// held together for the decision, and any other order could deadlock two requests.
 pub fn admit(checks: &[(&RateLimiter, Key)]) -> Result<(), Refusal> {
-    debug_assert!(
-        checks.windows(2).all(|w| !std::ptr::eq(w[0].0, w[1].0)),
-        "a limiter appears twice in one admission"
-    );
+    debug_assert!(checks.windows(2).all(|w| !std::ptr::eq(w[0].0, w[1].0)), "a limiter appears twice in one admission");
     let now = Instant::now();
     let mut guards: Vec<MutexGuard<'_, Shard>> = Vec::with_capacity(checks.len());
     let mut refusal: Option<Refusal> = None;
     for (limiter, key) in checks {
         let t = limiter.micros(now);
         let guard = limiter.shard(key).lock().expect("limit shard lock");
-        let tokens = guard
-            .get(key)
-            .map_or(limiter.refill.burst, |b| b.tokens(&limiter.refill, t));
+        let tokens = guard.get(key).map_or(limiter.refill.burst, |b| b.tokens(&limiter.refill, t));
         if tokens < 1.0 {
             limiter.refused.fetch_add(1, Relaxed);
             let secs = |micros: f64| ((micros / 1e6).ceil() as u64).max(1);
@@ -154,10 +146,7 @@ pub fn admit(checks: &[(&RateLimiter, Key)]) -> Result<(), Refusal> {
                 reset: secs(limiter.refill.micros_until(tokens, limiter.refill.burst)),
             };
             // Report the limit that makes the client wait longest.
-            if refusal
-                .as_ref()
-                .is_none_or(|prev| r.retry_after > prev.retry_after)
-            {
+            if refusal.as_ref().is_none_or(|prev| r.retry_after > prev.retry_after) {
                 refusal = Some(r);
             }
         }
@@ -188,16 +177,7 @@ mod tests {
     use super::*;
 
     fn limiter(name: &str, rate: u64, per: Duration, burst: u64, key: LimitKey) -> RateLimiter {
-        RateLimiter::new(
-            name,
-            RateLimitConfig {
-                rate,
-                per,
-                burst,
-                key,
-            },
-            Arc::default(),
-        )
+        RateLimiter::new(name, RateLimitConfig { rate, per, burst, key }, Arc::default())
     }
 
     fn ip(s: &str) -> Key {
@@ -217,13 +197,7 @@ mod tests {
         assert!((1..=60).contains(&r.retry_after), "{r:?}");
         // The global bucket lost exactly the two admitted requests' tokens.
         let t = wide.micros(Instant::now());
-        let global = wide
-            .shard(&Key::Global)
-            .lock()
-            .unwrap()
-            .get(&Key::Global)
-            .unwrap()
-            .tokens(&wide.refill, t);
+        let global = wide.shard(&Key::Global).lock().unwrap().get(&Key::Global).unwrap().tokens(&wide.refill, t);
         assert!((97.9..98.1).contains(&global), "{global}");
         // Another key is unaffected.
         assert!(admit(&checks("2.2.2.2")).is_ok());
@@ -232,44 +206,26 @@ mod tests {
 
     #[test]
     fn full_buckets_are_swept_and_memory_is_returned() {
-        let l = limiter(
-            "ip",
-            1000,
-            Duration::from_millis(100),
-            1,
-            LimitKey::ClientIp,
-        );
+        let l = limiter("ip", 1000, Duration::from_millis(100), 1, LimitKey::ClientIp);
         for i in 0..50_000u32 {
             assert!(admit(&[(&l, Key::Ip(IpAddr::from(i.to_be_bytes())))]).is_ok());
         }
         assert_eq!(l.len(), 50_000);
         std::thread::sleep(Duration::from_millis(20));
-        assert_eq!(
-            l.sweep(),
-            0,
-            "every bucket refilled to full and was dropped"
-        );
+        assert_eq!(l.sweep(), 0, "every bucket refilled to full and was dropped");
         let cap: usize = l.shards.iter().map(|s| s.lock().unwrap().capacity()).sum();
         assert!(cap < 64 * 64, "capacity given back: {cap}");
     }
 
     #[test]
     fn header_keys_fall_back_to_a_separate_ip_space() {
-        let l = limiter(
-            "key",
-            1,
-            Duration::from_secs(60),
-            1,
-            LimitKey::Header(http::HeaderName::from_static("x-api-key")),
-        );
+        let l =
+            limiter("key", 1, Duration::from_secs(60), 1, LimitKey::Header(http::HeaderName::from_static("x-api-key")));
         let client: IpAddr = "9.9.9.9".parse().unwrap();
         let mut h = HeaderMap::new();
         assert_eq!(l.key(client, &h), Key::NoHeader(client));
         h.insert("x-api-key", HeaderValue::from_static("9.9.9.9"));
-        assert_eq!(
-            l.key(client, &h),
-            Key::Header(HeaderValue::from_static("9.9.9.9"))
-        );
+        assert_eq!(l.key(client, &h), Key::Header(HeaderValue::from_static("9.9.9.9")));
         assert_ne!(l.key(client, &h), l.key(client, &HeaderMap::new()));
     }
 }

@@ -11,10 +11,7 @@ pub struct Refill {
 
 impl Refill {
     pub fn new(rate: u64, per: std::time::Duration, burst: u64) -> Refill {
-        Refill {
-            per_micro: rate as f64 / per.as_micros().max(1) as f64,
-            burst: burst as f64,
-        }
+        Refill { per_micro: rate as f64 / per.as_micros().max(1) as f64, burst: burst as f64 }
     }
 
     /// Microseconds until `tokens` grows to `target`.
@@ -33,10 +30,7 @@ pub struct Bucket {
 impl Bucket {
     /// A new key's bucket: full.
     pub fn full(refill: &Refill, now: u64) -> Bucket {
-        Bucket {
-            tokens: refill.burst,
-            at: now,
-        }
+        Bucket { tokens: refill.burst, at: now }
     }
 
     /// Tokens available at `now`.
@@ -71,10 +65,7 @@ mod tests {
             b.take(&r, 0);
         }
         assert!(b.tokens(&r, 0) < 1.0, "the sixth is refused");
-        assert!(
-            (r.micros_until(b.tokens(&r, 0), 1.0) - 200_000.0).abs() < 1.0,
-            "one token in 200ms"
-        );
+        assert!((r.micros_until(b.tokens(&r, 0), 1.0) - 200_000.0).abs() < 1.0, "one token in 200ms");
         assert!(b.tokens(&r, 199_000) < 1.0);
         assert!(b.tokens(&r, 200_000) >= 1.0);
         assert!(!b.is_full(&r, 900_000));

@@ -40,21 +40,11 @@ pub struct RequestBody {
 
 impl RequestBody {
     pub fn new(inner: Incoming, limit: u64) -> RequestBody {
-        RequestBody {
-            inner: Some(inner),
-            limit,
-            seen: 0,
-            sent: None,
-        }
+        RequestBody { inner: Some(inner), limit, seen: 0, sent: None }
     }
 
     pub fn empty() -> RequestBody {
-        RequestBody {
-            inner: None,
-            limit: 0,
-            seen: 0,
-            sent: None,
-        }
+        RequestBody { inner: None, limit: 0, seen: 0, sent: None }
     }
 
     /// A receiver that resolves once the whole body has been sent (at once if it is empty).
@@ -77,10 +67,7 @@ impl Body for RequestBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
@@ -91,9 +78,7 @@ impl Body for RequestBody {
                     this.seen += data.len() as u64;
                     if this.seen > this.limit {
                         this.finished();
-                        return Poll::Ready(Some(Err(Box::new(BodyTooLarge {
-                            limit: this.limit,
-                        }))));
+                        return Poll::Ready(Some(Err(Box::new(BodyTooLarge { limit: this.limit }))));
                     }
                 }
                 // hyper may not poll again once the body says it has ended.
@@ -120,9 +105,7 @@ impl Body for RequestBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner
-            .as_ref()
-            .map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint())
+        self.inner.as_ref().map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint())
     }
 }
 
@@ -143,24 +126,12 @@ enum Kind {
 }
 
 impl ResponseBody {
-    pub fn upstream(
-        body: Incoming,
-        log: RequestLog,
-        inflight: Option<InflightGuard>,
-    ) -> ResponseBody {
-        ResponseBody {
-            kind: Kind::Upstream(body),
-            log,
-            _inflight: inflight,
-        }
+    pub fn upstream(body: Incoming, log: RequestLog, inflight: Option<InflightGuard>) -> ResponseBody {
+        ResponseBody { kind: Kind::Upstream(body), log, _inflight: inflight }
     }
 
     pub fn full(bytes: Bytes, log: RequestLog) -> ResponseBody {
-        ResponseBody {
-            kind: Kind::Full(Some(bytes)),
-            log,
-            _inflight: None,
-        }
+        ResponseBody { kind: Kind::Full(Some(bytes)), log, _inflight: None }
     }
 }
 
@@ -168,10 +139,7 @@ impl Body for ResponseBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         let frame = match &mut this.kind {
             Kind::Upstream(b) => match ready!(Pin::new(b).poll_frame(cx)) {

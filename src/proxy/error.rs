@@ -53,37 +53,23 @@ impl ProxyError {
     pub fn is_backend_failure(&self) -> bool {
         matches!(
             self,
-            ProxyError::Unreachable { .. }
-                | ProxyError::BrokeOff { .. }
-                | ProxyError::UpstreamTimeout { .. }
+            ProxyError::Unreachable { .. } | ProxyError::BrokeOff { .. } | ProxyError::UpstreamTimeout { .. }
         )
     }
 
     /// Whether the client connection must be closed after the answer (its framing is not
     /// to be trusted, or its body was not read).
     fn closes(&self) -> bool {
-        matches!(
-            self,
-            ProxyError::BadRequest(_)
-                | ProxyError::ClientBodyBroken
-                | ProxyError::BodyTooLarge { .. }
-        )
+        matches!(self, ProxyError::BadRequest(_) | ProxyError::ClientBodyBroken | ProxyError::BodyTooLarge { .. })
     }
 
     /// The text the client reads: the cause, without internal detail for backend errors.
     fn public_reason(&self) -> String {
         match self {
-            ProxyError::Unreachable { .. } => {
-                "bad gateway: the backend could not be reached".into()
-            }
-            ProxyError::BrokeOff { .. } => {
-                "bad gateway: the backend closed the connection without a response".into()
-            }
+            ProxyError::Unreachable { .. } => "bad gateway: the backend could not be reached".into(),
+            ProxyError::BrokeOff { .. } => "bad gateway: the backend closed the connection without a response".into(),
             ProxyError::UpstreamTimeout { after, .. } => {
-                format!(
-                    "gateway timeout: the backend sent no response within {}",
-                    humantime::format_duration(*after)
-                )
+                format!("gateway timeout: the backend sent no response within {}", humantime::format_duration(*after))
             }
             other => other.to_string(),
         }
@@ -108,16 +94,10 @@ impl ProxyError {
             _ => None,
         };
         let request_id = log.request_id.clone();
-        let mut resp = Response::new(ResponseBody::full(
-            Bytes::from(format!("{}\n", self.public_reason())),
-            log,
-        ));
+        let mut resp = Response::new(ResponseBody::full(Bytes::from(format!("{}\n", self.public_reason())), log));
         *resp.status_mut() = status;
         let h = resp.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
         h.insert(X_REQUEST_ID.clone(), request_id);
         if closes {
             h.insert(header::CONNECTION, HeaderValue::from_static("close"));

@@ -34,10 +34,7 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 fn connection_tokens(headers: &HeaderMap, mut f: impl FnMut(&str)) {
     for v in headers.get_all(header::CONNECTION) {
         if let Ok(s) = v.to_str() {
-            s.split(',')
-                .map(str::trim)
-                .filter(|t| !t.is_empty())
-                .for_each(&mut f);
+            s.split(',').map(str::trim).filter(|t| !t.is_empty()).for_each(&mut f);
         }
     }
 }
@@ -49,14 +46,8 @@ pub fn requested_upgrade(parts: &Parts) -> Option<HeaderValue> {
         return None;
     }
     let mut asked = false;
-    connection_tokens(&parts.headers, |t| {
-        asked |= t.eq_ignore_ascii_case("upgrade")
-    });
-    if asked {
-        parts.headers.get(header::UPGRADE).cloned()
-    } else {
-        None
-    }
+    connection_tokens(&parts.headers, |t| asked |= t.eq_ignore_ascii_case("upgrade"));
+    if asked { parts.headers.get(header::UPGRADE).cloned() } else { None }
 }
 
 /// Copies the end-to-end headers of `src` into `dst`: not hop-by-hop, not named by
@@ -109,13 +100,8 @@ pub fn upstream_request(
     let headers = req.headers_mut();
     headers.reserve(parts.headers.len() + 5);
     // HTTP/2 clients may split Cookie into several fields; HTTP/1.1 wants one (RFC 9113 8.2.3).
-    let join_cookies = parts.version == Version::HTTP_2
-        && parts
-            .headers
-            .get_all(header::COOKIE)
-            .iter()
-            .nth(1)
-            .is_some();
+    let join_cookies =
+        parts.version == Version::HTTP_2 && parts.headers.get_all(header::COOKIE).iter().nth(1).is_some();
     copy_end_to_end(&parts.headers, headers, |n| {
         (join_cookies && n == header::COOKIE)
             || n == X_FORWARDED_FOR
@@ -127,12 +113,7 @@ pub fn upstream_request(
     });
 
     if join_cookies {
-        let joined: Vec<&[u8]> = parts
-            .headers
-            .get_all(header::COOKIE)
-            .iter()
-            .map(HeaderValue::as_bytes)
-            .collect();
+        let joined: Vec<&[u8]> = parts.headers.get_all(header::COOKIE).iter().map(HeaderValue::as_bytes).collect();
         if let Ok(v) = HeaderValue::from_bytes(&joined.join(&b"; "[..])) {
             headers.insert(header::COOKIE, v);
         }
@@ -148,19 +129,14 @@ pub fn upstream_request(
     if let Ok(v) = HeaderValue::try_from(xff) {
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }
-    headers.insert(
-        X_FORWARDED_PROTO.clone(),
-        HeaderValue::from_static(fwd.proto),
-    );
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(fwd.proto));
     if let Some(h) = fwd.host {
         headers.insert(X_FORWARDED_HOST.clone(), h.clone());
     }
     headers.insert(X_REQUEST_ID.clone(), fwd.request_id.clone());
     let host = match (fwd.preserve_host, fwd.host) {
         (true, Some(h)) => h.clone(),
-        _ => {
-            HeaderValue::from_str(fwd.backend.as_str()).expect("authority is a valid header value")
-        }
+        _ => HeaderValue::from_str(fwd.backend.as_str()).expect("authority is a valid header value"),
     };
     headers.insert(header::HOST, host);
     if let Some(proto) = fwd.upgrade {
@@ -184,11 +160,7 @@ pub fn rewrite_response(headers: &mut HeaderMap, switching: bool, request_id: &H
             headers.remove(n);
         }
     }
-    let upgrade = if switching {
-        headers.remove(header::UPGRADE)
-    } else {
-        None
-    };
+    let upgrade = if switching { headers.remove(header::UPGRADE) } else { None };
     for n in [
         &header::CONNECTION,
         &KEEP_ALIVE,
@@ -214,9 +186,7 @@ pub fn host_without_port(host: &str) -> &str {
     if let Some(rest) = host.strip_prefix('[') {
         return rest.split(']').next().unwrap_or(rest);
     }
-    host.rsplit_once(':')
-        .filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
-        .map_or(host, |(h, _)| h)
+    host.rsplit_once(':').filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit())).map_or(host, |(h, _)| h)
 }
 
 #[cfg(test)]
@@ -249,16 +219,9 @@ mod tests {
             backend: &backend,
             upgrade: None,
         };
-        let out = upstream_request(
-            &parts,
-            PathAndQuery::from_static("/x?y=1"),
-            RequestBody::empty(),
-            &fwd,
-        );
+        let out = upstream_request(&parts, PathAndQuery::from_static("/x?y=1"), RequestBody::empty(), &fwd);
         let h = out.headers();
-        assert!(
-            h.get("x-secret").is_none() && h.get("keep-alive").is_none() && h.get("te").is_none()
-        );
+        assert!(h.get("x-secret").is_none() && h.get("keep-alive").is_none() && h.get("te").is_none());
         assert!(h.get("connection").is_none());
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 192.0.2.7");
         assert_eq!(h["x-forwarded-host"], "front.example");

@@ -53,9 +53,7 @@ impl Drop for RequestLog {
         if !self.runtime.config.log.access {
             return;
         }
-        let upstream = self
-            .upstream
-            .map_or("-", |i| self.runtime.upstreams[i].name.as_str());
+        let upstream = self.upstream.map_or("-", |i| self.runtime.upstreams[i].name.as_str());
         let backend = self.backend.as_ref().map_or("-", |b| &*b.url);
         let request_id = self.request_id.to_str().unwrap_or("-");
         let duration_ms = elapsed.as_secs_f64() * 1000.0;

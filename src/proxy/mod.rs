@@ -51,11 +51,8 @@ pub async fn handle(
 ) -> Result<Response<ResponseBody>, Infallible> {
     let rt = runtime.load_full();
     let request_id = request_id::from_headers(req.headers());
-    let client_upgrade = if req.headers().contains_key(header::UPGRADE) {
-        Some(hyper::upgrade::on(&mut req))
-    } else {
-        None
-    };
+    let client_upgrade =
+        if req.headers().contains_key(header::UPGRADE) { Some(hyper::upgrade::on(&mut req)) } else { None };
     let mut log = RequestLog {
         start: Instant::now(),
         client: conn.peer,
@@ -74,10 +71,7 @@ pub async fn handle(
     let (parts, body) = req.into_parts();
     let outcome = proxy(&rt, &conn, &parts, body, &mut log).await;
     Ok(match outcome {
-        Ok(Proxied {
-            mut response,
-            inflight,
-        }) => {
+        Ok(Proxied { mut response, inflight }) => {
             let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
             headers::rewrite_response(response.headers_mut(), switching, &log.request_id);
             log.status = response.status().as_u16();
@@ -122,39 +116,24 @@ async fn proxy(
     // The connection guard checks framing on the raw head; this catches what it cannot
     // see (heads pipelined behind another): hyper accepts "gzip, chunked", and only the
     // chunked framing would be removed on the way to the backend.
-    if parts
-        .headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .any(|v| !v.as_bytes().eq_ignore_ascii_case(b"chunked"))
-    {
-        return Err(ProxyError::BadRequest(
-            "unsupported Transfer-Encoding (only a single \"chunked\" is accepted)",
-        ));
+    if parts.headers.get_all(header::TRANSFER_ENCODING).iter().any(|v| !v.as_bytes().eq_ignore_ascii_case(b"chunked")) {
+        return Err(ProxyError::BadRequest("unsupported Transfer-Encoding (only a single \"chunked\" is accepted)"));
     }
     let host_headers = parts.headers.get_all(header::HOST).iter().count();
     if host_headers > 1 {
         return Err(ProxyError::BadRequest("more than one Host header"));
     }
     if parts.version == Version::HTTP_11 && host_headers == 0 && parts.uri.authority().is_none() {
-        return Err(ProxyError::BadRequest(
-            "HTTP/1.1 request without a Host header",
-        ));
+        return Err(ProxyError::BadRequest("HTTP/1.1 request without a Host header"));
     }
     let limit = rt.config.server.max_request_body;
-    if http_body::Body::size_hint(&body)
-        .exact()
-        .is_some_and(|len| len > limit)
-    {
+    if http_body::Body::size_hint(&body).exact().is_some_and(|len| len > limit) {
         return Err(ProxyError::BodyTooLarge { limit });
     }
 
     // route
     let host = headers::client_host(parts);
-    let host_str = host
-        .as_ref()
-        .and_then(|h| h.to_str().ok())
-        .map(headers::host_without_port);
+    let host_str = host.as_ref().and_then(|h| h.to_str().ok()).map(headers::host_without_port);
     let norm = path::normalise(parts.uri.path());
     let route = rt.router.find(host_str, &norm);
     log.upstream = route.map(|r| r.upstream);
@@ -162,11 +141,7 @@ async fn proxy(
     // limit
     let limit_ids = route.map_or(&rt.server_limits[..], |r| &r.limits[..]);
     if !limit_ids.is_empty() {
-        let client = limit::client_ip(
-            conn.peer.ip(),
-            &parts.headers,
-            &rt.config.server.trusted_proxies,
-        );
+        let client = limit::client_ip(conn.peer.ip(), &parts.headers, &rt.config.server.trusted_proxies);
         let checks: Vec<(&RateLimiter, limit::Key)> = limit_ids
             .iter()
             .map(|&i| {
@@ -187,32 +162,22 @@ async fn proxy(
         };
         PathAndQuery::try_from(pq).map_err(|_| ProxyError::BadRequest("unusable path"))?
     } else {
-        parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"))
+        parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"))
     };
     let upgrade = headers::requested_upgrade(parts);
 
     // pick + forward (retry)
     let body_empty = http_body::Body::is_end_stream(&body);
-    let mut body = Some(if body_empty {
-        RequestBody::empty()
-    } else {
-        RequestBody::new(body, limit)
-    });
+    let mut body = Some(if body_empty { RequestBody::empty() } else { RequestBody::new(body, limit) });
     let attempts = 1 + upstream.retries as usize;
     let mut tried: Vec<usize> = Vec::new();
     let mut last_error: Option<ProxyError> = None;
     for _ in 0..attempts {
         // A different backend when possible; the same one again when it is the only one.
-        let picked = upstream
-            .pick(|i| !tried.contains(&i))
-            .or_else(|| match last_error {
-                Some(_) => upstream.pick(|_| true),
-                None => None,
-            });
+        let picked = upstream.pick(|i| !tried.contains(&i)).or_else(|| match last_error {
+            Some(_) => upstream.pick(|_| true),
+            None => None,
+        });
         let Some(idx) = picked else { break };
         tried.push(idx);
         let backend = &upstream.backends[idx];
@@ -227,11 +192,7 @@ async fn proxy(
             backend: &backend.authority,
             upgrade: upgrade.as_ref(),
         };
-        match attempt(
-            upstream, backend, parts, &target, &mut body, body_empty, &fwd,
-        )
-        .await
-        {
+        match attempt(upstream, backend, parts, &target, &mut body, body_empty, &fwd).await {
             Ok(response) => {
                 backend.record_response();
                 return Ok(Proxied { response, inflight });
@@ -248,9 +209,7 @@ async fn proxy(
             }
         }
     }
-    Err(last_error.unwrap_or_else(|| ProxyError::NoHealthyBackend {
-        upstream: upstream.name.clone(),
-    }))
+    Err(last_error.unwrap_or_else(|| ProxyError::NoHealthyBackend { upstream: upstream.name.clone() }))
 }
 
 struct Failure {
@@ -275,19 +234,12 @@ async fn attempt(
     let pool = &backend.pool;
     let mut fresh_only = false;
     loop {
-        let checked_out = if fresh_only {
-            pool.connect().await
-        } else {
-            pool.checkout().await
-        };
+        let checked_out = if fresh_only { pool.connect().await } else { pool.checkout().await };
         let mut conn: PooledConn = match checked_out {
             Ok(c) => c,
             Err(e) => {
                 return Err(Failure {
-                    error: ProxyError::Unreachable {
-                        backend: url.clone(),
-                        source: Box::new(e),
-                    },
+                    error: ProxyError::Unreachable { backend: url.clone(), source: Box::new(e) },
                     retryable: true,
                 });
             }
@@ -332,16 +284,10 @@ async fn attempt(
         let error = err.into_error();
         if let Some(too_large) = find_cause::<BodyTooLarge>(&error) {
             let limit = too_large.limit;
-            return Err(Failure {
-                error: ProxyError::BodyTooLarge { limit },
-                retryable: false,
-            });
+            return Err(Failure { error: ProxyError::BodyTooLarge { limit }, retryable: false });
         }
         if find_cause::<ClientBodyError>(&error).is_some() {
-            return Err(Failure {
-                error: ProxyError::ClientBodyBroken,
-                retryable: false,
-            });
+            return Err(Failure { error: ProxyError::ClientBodyBroken, retryable: false });
         }
         let replayable = body.is_some() || body_empty;
         let no_response_byte = conn.bytes_read() == read_before && closed_or_reset(&error);
@@ -352,19 +298,11 @@ async fn attempt(
         }
         let idempotent = matches!(
             parts.method,
-            Method::GET
-                | Method::HEAD
-                | Method::PUT
-                | Method::DELETE
-                | Method::OPTIONS
-                | Method::TRACE
+            Method::GET | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS | Method::TRACE
         );
         let retryable = replayable && (nothing_sent || (idempotent && no_response_byte));
         return Err(Failure {
-            error: ProxyError::BrokeOff {
-                backend: url.clone(),
-                source: Box::new(error),
-            },
+            error: ProxyError::BrokeOff { backend: url.clone(), source: Box::new(error) },
             retryable,
         });
     }
@@ -385,9 +323,7 @@ fn closed_or_reset(e: &hyper::Error) -> bool {
     })
 }
 
-fn find_cause<'e, T: std::error::Error + 'static>(
-    e: &'e (dyn std::error::Error + 'static),
-) -> Option<&'e T> {
+fn find_cause<'e, T: std::error::Error + 'static>(e: &'e (dyn std::error::Error + 'static)) -> Option<&'e T> {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
         if let Some(hit) = err.downcast_ref::<T>() {

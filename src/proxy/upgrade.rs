@@ -14,12 +14,7 @@ use crate::server::ActivityGuard;
 /// After one side closes, how long the other direction may still finish sending.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
-pub fn tunnel(
-    client: OnUpgrade,
-    backend: OnUpgrade,
-    inflight: InflightGuard,
-    activity: ActivityGuard,
-) {
+pub fn tunnel(client: OnUpgrade, backend: OnUpgrade, inflight: InflightGuard, activity: ActivityGuard) {
     tokio::spawn(async move {
         let _held = (inflight, activity);
         let (client, backend) = match tokio::try_join!(client, backend) {

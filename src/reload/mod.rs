@@ -58,23 +58,13 @@ impl ReloadHandle {
     /// Reloads and waits: the new generation, or why nothing changed.
     pub async fn reload(&self, trigger: Trigger) -> Result<u64, String> {
         let (tx, rx) = oneshot::channel();
-        self.0
-            .send(Request {
-                trigger,
-                reply: Some(tx),
-            })
-            .await
-            .map_err(|_| "balancer is shutting down".to_owned())?;
-        rx.await
-            .unwrap_or_else(|_| Err("balancer is shutting down".to_owned()))
+        self.0.send(Request { trigger, reply: Some(tx) }).await.map_err(|_| "balancer is shutting down".to_owned())?;
+        rx.await.unwrap_or_else(|_| Err("balancer is shutting down".to_owned()))
     }
 
     /// Asks for a reload without waiting; dropped if one is already queued.
     pub fn nudge(&self, trigger: Trigger) {
-        let _ = self.0.try_send(Request {
-            trigger,
-            reply: None,
-        });
+        let _ = self.0.try_send(Request { trigger, reply: None });
     }
 }
 
@@ -83,23 +73,40 @@ pub fn channel() -> (ReloadHandle, mpsc::Receiver<Request>) {
     (ReloadHandle(tx), rx)
 }
 
-/// What the config file looked like when last read, to ignore events that changed nothing.
+/// What the config file and the files it reads (certificates, keys, CAs) looked like
+/// when last read, to ignore events that changed nothing.
 #[derive(Clone, Debug, PartialEq, Eq)]
-enum FileState {
+struct FileState {
+    config: FileContent,
+    /// A hash over every other file's content (or error).
+    others: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum FileContent {
     Content(u64),
     Missing,
     Unreadable(std::io::ErrorKind),
 }
 
-impl FileState {
-    fn read(path: &Path) -> FileState {
+impl FileContent {
+    fn read(path: &Path) -> FileContent {
         use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
         match std::fs::read(path) {
-            Ok(bytes) => {
-                FileState::Content(BuildHasherDefault::<DefaultHasher>::default().hash_one(&bytes))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => FileState::Missing,
-            Err(e) => FileState::Unreadable(e.kind()),
+            Ok(bytes) => FileContent::Content(BuildHasherDefault::<DefaultHasher>::default().hash_one(&bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => FileContent::Missing,
+            Err(e) => FileContent::Unreadable(e.kind()),
+        }
+    }
+}
+
+impl FileState {
+    fn read(config: &Path, others: &[std::path::PathBuf]) -> FileState {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        let contents: Vec<FileContent> = others.iter().map(|p| FileContent::read(p)).collect();
+        FileState {
+            config: FileContent::read(config),
+            others: BuildHasherDefault::<DefaultHasher>::default().hash_one(&contents),
         }
     }
 }
@@ -130,27 +137,13 @@ impl Reloader {
         log: LogHandle,
         handle: ReloadHandle,
     ) -> Reloader {
-        let last_seen = FileState::read(&source.path);
-        let had_file = matches!(last_seen, FileState::Content(_));
-        Reloader {
-            source,
-            runtime,
-            listeners,
-            checks,
-            admin,
-            log,
-            handle,
-            last_seen,
-            had_file,
-        }
+        let last_seen = FileState::read(&source.path, &runtime.load().config.files);
+        let had_file = matches!(last_seen.config, FileContent::Content(_));
+        Reloader { source, runtime, listeners, checks, admin, log, handle, last_seen, had_file }
     }
 
     /// Serves reload requests until `stop`; then hands itself back for the shutdown.
-    pub async fn run(
-        mut self,
-        mut requests: mpsc::Receiver<Request>,
-        stop: CancellationToken,
-    ) -> Reloader {
+    pub async fn run(mut self, mut requests: mpsc::Receiver<Request>, stop: CancellationToken) -> Reloader {
         loop {
             let req = tokio::select! {
                 _ = stop.cancelled() => return self,
@@ -159,7 +152,7 @@ impl Reloader {
                     None => return self,
                 },
             };
-            let current = FileState::read(&self.source.path);
+            let current = FileState::read(&self.source.path, &self.runtime.load().config.files);
             if req.trigger == Trigger::File && current == self.last_seen {
                 continue;
             }
@@ -191,17 +184,14 @@ impl Reloader {
 
     fn try_reload(&mut self) -> Result<u64, String> {
         let required = self.source.required || self.had_file;
-        let loaded = config::load(&self.source.path, required, &self.source.overrides)
-            .map_err(|e| e.to_string())?;
-        self.had_file |= self.last_seen != FileState::Missing;
+        let loaded = config::load(&self.source.path, required, &self.source.overrides).map_err(|e| e.to_string())?;
+        self.had_file |= self.last_seen.config != FileContent::Missing;
         let config = loaded.config;
         let old = self.runtime.load_full();
 
         // Everything that can fail happens before the swap.
-        let fresh = self
-            .listeners
-            .prepare(&config.server.listen)
-            .map_err(|e| e.to_string())?;
+        let listen = crate::server::listen_set(&config.server);
+        let fresh = self.listeners.prepare(&listen).map_err(|e| e.to_string())?;
         let admin_listener = if config.admin != self.admin.0 {
             Some(crate::server::bind(config.admin.as_slice()).map_err(|e| e.to_string())?)
         } else {
@@ -215,8 +205,7 @@ impl Reloader {
         self.runtime.store(next.clone());
 
         let server = &next.config.server;
-        self.listeners
-            .apply(&server.listen, fresh, server.shutdown_grace);
+        self.listeners.apply(&listen, fresh, server.shutdown_grace);
         self.listeners.set_max_connections(server.max_connections);
         self.checks.cancel();
         self.checks = CancellationToken::new();

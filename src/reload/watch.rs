@@ -3,7 +3,7 @@
 //! slow periodic check catches changes no event reports (a single file bind-mounted into
 //! a container). The reloader compares contents, so a check that finds nothing new is free.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
@@ -17,22 +17,31 @@ pub const DEBOUNCE: Duration = Duration::from_millis(100);
 /// How often the content is checked without any event.
 pub const POLL_EVERY: Duration = Duration::from_secs(2);
 
-pub fn spawn(path: &Path, handle: ReloadHandle, stop: CancellationToken) {
-    let dir = match path.parent() {
+/// Watches the directories of `config` and of `others` (certificates, keys, CAs).
+pub fn spawn(config: &Path, others: &[PathBuf], handle: ReloadHandle, stop: CancellationToken) {
+    let dir_of = |path: &Path| match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
         _ => Path::new(".").to_owned(),
     };
+    let mut dirs: Vec<PathBuf> = std::iter::once(config).chain(others.iter().map(PathBuf::as_path)).map(dir_of).collect();
+    dirs.sort();
+    dirs.dedup();
     let (tx, mut events) = mpsc::channel::<()>(1);
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if event.is_ok() {
             let _ = tx.try_send(());
         }
     })
-    .and_then(|mut w| w.watch(&dir, RecursiveMode::NonRecursive).map(|()| w));
+    .and_then(|mut w| {
+        for dir in &dirs {
+            w.watch(dir, RecursiveMode::NonRecursive)?;
+        }
+        Ok(w)
+    });
     let watcher = match watcher {
         Ok(w) => Some(w),
         Err(e) => {
-            tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the config directory; checking it every {}s instead", POLL_EVERY.as_secs());
+            tracing::warn!(error = %e, "cannot watch the config's directories; checking the files every {}s instead", POLL_EVERY.as_secs());
             None
         }
     };

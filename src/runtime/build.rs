@@ -19,38 +19,21 @@ pub fn build(config: Config, previous: Option<&Runtime>, generation: u64) -> Run
         .rate_limits
         .iter()
         .map(|(name, cfg)| {
-            let kept = previous.and_then(|p| {
-                p.limits
-                    .iter()
-                    .find(|l| l.name == *name && l.config == *cfg)
-            });
+            let kept = previous.and_then(|p| p.limits.iter().find(|l| l.name == *name && l.config == *cfg));
             match kept {
                 Some(l) => l.clone(),
-                None => Arc::new(RateLimiter::new(
-                    name,
-                    cfg.clone(),
-                    metrics.rate_limited_counter(name),
-                )),
+                None => Arc::new(RateLimiter::new(name, cfg.clone(), metrics.rate_limited_counter(name))),
             }
         })
         .collect();
-    let limit_index = |name: &String| {
-        limits
-            .iter()
-            .position(|l| l.name == *name)
-            .expect("validated limit name")
-    };
+    let limit_index = |name: &String| limits.iter().position(|l| l.name == *name).expect("validated limit name");
     // Ascending and without repeats, like every list of limit indices: it is the order
     // their shard locks are taken in, so any other order could deadlock two requests.
     let mut server_limits: Vec<usize> = config.server.rate_limit.iter().map(limit_index).collect();
     server_limits.sort_unstable();
     server_limits.dedup();
     let route_limits = |names: &[String]| {
-        let mut ids: Vec<usize> = server_limits
-            .iter()
-            .copied()
-            .chain(names.iter().map(limit_index))
-            .collect();
+        let mut ids: Vec<usize> = server_limits.iter().copied().chain(names.iter().map(limit_index)).collect();
         ids.sort_unstable();
         ids.dedup();
         ids
@@ -60,6 +43,7 @@ pub fn build(config: Config, previous: Option<&Runtime>, generation: u64) -> Run
         .iter()
         .map(|up| {
             let old = previous.and_then(|p| p.upstreams.iter().find(|o| o.name == up.name));
+            let tls_for = |b: &crate::config::BackendConfig| (b.scheme == http::uri::Scheme::HTTPS).then(|| up.tls.clone()).flatten();
             let backends: Vec<Arc<Backend>> = up
                 .backends
                 .iter()
@@ -67,15 +51,13 @@ pub fn build(config: Config, previous: Option<&Runtime>, generation: u64) -> Run
                     let kept = old.and_then(|o| o.backends.iter().find(|ob| *ob.url == *b.url));
                     match kept {
                         Some(existing) => {
-                            existing.pool.reconfigure(up.pool);
+                            existing.pool.reconfigure(up.pool, tls_for(b));
                             if up.passive.max_fails == 0 {
                                 existing.reset_passive();
                             }
                             existing.clone()
                         }
-                        None => {
-                            Arc::new(Backend::new(&up.name, &b.url, b.authority.clone(), up.pool))
-                        }
+                        None => Arc::new(Backend::new(&up.name, &b.url, b.authority.clone(), up.pool, tls_for(b))),
                     }
                 })
                 .collect();
@@ -96,12 +78,7 @@ pub fn build(config: Config, previous: Option<&Runtime>, generation: u64) -> Run
         })
         .collect();
 
-    let index_of = |name: &str| {
-        upstreams
-            .iter()
-            .position(|u| u.name == name)
-            .expect("validated upstream name")
-    };
+    let index_of = |name: &str| upstreams.iter().position(|u| u.name == name).expect("validated upstream name");
     let routes = if config.routes.is_empty() && upstreams.len() == 1 {
         vec![super::router::Route {
             host: None,
@@ -111,20 +88,8 @@ pub fn build(config: Config, previous: Option<&Runtime>, generation: u64) -> Run
             limits: server_limits.clone(),
         }]
     } else {
-        config
-            .routes
-            .iter()
-            .map(|r| Router::route(r, index_of(&r.upstream), route_limits(&r.rate_limit)))
-            .collect()
+        config.routes.iter().map(|r| Router::route(r, index_of(&r.upstream), route_limits(&r.rate_limit))).collect()
     };
     let router = Router::new(routes);
-    Runtime {
-        generation,
-        config,
-        router,
-        upstreams,
-        metrics,
-        limits,
-        server_limits,
-    }
+    Runtime { generation, config, router, upstreams, metrics, limits, server_limits }
 }

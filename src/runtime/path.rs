@@ -8,11 +8,7 @@ use std::borrow::Cow;
 /// Normalises an origin-form path (no query). Allocates only when something changes.
 pub fn normalise(path: &str) -> Cow<'_, str> {
     let b = path.as_bytes();
-    let clean = !b.is_empty()
-        && b[0] == b'/'
-        && !path.contains('%')
-        && !path.contains("//")
-        && !path.contains("/.");
+    let clean = !b.is_empty() && b[0] == b'/' && !path.contains('%') && !path.contains("//") && !path.contains("/.");
     if clean {
         return Cow::Borrowed(path);
     }

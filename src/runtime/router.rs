@@ -52,9 +52,7 @@ impl Router {
 
 /// `/api` matches `/api` and `/api/...`, never `/apix`.
 pub fn prefix_matches(prefix: &str, path: &str) -> bool {
-    prefix == "/"
-        || (path.starts_with(prefix)
-            && matches!(path.as_bytes().get(prefix.len()), None | Some(b'/')))
+    prefix == "/" || (path.starts_with(prefix) && matches!(path.as_bytes().get(prefix.len()), None | Some(b'/')))
 }
 
 #[cfg(test)]
@@ -62,13 +60,7 @@ mod tests {
     use super::*;
 
     fn r(host: Option<HostMatch>, prefix: &str, upstream: usize) -> Route {
-        Route {
-            host,
-            prefix: prefix.into(),
-            upstream,
-            strip_prefix: false,
-            limits: vec![],
-        }
+        Route { host, prefix: prefix.into(), upstream, strip_prefix: false, limits: vec![] }
     }
 
     #[test]
@@ -91,11 +83,7 @@ mod tests {
 
     #[test]
     fn no_match_is_none() {
-        let router = Router::new(vec![r(
-            Some(HostMatch::Suffix("example.com".into())),
-            "/app",
-            0,
-        )]);
+        let router = Router::new(vec![r(Some(HostMatch::Suffix("example.com".into())), "/app", 0)]);
         assert!(router.find(Some("a.example.com"), "/other").is_none());
         assert!(router.find(Some("example.com"), "/app").is_none());
         assert!(router.find(None, "/app").is_none());

@@ -97,10 +97,7 @@ impl<T> GuardedIo<T> {
     fn close_with(&mut self, status: StatusCode, reason: String) {
         tracing::debug!(status = status.as_u16(), "{reason}");
         let response = raw_response(status, &reason, &request_id::generate());
-        self.phase = Phase::Closing {
-            response,
-            written: 0,
-        };
+        self.phase = Phase::Closing { response, written: 0 };
     }
 
     /// Moves the phase on from the connection's activity and the timer; `Ready` means the
@@ -139,10 +136,7 @@ impl<T> GuardedIo<T> {
         }
         if let Phase::Head { bytes } = self.phase {
             if bytes > self.limits.max_header_bytes {
-                let reason = format!(
-                    "request head larger than the limit of {} bytes",
-                    self.limits.max_header_bytes
-                );
+                let reason = format!("request head larger than the limit of {} bytes", self.limits.max_header_bytes);
                 self.close_with(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, reason);
                 return Poll::Ready(());
             }
@@ -220,11 +214,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> GuardedIo<T> {
 }
 
 impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for GuardedIo<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if this.poll_phase(cx).is_ready() {
             ready!(this.poll_closing(cx));
@@ -232,9 +222,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for GuardedIo<T> {
         }
         // While a head is awaited, never let more than the limit (+1, to notice) through.
         let cap = match this.phase {
-            Phase::Head { bytes } => (this.limits.max_header_bytes + 1)
-                .saturating_sub(bytes)
-                .max(1),
+            Phase::Head { bytes } => (this.limits.max_header_bytes + 1).saturating_sub(bytes).max(1),
             Phase::Idle => this.limits.max_header_bytes + 1,
             _ => usize::MAX,
         };
@@ -260,11 +248,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for GuardedIo<T> {
 }
 
 impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for GuardedIo<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
     }
 

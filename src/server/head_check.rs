@@ -25,10 +25,7 @@ pub fn head_end(buf: &[u8], from: usize) -> Option<usize> {
 /// Whether `buf` (after any empty lines) starts like a request line: an upper-case
 /// method token and a space. Used to tell a whole head from the tail of one.
 pub fn starts_with_request_line(buf: &[u8]) -> bool {
-    let start = buf
-        .iter()
-        .position(|b| *b != b'\r' && *b != b'\n')
-        .unwrap_or(buf.len());
+    let start = buf.iter().position(|b| *b != b'\r' && *b != b'\n').unwrap_or(buf.len());
     let rest = &buf[start..];
     let method = rest.iter().take_while(|b| b.is_ascii_uppercase()).count();
     (1..=20).contains(&method) && rest.get(method) == Some(&b' ')
@@ -65,9 +62,7 @@ pub fn check(head: &[u8]) -> Result<(), &'static str> {
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
             transfer_encodings += 1;
             if !trim(h.value).eq_ignore_ascii_case(b"chunked") {
-                return Err(
-                    "unsupported Transfer-Encoding (only a single \"chunked\" is accepted)",
-                );
+                return Err("unsupported Transfer-Encoding (only a single \"chunked\" is accepted)");
             }
         }
     }
@@ -84,14 +79,8 @@ pub fn check(head: &[u8]) -> Result<(), &'static str> {
 }
 
 fn trim(v: &[u8]) -> &[u8] {
-    let start = v
-        .iter()
-        .position(|b| !b.is_ascii_whitespace())
-        .unwrap_or(v.len());
-    let end = v
-        .iter()
-        .rposition(|b| !b.is_ascii_whitespace())
-        .map_or(start, |e| e + 1);
+    let start = v.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(v.len());
+    let end = v.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(start, |e| e + 1);
     &v[start..end]
 }
 
@@ -107,13 +96,8 @@ mod tests {
     fn ordinary_heads_pass() {
         assert!(verdict("GET / HTTP/1.1\r\nHost: x\r\n\r\n").is_ok());
         assert!(verdict("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n").is_ok());
-        assert!(
-            verdict("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n")
-                .is_ok()
-        );
-        assert!(
-            verdict("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: Chunked\r\n\r\n").is_ok()
-        );
+        assert!(verdict("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n").is_ok());
+        assert!(verdict("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: Chunked\r\n\r\n").is_ok());
     }
 
     #[test]

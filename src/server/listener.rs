@@ -9,8 +9,12 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use std::sync::atomic::Ordering::Relaxed;
+
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio_rustls::TlsAcceptor;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -31,11 +35,7 @@ pub fn bind(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>, BindError> {
     addrs
         .iter()
         .map(|&addr| {
-            let socket = if addr.is_ipv4() {
-                TcpSocket::new_v4()
-            } else {
-                TcpSocket::new_v6()
-            };
+            let socket = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() };
             socket
                 .and_then(|s| {
                     s.set_reuseaddr(true)?;
@@ -47,19 +47,31 @@ pub fn bind(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>, BindError> {
         .collect()
 }
 
+/// A listen address and whether it terminates TLS.
+pub type ListenAddr = (SocketAddr, bool);
+
+/// Every address the config listens on: plain ones, then `[server.tls]` ones.
+pub fn listen_set(cfg: &crate::config::ServerConfig) -> Vec<ListenAddr> {
+    let plain = cfg.listen.iter().map(|a| (*a, false));
+    let tls = cfg.tls.iter().flat_map(|t| t.listen.iter().map(|a| (*a, true)));
+    plain.chain(tls).collect()
+}
+
 /// The running listeners, each with its accept loop and the connections it started.
-/// Owned by the reloader, which changes the set as the config's `listen` list changes.
+/// Owned by the reloader, which changes the set as the config's listen lists change.
 pub struct Listeners {
     runtime: SharedRuntime,
     /// Client connections, over all listeners (`server.max_connections`).
     slots: Arc<Semaphore>,
     max_connections: usize,
+    /// Shared by every HTTPS listener; certificates come from the live runtime.
+    tls: TlsAcceptor,
     entries: Vec<Entry>,
 }
 
 struct Entry {
     /// The address as configured (what reloads compare), and as bound (port 0 resolved).
-    configured: SocketAddr,
+    configured: ListenAddr,
     bound: SocketAddr,
     stop: CancellationToken,
     /// Ends when the accept loop stops, handing back its connections for the drain.
@@ -69,12 +81,8 @@ struct Entry {
 impl Listeners {
     pub fn new(runtime: SharedRuntime) -> Listeners {
         let max_connections = runtime.load().config.server.max_connections;
-        Listeners {
-            runtime,
-            slots: Arc::new(Semaphore::new(max_connections)),
-            max_connections,
-            entries: Vec::new(),
-        }
+        let tls = TlsAcceptor::from(crate::tls::server_config(runtime.clone()));
+        Listeners { runtime, slots: Arc::new(Semaphore::new(max_connections)), max_connections, tls, entries: Vec::new() }
     }
 
     /// The bound addresses, in configured order.
@@ -83,55 +91,31 @@ impl Listeners {
     }
 
     /// Binds every address of `wanted` not listened on yet. Nothing changes on error.
-    pub fn prepare(
-        &self,
-        wanted: &[SocketAddr],
-    ) -> Result<Vec<(SocketAddr, TcpListener)>, BindError> {
-        let new: Vec<SocketAddr> = wanted
-            .iter()
-            .copied()
-            .filter(|a| !self.entries.iter().any(|e| e.configured == *a))
-            .collect();
-        Ok(new.iter().copied().zip(bind(&new)?).collect())
+    pub fn prepare(&self, wanted: &[ListenAddr]) -> Result<Vec<(ListenAddr, TcpListener)>, BindError> {
+        let new: Vec<ListenAddr> = wanted.iter().copied().filter(|a| !self.entries.iter().any(|e| e.configured == *a)).collect();
+        let addrs: Vec<SocketAddr> = new.iter().map(|(a, _)| *a).collect();
+        Ok(new.into_iter().zip(bind(&addrs)?).collect())
     }
 
     /// Starts the listeners `prepare` bound, and stops (then drains within `grace`) the
     /// ones no longer in `wanted`.
-    pub fn apply(
-        &mut self,
-        wanted: &[SocketAddr],
-        fresh: Vec<(SocketAddr, TcpListener)>,
-        grace: Duration,
-    ) {
-        let (keep, gone): (Vec<Entry>, Vec<Entry>) = std::mem::take(&mut self.entries)
-            .into_iter()
-            .partition(|e| wanted.contains(&e.configured));
+    pub fn apply(&mut self, wanted: &[ListenAddr], fresh: Vec<(ListenAddr, TcpListener)>, grace: Duration) {
+        let (keep, gone): (Vec<Entry>, Vec<Entry>) =
+            std::mem::take(&mut self.entries).into_iter().partition(|e| wanted.contains(&e.configured));
         self.entries = keep;
         for entry in gone {
             tracing::info!(addr = %entry.bound, "listener removed; draining its connections");
             tokio::spawn(drain(entry, grace));
         }
         for (configured, listener) in fresh {
-            let bound = listener
-                .local_addr()
-                .expect("bound listener has an address");
-            tracing::info!(addr = %bound, protocol = "http", "listening");
+            let bound = listener.local_addr().expect("bound listener has an address");
+            let tls = configured.1.then(|| self.tls.clone());
+            tracing::info!(addr = %bound, protocol = if tls.is_some() { "https" } else { "http" }, "listening");
             let stop = CancellationToken::new();
-            let task = tokio::spawn(accept_loop(
-                listener,
-                self.runtime.clone(),
-                self.slots.clone(),
-                stop.clone(),
-            ));
-            self.entries.push(Entry {
-                configured,
-                bound,
-                stop,
-                task,
-            });
+            let task = tokio::spawn(accept_loop(listener, tls, self.runtime.clone(), self.slots.clone(), stop.clone()));
+            self.entries.push(Entry { configured, bound, stop, task });
         }
-        self.entries
-            .sort_by_key(|e| wanted.iter().position(|w| *w == e.configured));
+        self.entries.sort_by_key(|e| wanted.iter().position(|w| *w == e.configured));
     }
 
     /// Changes `max_connections`; a lower limit takes effect as connections close.
@@ -170,21 +154,18 @@ impl Listeners {
 /// Stops one listener's accept loop and waits up to `grace` for its connections.
 async fn drain(entry: Entry, grace: Duration) -> bool {
     entry.stop.cancel();
-    let Ok(graceful) = entry.task.await else {
-        return false;
-    };
+    let Ok(graceful) = entry.task.await else { return false };
     let open = graceful.count();
     if open > 0 {
         tracing::info!(addr = %entry.bound, connections = open, grace = %humantime::format_duration(grace), "draining connections");
     }
-    tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_ok()
+    tokio::time::timeout(grace, graceful.shutdown()).await.is_ok()
 }
 
 /// Accepts until `stop`, then hands back the connections it started.
 async fn accept_loop(
     listener: TcpListener,
+    tls: Option<TlsAcceptor>,
     runtime: SharedRuntime,
     slots: Arc<Semaphore>,
     stop: CancellationToken,
@@ -202,7 +183,10 @@ async fn accept_loop(
             r = listener.accept() => r,
         };
         match accepted {
-            Ok((stream, peer)) => serve(stream, peer, &runtime, &graceful, permit),
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(serve(stream, peer, tls.clone(), runtime.clone(), graceful.watcher(), permit));
+            }
             Err(e) => {
                 // Out of file descriptors or similar: back off instead of spinning.
                 tracing::warn!(error = %e, "accept failed; retrying in 100ms");
@@ -212,34 +196,43 @@ async fn accept_loop(
     }
 }
 
-fn serve(
+/// One client connection, from TLS handshake (if any) to its end. Holds a connection slot.
+async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
-    runtime: &SharedRuntime,
-    graceful: &GracefulShutdown,
+    tls: Option<TlsAcceptor>,
+    runtime: SharedRuntime,
+    watcher: Watcher,
     permit: OwnedSemaphorePermit,
 ) {
-    let _ = stream.set_nodelay(true);
-    let (limits, max_header_bytes, metrics) = {
+    let _permit = permit;
+    let (limits, metrics) = {
         let rt = runtime.load();
         let s = &rt.config.server;
-        let limits = ConnLimits {
-            client_header: s.timeouts.client_header,
-            idle: s.timeouts.idle,
-            max_header_bytes: s.max_header_bytes,
-        };
-        (limits, s.max_header_bytes, rt.metrics.clone())
+        let limits =
+            ConnLimits { client_header: s.timeouts.client_header, idle: s.timeouts.idle, max_header_bytes: s.max_header_bytes };
+        (limits, rt.metrics.clone())
     };
-    metrics
-        .client_connections
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    metrics.client_connections.fetch_add(1, Relaxed);
+    match tls {
+        None => serve_http(stream, peer, false, limits, runtime, watcher).await,
+        // A handshake must finish within client_header, like a request head.
+        Some(acceptor) => match tokio::time::timeout(limits.client_header, acceptor.accept(stream)).await {
+            Ok(Ok(stream)) => serve_http(stream, peer, true, limits, runtime, watcher).await,
+            Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+        },
+    }
+    metrics.client_connections.fetch_sub(1, Relaxed);
+}
+
+async fn serve_http<T>(io: T, peer: SocketAddr, tls: bool, limits: ConnLimits, runtime: SharedRuntime, watcher: Watcher)
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let activity = Arc::new(ConnActivity::default());
-    let info = Arc::new(ConnInfo {
-        peer,
-        tls: false,
-        activity: activity.clone(),
-    });
-    let io = TokioIo::new(GuardedIo::new(stream, activity, limits));
+    let info = Arc::new(ConnInfo { peer, tls, activity: activity.clone() });
+    let io = TokioIo::new(GuardedIo::new(io, activity, limits));
 
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -247,29 +240,16 @@ fn serve(
         .keep_alive(true)
         .header_read_timeout(None)
         // Larger than the head limit, which GuardedIo enforces with a proper 431.
-        .max_buf_size((max_header_bytes * 2).max(16 * 1024))
+        .max_buf_size((limits.max_header_bytes * 2).max(16 * 1024))
         .max_headers(1024);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(max_header_bytes as u32);
+    builder.http2().timer(TokioTimer::new()).max_header_list_size(limits.max_header_bytes as u32);
 
-    let runtime = runtime.clone();
     let service = service_fn(move |req| {
         let busy = info.activity.begin();
         proxy::handle(runtime.clone(), info.clone(), busy, req)
     });
-    let conn = builder
-        .serve_connection_with_upgrades(io, service)
-        .into_owned();
-    let conn = graceful.watch(conn);
-    tokio::spawn(async move {
-        let _permit = permit;
-        if let Err(e) = conn.await {
-            tracing::debug!(%peer, error = %e, "client connection ended with an error");
-        }
-        metrics
-            .client_connections
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    });
+    let conn = builder.serve_connection_with_upgrades(io, service);
+    if let Err(e) = watcher.watch(conn.into_owned()).await {
+        tracing::debug!(%peer, error = %e, "client connection ended with an error");
+    }
 }

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use atomic_waker::AtomicWaker;
 
 pub use conn_guard::{ConnLimits, GuardedIo};
-pub use listener::{BindError, Listeners, bind};
+pub use listener::{BindError, ListenAddr, Listeners, bind, listen_set};
 
 /// Whether a client connection has a request (or an upgraded tunnel) in progress.
 /// Written by the request path through [`ActivityGuard`]s, read by [`GuardedIo`] to

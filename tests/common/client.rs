@@ -26,8 +26,7 @@ impl Reply {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
     }
 }
 
@@ -39,9 +38,7 @@ pub struct Conn {
 impl Conn {
     pub async fn open(addr: SocketAddr) -> Conn {
         let stream = TcpStream::connect(addr).await.unwrap();
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .unwrap();
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
         tokio::spawn(conn);
         Conn { sender }
     }
@@ -51,21 +48,11 @@ impl Conn {
         let resp = self.sender.send_request(req).await?;
         let (parts, body) = resp.into_parts();
         let body = body.collect().await?.to_bytes();
-        Ok(Reply {
-            status: parts.status,
-            headers: parts.headers,
-            body,
-        })
+        Ok(Reply { status: parts.status, headers: parts.headers, body })
     }
 
     pub async fn get(&mut self, path: &str) -> Result<Reply, hyper::Error> {
-        self.send(
-            Request::get(path)
-                .header("host", "test.local")
-                .body(Full::default())
-                .unwrap(),
-        )
-        .await
+        self.send(Request::get(path).header("host", "test.local").body(Full::default()).unwrap()).await
     }
 }
 
@@ -83,22 +70,13 @@ pub async fn send(addr: SocketAddr, req: Request<Full<Bytes>>) -> Reply {
 pub async fn send_h2(addr: SocketAddr, req: Request<Full<Bytes>>) -> (http::Version, Reply) {
     let stream = TcpStream::connect(addr).await.unwrap();
     let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.unwrap();
     tokio::spawn(conn);
     let resp = sender.send_request(req).await.unwrap();
     let version = resp.version();
     let (parts, body) = resp.into_parts();
     let body = body.collect().await.unwrap().to_bytes();
-    (
-        version,
-        Reply {
-            status: parts.status,
-            headers: parts.headers,
-            body,
-        },
-    )
+    (version, Reply { status: parts.status, headers: parts.headers, body })
 }
 
 /// Writes `raw` on a new connection and reads until the server closes or `timeout`.
@@ -137,8 +115,5 @@ pub async fn closed_within(s: &mut TcpStream, timeout: Duration) -> bool {
 
 /// Status code of the first response in a raw HTTP/1 reply.
 pub fn status_of(raw: &str) -> u16 {
-    raw.split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {raw:?}"))
+    raw.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("no status line in {raw:?}"))
 }

@@ -45,9 +45,7 @@ impl Balancer {
             cmd.arg("-c").arg(&config_path);
         }
         cmd.arg("--log-format").arg("json").args(args);
-        cmd.stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .stdin(Stdio::null());
+        cmd.stdout(Stdio::null()).stderr(Stdio::piped()).stdin(Stdio::null());
         cmd.env_remove("BALANCER_CONFIG").env_remove("BALANCER_LOG");
         let mut child = cmd.spawn().unwrap();
         let stderr = child.stderr.take().unwrap();
@@ -56,18 +54,11 @@ impl Balancer {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                let v = serde_json::from_str(&line)
-                    .unwrap_or_else(|_| serde_json::json!({ "raw": line }));
+                let v = serde_json::from_str(&line).unwrap_or_else(|_| serde_json::json!({ "raw": line }));
                 sink.lock().unwrap().push(v);
             }
         });
-        let mut b = Balancer {
-            child: Some(child),
-            logs,
-            dir,
-            config_path,
-            addrs: Vec::new(),
-        };
+        let mut b = Balancer { child: Some(child), logs, dir, config_path, addrs: Vec::new() };
         let expected = config_listen_count(config, args);
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
@@ -84,10 +75,7 @@ impl Balancer {
                 return Err(format!("exited with {status}; logs: {:?}", b.logs()));
             }
             if Instant::now() > deadline {
-                return Err(format!(
-                    "no listening line within 15s; logs: {:?}",
-                    b.logs()
-                ));
+                return Err(format!("no listening line within 15s; logs: {:?}", b.logs()));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -99,9 +87,7 @@ impl Balancer {
 
     /// The admin listener's address (from its `admin listening` line).
     pub fn admin(&self) -> SocketAddr {
-        let line = self.wait_for_log(Duration::from_secs(5), |l| {
-            l["message"] == "admin listening"
-        });
+        let line = self.wait_for_log(Duration::from_secs(5), |l| l["message"] == "admin listening");
         line["addr"].as_str().unwrap().parse().unwrap()
     }
 
@@ -119,36 +105,22 @@ impl Balancer {
 
     /// Log lines whose message is `message`.
     pub fn logs_matching(&self, message: &str) -> Vec<serde_json::Value> {
-        self.logs()
-            .into_iter()
-            .filter(|l| l["message"] == message)
-            .collect()
+        self.logs().into_iter().filter(|l| l["message"] == message).collect()
     }
 
     /// Access-log lines (target `access`).
     pub fn access_logs(&self) -> Vec<serde_json::Value> {
-        self.logs()
-            .into_iter()
-            .filter(|l| l["target"] == "access")
-            .collect()
+        self.logs().into_iter().filter(|l| l["target"] == "access").collect()
     }
 
     /// Waits until `pred` holds for some log line; panics after `timeout`.
-    pub fn wait_for_log(
-        &self,
-        timeout: Duration,
-        pred: impl Fn(&serde_json::Value) -> bool,
-    ) -> serde_json::Value {
+    pub fn wait_for_log(&self, timeout: Duration, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(l) = self.logs().into_iter().find(|l| pred(l)) {
                 return l;
             }
-            assert!(
-                Instant::now() < deadline,
-                "log line not seen within {timeout:?}; logs: {:#?}",
-                self.logs()
-            );
+            assert!(Instant::now() < deadline, "log line not seen within {timeout:?}; logs: {:#?}", self.logs());
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -166,12 +138,7 @@ impl Balancer {
     }
 
     pub fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.pid().to_string())
-            .status()
-            .unwrap()
-            .success();
+        let ok = Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status().unwrap().success();
         assert!(ok, "kill -{sig} failed");
     }
 
@@ -183,10 +150,7 @@ impl Balancer {
             if let Some(s) = child.try_wait().unwrap() {
                 return s;
             }
-            assert!(
-                Instant::now() < deadline,
-                "balancer did not exit within {timeout:?}"
-            );
+            assert!(Instant::now() < deadline, "balancer did not exit within {timeout:?}");
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -213,10 +177,7 @@ impl Drop for Balancer {
 
 /// How many `listening` lines to wait for: `-l` flags win, else the config's listen list.
 fn config_listen_count(config: &str, args: &[&str]) -> usize {
-    let flags = args
-        .iter()
-        .filter(|a| **a == "-l" || **a == "--listen")
-        .count();
+    let flags = args.iter().filter(|a| **a == "-l" || **a == "--listen").count();
     if flags > 0 {
         return flags;
     }
@@ -247,19 +208,13 @@ pub fn run_cli(args: &[&str], dir: &std::path::Path) -> (i32, String, String) {
 
 /// Like [`config_for`], with the admin listener on a free port.
 pub fn config_with_admin(backends: &[SocketAddr], extra: &str) -> String {
-    config_for(backends, extra).replace(
-        "[admin]\nlisten = \"off\"",
-        "[admin]\nlisten = \"127.0.0.1:0\"",
-    )
+    config_for(backends, extra).replace("[admin]\nlisten = \"off\"", "[admin]\nlisten = \"127.0.0.1:0\"")
 }
 
 /// One sample's value from a Prometheus text exposition, e.g.
 /// `metric(&text, "balancer_backend_up{upstream=\"app\",backend=\"http://..\"}")`.
 pub fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| {
-        l.strip_prefix(series)
-            .and_then(|rest| rest.trim().parse().ok())
-    })
+    text.lines().find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
 }
 
 /// A config with one upstream over `backends` and `extra` TOML appended; listens on :0.

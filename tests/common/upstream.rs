@@ -60,13 +60,7 @@ impl Upstream {
         let connections = Arc::new(AtomicUsize::new(0));
         let health = Arc::new(std::sync::atomic::AtomicU16::new(200));
         let conns: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
-        let (h, c, n, hl, cs) = (
-            hits.clone(),
-            connections.clone(),
-            name.to_owned(),
-            health.clone(),
-            conns.clone(),
-        );
+        let (h, c, n, hl, cs) = (hits.clone(), connections.clone(), name.to_owned(), health.clone(), conns.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -78,9 +72,7 @@ impl Upstream {
                     let svc = service_fn(move |req| handle(req, n.clone(), h.clone(), hl.clone()));
                     let mut builder = hyper::server::conn::http1::Builder::new();
                     builder.keep_alive(true);
-                    let conn = builder
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .with_upgrades();
+                    let conn = builder.serve_connection(TokioIo::new(stream), svc).with_upgrades();
                     match opts.idle_close {
                         // Approximates gunicorn: the connection is closed once it has been
                         // open this long with nothing in flight.
@@ -103,15 +95,7 @@ impl Upstream {
                 cs.lock().unwrap().push(conn_task.abort_handle());
             }
         });
-        Upstream {
-            addr,
-            name: name.to_owned(),
-            hits,
-            connections,
-            health,
-            task,
-            conns,
-        }
+        Upstream { addr, name: name.to_owned(), hits, connections, health, task, conns }
     }
 
     pub fn hits(&self) -> usize {
@@ -167,22 +151,16 @@ async fn handle(
         });
         let mut resp = Response::new(full(""));
         *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-        resp.headers_mut()
-            .insert("connection", "upgrade".parse().unwrap());
-        resp.headers_mut()
-            .insert("upgrade", req.headers()["upgrade"].clone());
+        resp.headers_mut().insert("connection", "upgrade".parse().unwrap());
+        resp.headers_mut().insert("upgrade", req.headers()["upgrade"].clone());
         return Ok(resp);
     }
     if let Some(ms) = path.strip_prefix("/sleep/").and_then(|s| s.parse().ok()) {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
-    if let Some(n) = path
-        .strip_prefix("/bytes/")
-        .and_then(|s| s.parse::<usize>().ok())
-    {
+    if let Some(n) = path.strip_prefix("/bytes/").and_then(|s| s.parse::<usize>().ok()) {
         let mut resp = Response::new(Repeat { remaining: n }.boxed());
-        resp.headers_mut()
-            .insert("x-upstream", name.parse().unwrap());
+        resp.headers_mut().insert("x-upstream", name.parse().unwrap());
         return Ok(resp);
     }
     let status = path
@@ -195,12 +173,7 @@ async fn handle(
     let headers: serde_json::Map<String, serde_json::Value> = req
         .headers()
         .iter()
-        .map(|(k, v)| {
-            (
-                k.to_string(),
-                serde_json::Value::String(v.to_str().unwrap_or("?").to_owned()),
-            )
-        })
+        .map(|(k, v)| (k.to_string(), serde_json::Value::String(v.to_str().unwrap_or("?").to_owned())))
         .collect();
     // Count the body without keeping it.
     let mut body = req.into_body();
@@ -211,13 +184,12 @@ async fn handle(
             Err(_) => break,
         }
     }
-    let echo = serde_json::json!({ "name": name, "method": method, "path": uri, "headers": headers, "body_len": body_len });
+    let echo =
+        serde_json::json!({ "name": name, "method": method, "path": uri, "headers": headers, "body_len": body_len });
     let mut resp = Response::new(full(echo.to_string()));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert("x-upstream", name.parse().unwrap());
-    resp.headers_mut()
-        .insert("content-type", "application/json".parse().unwrap());
+    resp.headers_mut().insert("x-upstream", name.parse().unwrap());
+    resp.headers_mut().insert("content-type", "application/json".parse().unwrap());
     Ok(resp)
 }
 
@@ -269,11 +241,7 @@ impl RawUpstream {
                 tokio::spawn(behaviour(stream));
             }
         });
-        RawUpstream {
-            addr,
-            connections,
-            task,
-        }
+        RawUpstream { addr, connections, task }
     }
 
     pub fn connections(&self) -> usize {
