@@ -40,10 +40,11 @@ fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
 /// A certificate chain and its private key, checked to belong together.
 pub fn load_certified_key(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, String> {
     let chain = certs(cert)?;
-    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: cannot read a PEM private key: {e}", key.display()))?;
-    CertifiedKey::from_der(chain, key_der, &provider())
-        .map(Arc::new)
-        .map_err(|e| format!("{}: the private key does not match the certificate in {}: {e}", key.display(), cert.display()))
+    let key_der = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("{}: cannot read a PEM private key: {e}", key.display()))?;
+    CertifiedKey::from_der(chain, key_der, &provider()).map(Arc::new).map_err(|e| {
+        format!("{}: the private key does not match the certificate in {}: {e}", key.display(), cert.display())
+    })
 }
 
 /// The certificates an HTTPS listener serves: a default, and others chosen by SNI.
@@ -118,7 +119,9 @@ pub fn backend_tls(ca: Option<&Path>, server_name: Option<&str>) -> Result<Backe
         }
     }
     let server_name = match server_name {
-        Some(n) => Some(ServerName::try_from(n.to_owned()).map_err(|e| format!(r#""{n}" is not a valid server name: {e}"#))?),
+        Some(n) => {
+            Some(ServerName::try_from(n.to_owned()).map_err(|e| format!(r#""{n}" is not a valid server name: {e}"#))?)
+        }
         None => None,
     };
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider())

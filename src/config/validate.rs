@@ -10,7 +10,7 @@ use ipnet::IpNet;
 
 use std::path::{Path, PathBuf};
 
-use super::raw::{RawTls, OneOrMany, RawConfig, RawHealthCheck, RawTimeoutOverrides, RawTimeouts, RawUpstream};
+use super::raw::{OneOrMany, RawConfig, RawHealthCheck, RawTimeoutOverrides, RawTimeouts, RawTls, RawUpstream};
 use super::*;
 
 /// The largest backend weight: keeps the round-robin schedule small.
@@ -112,8 +112,11 @@ pub fn validate(raw: &RawConfig, base: &Path) -> Result<Config, KeyError> {
     if raw.upstreams.is_empty() {
         return err("upstreams", "no upstreams are configured: add an [upstreams.NAME] table or pass --backend URL");
     }
-    let upstreams =
-        raw.upstreams.iter().map(|(name, up)| upstream(name, up, &timeouts, base, &mut files)).collect::<Result<Vec<_>, _>>()?;
+    let upstreams = raw
+        .upstreams
+        .iter()
+        .map(|(name, up)| upstream(name, up, &timeouts, base, &mut files))
+        .collect::<Result<Vec<_>, _>>()?;
 
     let mut routes = Vec::with_capacity(raw.routes.len());
     for (i, r) in raw.routes.iter().enumerate() {
@@ -180,7 +183,12 @@ fn resolve(base: &Path, file: &str) -> PathBuf {
     base.join(file)
 }
 
-fn tls_listeners(t: &RawTls, plain: &[SocketAddr], base: &Path, files: &mut Vec<PathBuf>) -> Result<TlsListeners, KeyError> {
+fn tls_listeners(
+    t: &RawTls,
+    plain: &[SocketAddr],
+    base: &Path,
+    files: &mut Vec<PathBuf>,
+) -> Result<TlsListeners, KeyError> {
     let listen = addrs(&t.listen, "server.tls.listen")?;
     if listen.is_empty() {
         return err("server.tls.listen", "at least one listen address is needed");
@@ -190,7 +198,8 @@ fn tls_listeners(t: &RawTls, plain: &[SocketAddr], base: &Path, files: &mut Vec<
     }
     let mut pair = |cert: &str, key: &str, at: &str| {
         let (cert, key) = (resolve(base, cert), resolve(base, key));
-        let loaded = crate::tls::load_certified_key(&cert, &key).map_err(|m| KeyError { key: at.to_owned(), message: m });
+        let loaded =
+            crate::tls::load_certified_key(&cert, &key).map_err(|m| KeyError { key: at.to_owned(), message: m });
         files.extend([cert, key]);
         loaded
     };
@@ -289,8 +298,10 @@ fn upstream(
     let any_https = backends.iter().any(|b| b.scheme == Scheme::HTTPS);
     let tls = if any_https {
         let ca = up.ca.as_deref().map(|f| resolve(dir, f));
-        let tls = crate::tls::backend_tls(ca.as_deref(), up.tls_server_name.as_deref())
-            .map_err(|m| KeyError { key: format!("{key}.{}", if up.ca.is_some() { "ca" } else { "backends" }), message: m })?;
+        let tls = crate::tls::backend_tls(ca.as_deref(), up.tls_server_name.as_deref()).map_err(|m| KeyError {
+            key: format!("{key}.{}", if up.ca.is_some() { "ca" } else { "backends" }),
+            message: m,
+        })?;
         files.extend(ca);
         Some(tls)
     } else if up.ca.is_some() || up.tls_server_name.is_some() {

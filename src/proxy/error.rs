@@ -78,9 +78,9 @@ impl ProxyError {
     pub fn into_response(self, mut log: RequestLog) -> Response<ResponseBody> {
         let status = self.status();
         if status.is_server_error() {
-            tracing::warn!(status = status.as_u16(), request_id = ?log.request_id, "{self}");
+            tracing::warn!(status = status.as_u16(), request_id = log.request_id.to_str().unwrap_or("-"), "{self}");
         } else {
-            tracing::debug!(status = status.as_u16(), request_id = ?log.request_id, "{self}");
+            tracing::debug!(status = status.as_u16(), request_id = log.request_id.to_str().unwrap_or("-"), "{self}");
         }
         log.status = status.as_u16();
         let closes = self.closes();

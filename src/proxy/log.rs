@@ -33,7 +33,7 @@ impl RequestLog {
     pub fn note_broken(&mut self, e: &hyper::Error) {
         self.broken = true;
         if let Some(b) = &self.backend {
-            tracing::warn!(backend = %b.url, error = %e, request_id = ?self.request_id, "backend response body broke off");
+            tracing::warn!(backend = %b.url, error = %e, request_id = self.request_id.to_str().unwrap_or("-"), "backend response body broke off");
         }
     }
 }

@@ -23,7 +23,8 @@ pub fn spawn(config: &Path, others: &[PathBuf], handle: ReloadHandle, stop: Canc
         Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
         _ => Path::new(".").to_owned(),
     };
-    let mut dirs: Vec<PathBuf> = std::iter::once(config).chain(others.iter().map(PathBuf::as_path)).map(dir_of).collect();
+    let mut dirs: Vec<PathBuf> =
+        std::iter::once(config).chain(others.iter().map(PathBuf::as_path)).map(dir_of).collect();
     dirs.sort();
     dirs.dedup();
     let (tx, mut events) = mpsc::channel::<()>(1);

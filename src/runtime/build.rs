@@ -43,7 +43,9 @@ pub fn build(config: Config, previous: Option<&Runtime>, generation: u64) -> Run
         .iter()
         .map(|up| {
             let old = previous.and_then(|p| p.upstreams.iter().find(|o| o.name == up.name));
-            let tls_for = |b: &crate::config::BackendConfig| (b.scheme == http::uri::Scheme::HTTPS).then(|| up.tls.clone()).flatten();
+            let tls_for = |b: &crate::config::BackendConfig| {
+                (b.scheme == http::uri::Scheme::HTTPS).then(|| up.tls.clone()).flatten()
+            };
             let backends: Vec<Arc<Backend>> = up
                 .backends
                 .iter()

@@ -14,9 +14,9 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio_rustls::TlsAcceptor;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use super::{ConnActivity, ConnLimits, GuardedIo};
@@ -82,7 +82,13 @@ impl Listeners {
     pub fn new(runtime: SharedRuntime) -> Listeners {
         let max_connections = runtime.load().config.server.max_connections;
         let tls = TlsAcceptor::from(crate::tls::server_config(runtime.clone()));
-        Listeners { runtime, slots: Arc::new(Semaphore::new(max_connections)), max_connections, tls, entries: Vec::new() }
+        Listeners {
+            runtime,
+            slots: Arc::new(Semaphore::new(max_connections)),
+            max_connections,
+            tls,
+            entries: Vec::new(),
+        }
     }
 
     /// The bound addresses, in configured order.
@@ -92,7 +98,8 @@ impl Listeners {
 
     /// Binds every address of `wanted` not listened on yet. Nothing changes on error.
     pub fn prepare(&self, wanted: &[ListenAddr]) -> Result<Vec<(ListenAddr, TcpListener)>, BindError> {
-        let new: Vec<ListenAddr> = wanted.iter().copied().filter(|a| !self.entries.iter().any(|e| e.configured == *a)).collect();
+        let new: Vec<ListenAddr> =
+            wanted.iter().copied().filter(|a| !self.entries.iter().any(|e| e.configured == *a)).collect();
         let addrs: Vec<SocketAddr> = new.iter().map(|(a, _)| *a).collect();
         Ok(new.into_iter().zip(bind(&addrs)?).collect())
     }
@@ -209,8 +216,11 @@ async fn serve(
     let (limits, metrics) = {
         let rt = runtime.load();
         let s = &rt.config.server;
-        let limits =
-            ConnLimits { client_header: s.timeouts.client_header, idle: s.timeouts.idle, max_header_bytes: s.max_header_bytes };
+        let limits = ConnLimits {
+            client_header: s.timeouts.client_header,
+            idle: s.timeouts.idle,
+            max_header_bytes: s.max_header_bytes,
+        };
         (limits, rt.metrics.clone())
     };
     metrics.client_connections.fetch_add(1, Relaxed);
