@@ -188,6 +188,10 @@ mod tests {
     }
 }
 
+/// A per-backend metric family: name, help, type, and how to read a backend's value.
+type BackendFamily =
+    (&'static str, &'static str, prometheus_client::metrics::MetricType, fn(&crate::backend::Backend) -> i64);
+
 /// Exposes the live runtime's counters in the Prometheus registry, read at scrape time.
 #[derive(Debug)]
 pub struct RuntimeCollector(pub crate::runtime::SharedRuntime);
@@ -237,36 +241,42 @@ impl prometheus_client::collector::Collector for RuntimeCollector {
                 .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
         }
 
-        let backends = || rt.upstreams.iter().flat_map(|u| u.backends.iter().map(move |b| (u, b)));
-        let mut family = enc.encode_descriptor(
-            "balancer_backend_up",
-            "1 when the backend receives traffic: active checks pass and passive checks have not taken it out.",
-            None,
-            MetricType::Gauge,
-        )?;
-        for (u, b) in backends() {
-            let labels = [("upstream", u.name.as_str()), ("backend", &*b.url)];
-            ConstGauge::new(i64::from(b.is_healthy())).encode(family.encode_family(&labels)?)?;
-        }
-        let mut family = enc.encode_descriptor(
-            "balancer_backend_inflight",
-            "Requests in flight to the backend.",
-            None,
-            MetricType::Gauge,
-        )?;
-        for (u, b) in backends() {
-            let labels = [("upstream", u.name.as_str()), ("backend", &*b.url)];
-            ConstGauge::new(b.inflight() as i64).encode(family.encode_family(&labels)?)?;
-        }
-        let mut family = enc.encode_descriptor(
-            "balancer_backend_failures",
-            "Failed attempts on the backend: connect errors, resets, timeouts.",
-            None,
-            MetricType::Counter,
-        )?;
-        for (u, b) in backends() {
-            let labels = [("upstream", u.name.as_str()), ("backend", &*b.url)];
-            ConstCounter::new(b.failures()).encode(family.encode_family(&labels)?)?;
+        // One family per backend property, each labelled by upstream and backend.
+        let per_backend: [BackendFamily; 4] = [
+            (
+                "balancer_backend_up",
+                "1 when the backend receives traffic: active checks pass and passive checks have not taken it out.",
+                MetricType::Gauge,
+                |b| i64::from(b.is_healthy()),
+            ),
+            ("balancer_backend_inflight", "Requests in flight to the backend.", MetricType::Gauge, |b| {
+                b.inflight() as i64
+            }),
+            (
+                "balancer_backend_failures",
+                "Failed attempts on the backend: connect errors, resets, timeouts.",
+                MetricType::Counter,
+                |b| b.failures() as i64,
+            ),
+            (
+                "balancer_backend_connections_opened",
+                "TCP connections opened to the backend (requests per connection opened is the reuse rate).",
+                MetricType::Counter,
+                |b| b.pool.opened() as i64,
+            ),
+        ];
+        for (name, help, kind, value) in per_backend {
+            let mut family = enc.encode_descriptor(name, help, None, kind)?;
+            for u in &rt.upstreams {
+                for b in &u.backends {
+                    let labels = [("upstream", u.name.as_str()), ("backend", &*b.url)];
+                    let series = family.encode_family(&labels)?;
+                    match kind {
+                        MetricType::Counter => ConstCounter::new(value(b) as u64).encode(series)?,
+                        _ => ConstGauge::new(value(b)).encode(series)?,
+                    }
+                }
+            }
         }
 
         let mut family = enc.encode_descriptor(

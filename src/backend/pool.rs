@@ -4,6 +4,7 @@
 //! have been closed by the backend); any idle longer than `idle_timeout` is dropped before
 //! the backend's own keep-alive timer (gunicorn: 2 s, uvicorn: 5 s) can close it under us.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -24,6 +25,9 @@ use rustls::pki_types::ServerName;
 #[derive(Debug)]
 pub struct Pool {
     authority: Authority,
+    /// Connections opened so far (pooled or not): requests per opened connection is the
+    /// reuse rate.
+    opened: AtomicU64,
     inner: Mutex<PoolInner>,
 }
 
@@ -32,8 +36,8 @@ struct PoolInner {
     config: PoolConfig,
     /// Set for an `https://` backend: how its certificate is verified.
     tls: Option<BackendTls>,
-    /// Oldest first.
-    idle: Vec<Idle>,
+    /// Oldest at the front, newest at the back.
+    idle: VecDeque<Idle>,
 }
 
 #[derive(Debug)]
@@ -90,7 +94,11 @@ pub enum ConnectError {
 impl Pool {
     /// A pool for the backend at `authority`; `tls` is set for an `https://` backend.
     pub fn new(authority: Authority, config: PoolConfig, tls: Option<BackendTls>) -> Pool {
-        Pool { authority, inner: Mutex::new(PoolInner { config, tls, idle: Vec::new() }) }
+        Pool {
+            authority,
+            opened: AtomicU64::new(0),
+            inner: Mutex::new(PoolInner { config, tls, idle: VecDeque::new() }),
+        }
     }
 
     /// Applies a reloaded upstream's settings; idle connections are kept.
@@ -105,29 +113,39 @@ impl Pool {
         }
     }
 
+    pub fn opened(&self) -> u64 {
+        self.opened.load(Relaxed)
+    }
+
     pub fn idle_count(&self) -> usize {
         self.inner.lock().expect("pool lock").idle.len()
     }
 
     /// An idle, usable connection if there is one; otherwise a new one.
     pub async fn checkout(self: &Arc<Self>) -> Result<PooledConn, ConnectError> {
-        if let Some(mut conn) = self.take_idle() {
-            conn.reused = true;
-            return Ok(conn);
+        while let Some(mut conn) = self.take_idle() {
+            // Put back as soon as its response ended: the connection's own task may not
+            // have marked it ready yet. A closed one fails here and is dropped.
+            if conn.sender.ready().await.is_ok() {
+                conn.reused = true;
+                return Ok(conn);
+            }
         }
         self.connect().await
     }
 
+    /// The newest idle connection that is neither expired nor known closed.
     fn take_idle(&self) -> Option<PooledConn> {
         let mut inner = self.inner.lock().expect("pool lock");
         let max_idle = inner.config.idle_timeout;
-        while let Some(idle) = inner.idle.pop() {
-            if idle.since.elapsed() < max_idle && idle.conn.sender.is_ready() {
-                return Some(idle.conn);
-            }
-            // Older entries are older still: drop them all.
+        while let Some(idle) = inner.idle.pop_back() {
             if idle.since.elapsed() >= max_idle {
+                // Older entries are older still: drop them all.
                 inner.idle.clear();
+                return None;
+            }
+            if !idle.conn.sender.is_closed() {
+                return Some(idle.conn);
             }
         }
         None
@@ -150,6 +168,7 @@ impl Pool {
         let host = self.authority.host();
         let port = self.authority.port_u16().unwrap_or(if tls.is_some() { 443 } else { 80 });
         let stream = TcpStream::connect((host, port)).await?;
+        self.opened.fetch_add(1, Relaxed);
         stream.set_nodelay(true)?;
         let read = Arc::new(AtomicU64::new(0));
         let sender = match tls {
@@ -167,32 +186,22 @@ impl Pool {
         Ok(PooledConn { sender, reused: false, read })
     }
 
-    /// Returns the connection to the pool once its response has been read in full.
-    pub fn release(self: &Arc<Self>, mut conn: PooledConn) {
-        if conn.sender.is_ready() {
-            self.put(conn);
-            return;
-        }
-        let pool = self.clone();
-        tokio::spawn(async move {
-            if conn.sender.ready().await.is_ok() {
-                pool.put(conn);
-            }
-        });
-    }
-
-    fn put(&self, conn: PooledConn) {
+    /// Returns a connection whose response has been read in full (never one whose
+    /// response was cut short) to the pool, newest last, dropping the expired oldest.
+    pub fn release(&self, conn: PooledConn) {
         let mut inner = self.inner.lock().expect("pool lock");
         let cfg = inner.config;
-        if cfg.keepalive == 0 {
+        if cfg.keepalive == 0 || conn.sender.is_closed() {
             return;
         }
         let now = Instant::now();
-        inner.idle.retain(|i| now.duration_since(i.since) < cfg.idle_timeout && !i.conn.sender.is_closed());
-        if inner.idle.len() >= cfg.keepalive {
-            inner.idle.remove(0);
+        while inner.idle.front().is_some_and(|i| now.duration_since(i.since) >= cfg.idle_timeout) {
+            inner.idle.pop_front();
         }
-        inner.idle.push(Idle { conn, since: now });
+        if inner.idle.len() >= cfg.keepalive {
+            inner.idle.pop_front();
+        }
+        inner.idle.push_back(Idle { conn, since: now });
     }
 }
 

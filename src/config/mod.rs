@@ -38,7 +38,17 @@ pub struct Loaded {
 
 /// Reads `path` (missing is fine unless `required`), applies `overrides`, validates.
 pub fn load(path: &Path, required: bool, overrides: &Overrides) -> Result<Loaded, ConfigError> {
-    let src = source::Source::read(path, required)?;
+    finish(source::Source::read(path, required)?, overrides)
+}
+
+/// Like [`load`], from text already in memory; `path` names it in errors and is where
+/// relative file names start. (Also the fuzzing entry point for the config parser.)
+pub fn parse(text: &str, path: &Path, overrides: &Overrides) -> Result<Loaded, ConfigError> {
+    finish(source::Source { path: path.to_owned(), text: text.to_owned(), exists: true }, overrides)
+}
+
+fn finish(src: source::Source, overrides: &Overrides) -> Result<Loaded, ConfigError> {
+    let path = src.path.as_path();
     let merged = src.merge(overrides)?;
     // Relative file names in the config (certificates, keys, CAs) are relative to its directory.
     let base = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));

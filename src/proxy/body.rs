@@ -10,7 +10,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use super::log::RequestLog;
-use crate::backend::InflightGuard;
+use crate::backend::{InflightGuard, PooledConn};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -117,6 +117,9 @@ pub struct ResponseBody {
     log: RequestLog,
     /// Keeps the backend's in-flight count until the last byte is sent.
     _inflight: Option<InflightGuard>,
+    /// The backend connection, returned to its pool when the body ends cleanly (and
+    /// dropped, closing it, if the body is cut short).
+    release: Option<PooledConn>,
 }
 
 #[derive(Debug)]
@@ -126,12 +129,28 @@ enum Kind {
 }
 
 impl ResponseBody {
-    pub fn upstream(body: Incoming, log: RequestLog, inflight: Option<InflightGuard>) -> ResponseBody {
-        ResponseBody { kind: Kind::Upstream(body), log, _inflight: inflight }
+    pub fn upstream(
+        body: Incoming,
+        log: RequestLog,
+        inflight: Option<InflightGuard>,
+        release: Option<PooledConn>,
+    ) -> ResponseBody {
+        let mut b = ResponseBody { kind: Kind::Upstream(body), log, _inflight: inflight, release };
+        if http_body::Body::is_end_stream(&b) {
+            b.ended();
+        }
+        b
     }
 
     pub fn full(bytes: Bytes, log: RequestLog) -> ResponseBody {
-        ResponseBody { kind: Kind::Full(Some(bytes)), log, _inflight: None }
+        ResponseBody { kind: Kind::Full(Some(bytes)), log, _inflight: None, release: None }
+    }
+
+    /// The backend's body ended cleanly: its connection can serve another request.
+    fn ended(&mut self) {
+        if let (Some(conn), Some(inflight)) = (self.release.take(), &self._inflight) {
+            inflight.backend().pool.release(conn);
+        }
     }
 }
 
@@ -142,13 +161,22 @@ impl Body for ResponseBody {
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         let frame = match &mut this.kind {
-            Kind::Upstream(b) => match ready!(Pin::new(b).poll_frame(cx)) {
-                Some(Ok(f)) => f,
+            Kind::Upstream(b) => match ready!(Pin::new(&mut *b).poll_frame(cx)) {
+                Some(Ok(f)) => {
+                    if b.is_end_stream() {
+                        this.ended();
+                    }
+                    f
+                }
                 Some(Err(e)) => {
+                    this.release = None;
                     this.log.note_broken(&e);
                     return Poll::Ready(Some(Err(Box::new(e))));
                 }
-                None => return Poll::Ready(None),
+                None => {
+                    this.ended();
+                    return Poll::Ready(None);
+                }
             },
             Kind::Full(b) => match b.take() {
                 Some(bytes) => Frame::data(bytes),

@@ -9,7 +9,7 @@
 
 pub mod body;
 pub mod error;
-mod headers;
+pub mod headers;
 mod log;
 pub mod request_id;
 mod upgrade;
@@ -71,7 +71,7 @@ pub async fn handle(
     let (parts, body) = req.into_parts();
     let outcome = proxy(&rt, &conn, &parts, body, &mut log).await;
     Ok(match outcome {
-        Ok(Proxied { mut response, inflight }) => {
+        Ok(Proxied { mut response, inflight, conn: backend_conn }) => {
             let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
             headers::rewrite_response(response.headers_mut(), switching, &log.request_id);
             log.status = response.status().as_u16();
@@ -80,7 +80,7 @@ pub async fn handle(
                     Some(client) => {
                         let backend = hyper::upgrade::on(&mut response);
                         upgrade::tunnel(client, backend, inflight, conn.activity.begin());
-                        response.map(|b| ResponseBody::upstream(b, log, None))
+                        response.map(|b| ResponseBody::upstream(b, log, None, None))
                     }
                     None => ProxyError::BrokeOff {
                         backend: inflight.backend().url.clone(),
@@ -89,17 +89,19 @@ pub async fn handle(
                     .into_response(log),
                 }
             } else {
-                response.map(|b| ResponseBody::upstream(b, log, Some(inflight)))
+                response.map(|b| ResponseBody::upstream(b, log, Some(inflight), Some(backend_conn)))
             }
         }
         Err(e) => e.into_response(log),
     })
 }
 
-/// A backend's response, with the in-flight mark that must live as long as its body.
+/// A backend's response, with the in-flight mark that must live as long as its body and
+/// the connection that returns to the pool when the body ends.
 struct Proxied {
     response: Response<Incoming>,
     inflight: InflightGuard,
+    conn: PooledConn,
 }
 
 async fn proxy(
@@ -193,9 +195,9 @@ async fn proxy(
             upgrade: upgrade.as_ref(),
         };
         match attempt(upstream, backend, parts, &target, &mut body, body_empty, &fwd).await {
-            Ok(response) => {
+            Ok((response, conn)) => {
                 backend.record_response();
-                return Ok(Proxied { response, inflight });
+                return Ok(Proxied { response, inflight, conn });
             }
             Err(Failure { error, retryable }) => {
                 if error.is_backend_failure() {
@@ -229,7 +231,7 @@ async fn attempt(
     body: &mut Option<RequestBody>,
     body_empty: bool,
     fwd: &Forwarded<'_>,
-) -> Result<Response<Incoming>, Failure> {
+) -> Result<(Response<Incoming>, PooledConn), Failure> {
     let url = &backend.url;
     let pool = &backend.pool;
     let mut fresh_only = false;
@@ -271,10 +273,7 @@ async fn attempt(
             }
         };
         let mut err = match outcome {
-            Ok(response) => {
-                pool.release(conn);
-                return Ok(response);
-            }
+            Ok(response) => return Ok((response, conn)),
             Err(e) => e,
         };
         let nothing_sent = err.take_message().is_some_and(|req| {

@@ -167,6 +167,9 @@ impl Reloader {
     fn reload(&mut self, trigger: Trigger) -> Result<u64, String> {
         let result = self.try_reload();
         let metrics = self.runtime.load().metrics.clone();
+        // The outcome first, the counters after: whoever sees a counter move can read why.
+        *metrics.last_reload.lock().expect("last_reload lock") =
+            LastReload::now(result.as_ref().map(|_| ()).map_err(Clone::clone));
         match &result {
             Ok(generation) => {
                 metrics.reloads_success.fetch_add(1, Relaxed);
@@ -177,8 +180,6 @@ impl Reloader {
                 tracing::error!(trigger = trigger.as_str(), %error, "config reload failed; the running config stays in force");
             }
         }
-        *metrics.last_reload.lock().expect("last_reload lock") =
-            LastReload::now(result.as_ref().map(|_| ()).map_err(Clone::clone));
         result
     }
 

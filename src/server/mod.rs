@@ -2,7 +2,7 @@
 //! on one socket, the connection-level timeouts, and the graceful drain.
 
 mod conn_guard;
-mod head_check;
+pub mod head_check;
 mod listener;
 
 use std::sync::Arc;
