@@ -117,17 +117,18 @@ impl Backend {
     }
 
     /// A response head arrived from this backend.
-    pub fn record_response(&self) {
+    /// A response head arrived; `trial`: this request was the passive trial.
+    pub fn record_response(&self, trial: bool) {
         self.requests.fetch_add(1, Relaxed);
-        if self.passive.on_success() == Some(Transition::Recovered) {
+        if self.passive.on_success(trial) == Some(Transition::Recovered) {
             tracing::info!(upstream = %self.upstream, backend = %self.url, reason = "a trial request succeeded", "backend up: back in after passive ejection");
         }
     }
 
     /// An attempt failed: connect error, reset, or timeout.
-    pub fn record_failure(&self, passive: &PassiveConfig, error: &dyn Display) {
+    pub fn record_failure(&self, passive: &PassiveConfig, trial: bool, error: &dyn Display) {
         self.failures.fetch_add(1, Relaxed);
-        if let Some(Transition::Ejected { failures }) = self.passive.on_failure(passive) {
+        if let Some(Transition::Ejected { failures }) = self.passive.on_failure(passive, trial) {
             tracing::warn!(
                 upstream = %self.upstream,
                 backend = %self.url,

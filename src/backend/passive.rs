@@ -81,24 +81,29 @@ impl PassiveState {
         self.trial_since.compare_exchange(seen, self.now(), Relaxed, Relaxed).is_ok()
     }
 
-    pub fn on_success(&self) -> Option<Transition> {
+    /// A response head arrived. `trial`: this request was the claimed trial; only its
+    /// success brings an ejected backend back (a request sent before the ejection that
+    /// happens to finish well does not).
+    pub fn on_success(&self, trial: bool) -> Option<Transition> {
         self.consecutive_failures.store(0, Relaxed);
-        if self.out_until.swap(0, Relaxed) != 0 {
+        if trial && self.out_until.swap(0, Relaxed) != 0 {
             self.trial_since.store(0, Relaxed);
             return Some(Transition::Recovered);
         }
         None
     }
 
-    pub fn on_failure(&self, cfg: &PassiveConfig) -> Option<Transition> {
+    /// An attempt failed. `trial` as for [`Self::on_success`]: a failed trial puts the
+    /// backend out for another `fail_timeout`; other failures while out change nothing.
+    pub fn on_failure(&self, cfg: &PassiveConfig, trial: bool) -> Option<Transition> {
         if cfg.max_fails == 0 {
             return None;
         }
         let failures = self.consecutive_failures.fetch_add(1, Relaxed) + 1;
         let until = self.now() + cfg.fail_timeout.as_millis() as u64;
         if self.is_out() {
-            // A failed trial: out again, without a new log line.
-            if self.trial_since.swap(0, Relaxed) != 0 {
+            if trial {
+                self.trial_since.store(0, Relaxed);
                 self.out_until.store(until, Relaxed);
             }
             return None;
@@ -130,10 +135,12 @@ mod tests {
     fn ejects_after_max_fails_then_one_trial_decides() {
         let s = PassiveState::default();
         let c = cfg(30);
-        assert_eq!(s.on_failure(&c), None);
-        assert_eq!(s.on_success(), None, "a success resets the streak");
-        assert_eq!(s.on_failure(&c), None);
-        assert_eq!(s.on_failure(&c), Some(Transition::Ejected { failures: 2 }));
+        assert_eq!(s.on_failure(&c, false), None);
+        assert_eq!(s.on_success(false), None, "a success resets the streak");
+        assert_eq!(s.on_failure(&c, false), None);
+        assert_eq!(s.on_failure(&c, false), Some(Transition::Ejected { failures: 2 }));
+        assert_eq!(s.on_success(false), None, "an older request's success does not end the ejection");
+        assert_eq!(s.on_failure(&c, false), None, "nor does an older request's failure extend it");
         assert_eq!(s.admission(&c), Admission::Closed);
         std::thread::sleep(Duration::from_millis(40));
         let Admission::Trial(seen) = s.admission(&c) else { panic!("no trial offered") };
@@ -141,12 +148,12 @@ mod tests {
         assert!(!s.claim_trial(seen), "a second claimer with the same offer loses");
         assert_eq!(s.admission(&c), Admission::Closed, "only one trial at a time");
         // The trial fails: out for another fail_timeout.
-        assert_eq!(s.on_failure(&c), None);
+        assert_eq!(s.on_failure(&c, true), None);
         assert_eq!(s.admission(&c), Admission::Closed);
         std::thread::sleep(Duration::from_millis(40));
         let Admission::Trial(seen) = s.admission(&c) else { panic!("no trial offered") };
         assert!(s.claim_trial(seen));
-        assert_eq!(s.on_success(), Some(Transition::Recovered));
+        assert_eq!(s.on_success(true), Some(Transition::Recovered));
         assert_eq!(s.admission(&c), Admission::Open);
     }
 
@@ -155,7 +162,7 @@ mod tests {
         let s = PassiveState::default();
         let c = PassiveConfig { max_fails: 0, fail_timeout: Duration::from_secs(1) };
         for _ in 0..10 {
-            assert_eq!(s.on_failure(&c), None);
+            assert_eq!(s.on_failure(&c, false), None);
         }
         assert_eq!(s.admission(&c), Admission::Open);
     }

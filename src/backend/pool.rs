@@ -79,8 +79,18 @@ where
     Ok(sender)
 }
 
+/// Errors that mean balancer itself is out of something (file descriptors, buffers, local
+/// ports), not that the backend is unwell.
+fn is_local_exhaustion(e: &std::io::Error) -> bool {
+    // EMFILE, ENFILE, ENOMEM, ENOBUFS, EADDRNOTAVAIL (Linux numbering).
+    matches!(e.raw_os_error(), Some(24 | 23 | 12 | 105 | 99))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
+    /// balancer's own resources ran out; the backend is not to blame.
+    #[error("balancer is out of local resources: {0}")]
+    Local(std::io::Error),
     #[error("TLS handshake failed: {0}")]
     Tls(std::io::Error),
     #[error("connect timed out after {0:?}")]
@@ -167,7 +177,9 @@ impl Pool {
     async fn open(&self, tls: Option<BackendTls>) -> Result<PooledConn, ConnectError> {
         let host = self.authority.host();
         let port = self.authority.port_u16().unwrap_or(if tls.is_some() { 443 } else { 80 });
-        let stream = TcpStream::connect((host, port)).await?;
+        let stream = TcpStream::connect((host, port))
+            .await
+            .map_err(|e| if is_local_exhaustion(&e) { ConnectError::Local(e) } else { ConnectError::Io(e) })?;
         self.opened.fetch_add(1, Relaxed);
         stream.set_nodelay(true)?;
         let read = Arc::new(AtomicU64::new(0));

@@ -27,6 +27,8 @@ pub enum ProxyError {
     RateLimited(crate::limit::Refusal),
     #[error("no healthy backend in upstream {upstream}")]
     NoHealthyBackend { upstream: String },
+    #[error("balancer is out of local resources: {0}")]
+    OutOfResources(std::io::Error),
     #[error("backend {backend} could not be reached: {source}")]
     Unreachable { backend: Arc<str>, source: BoxError },
     #[error("backend {backend} failed before responding: {source}")]
@@ -44,7 +46,9 @@ impl ProxyError {
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::NoHealthyBackend { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::Unreachable { .. } | ProxyError::BrokeOff { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::Unreachable { .. } | ProxyError::BrokeOff { .. } | ProxyError::OutOfResources(_) => {
+                StatusCode::BAD_GATEWAY
+            }
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -67,6 +71,7 @@ impl ProxyError {
     fn public_reason(&self) -> String {
         match self {
             ProxyError::Unreachable { .. } => "bad gateway: the backend could not be reached".into(),
+            ProxyError::OutOfResources(_) => "bad gateway: balancer is out of resources to reach the backend".into(),
             ProxyError::BrokeOff { .. } => "bad gateway: the backend closed the connection without a response".into(),
             ProxyError::UpstreamTimeout { after, .. } => {
                 format!("gateway timeout: the backend sent no response within {}", humantime::format_duration(*after))

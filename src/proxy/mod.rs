@@ -180,7 +180,7 @@ async fn proxy(
             Some(_) => upstream.pick(|_| true),
             None => None,
         });
-        let Some(idx) = picked else { break };
+        let Some((idx, trial)) = picked else { break };
         tried.push(idx);
         let backend = &upstream.backends[idx];
         log.backend = Some(backend.clone());
@@ -196,12 +196,12 @@ async fn proxy(
         };
         match attempt(upstream, backend, parts, &target, &mut body, body_empty, &fwd).await {
             Ok((response, conn)) => {
-                backend.record_response();
+                backend.record_response(trial);
                 return Ok(Proxied { response, inflight, conn });
             }
             Err(Failure { error, retryable }) => {
                 if error.is_backend_failure() {
-                    backend.record_failure(&upstream.passive, &error);
+                    backend.record_failure(&upstream.passive, trial, &error);
                 }
                 tracing::debug!(backend = %backend.url, error = %error, retryable, "attempt failed");
                 if !retryable {
@@ -239,6 +239,9 @@ async fn attempt(
         let checked_out = if fresh_only { pool.connect().await } else { pool.checkout().await };
         let mut conn: PooledConn = match checked_out {
             Ok(c) => c,
+            Err(crate::backend::ConnectError::Local(e)) => {
+                return Err(Failure { error: ProxyError::OutOfResources(e), retryable: false });
+            }
             Err(e) => {
                 return Err(Failure {
                     error: ProxyError::Unreachable { backend: url.clone(), source: Box::new(e) },

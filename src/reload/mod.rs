@@ -80,6 +80,8 @@ struct FileState {
     config: FileContent,
     /// A hash over every other file's content (or error).
     others: u64,
+    /// Some file could not be read for reasons of balancer's own (out of descriptors).
+    cannot_tell: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -87,6 +89,7 @@ enum FileContent {
     Content(u64),
     Missing,
     Unreadable(std::io::ErrorKind),
+    CannotTell,
 }
 
 impl FileContent {
@@ -95,6 +98,8 @@ impl FileContent {
         match std::fs::read(path) {
             Ok(bytes) => FileContent::Content(BuildHasherDefault::<DefaultHasher>::default().hash_one(&bytes)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => FileContent::Missing,
+            // Out of file descriptors (EMFILE, ENFILE): nothing is known about the file.
+            Err(e) if matches!(e.raw_os_error(), Some(23 | 24)) => FileContent::CannotTell,
             Err(e) => FileContent::Unreadable(e.kind()),
         }
     }
@@ -104,10 +109,9 @@ impl FileState {
     fn read(config: &Path, others: &[std::path::PathBuf]) -> FileState {
         use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
         let contents: Vec<FileContent> = others.iter().map(|p| FileContent::read(p)).collect();
-        FileState {
-            config: FileContent::read(config),
-            others: BuildHasherDefault::<DefaultHasher>::default().hash_one(&contents),
-        }
+        let config = FileContent::read(config);
+        let cannot_tell = config == FileContent::CannotTell || contents.contains(&FileContent::CannotTell);
+        FileState { config, others: BuildHasherDefault::<DefaultHasher>::default().hash_one(&contents), cannot_tell }
     }
 }
 
@@ -153,7 +157,7 @@ impl Reloader {
                 },
             };
             let current = FileState::read(&self.source.path, &self.runtime.load().config.files);
-            if req.trigger == Trigger::File && current == self.last_seen {
+            if req.trigger == Trigger::File && (current == self.last_seen || current.cannot_tell) {
                 continue;
             }
             self.last_seen = current;

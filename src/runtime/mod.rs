@@ -57,7 +57,8 @@ pub struct Upstream {
 impl Upstream {
     /// A backend that `accept` allows and health admits, by this upstream's strategy. A
     /// backend that is out but due a trial is only returned to the request that claims it.
-    pub fn pick(&self, mut accept: impl FnMut(usize) -> bool) -> Option<usize> {
+    /// Returns the backend's index, and whether this request is its passive trial.
+    pub fn pick(&self, mut accept: impl FnMut(usize) -> bool) -> Option<(usize, bool)> {
         let mut lost_trials: Vec<usize> = Vec::new();
         loop {
             // The trial offers seen during this scan: (backend, stamp to claim with).
@@ -76,8 +77,8 @@ impl Upstream {
                 }
             })?;
             match offers.iter().find(|(i, _)| *i == idx) {
-                None => return Some(idx),
-                Some(&(_, seen)) if self.backends[idx].claim_trial(seen) => return Some(idx),
+                None => return Some((idx, false)),
+                Some(&(_, seen)) if self.backends[idx].claim_trial(seen) => return Some((idx, true)),
                 Some(_) => lost_trials.push(idx),
             }
         }

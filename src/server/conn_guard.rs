@@ -1,8 +1,9 @@
 //! The socket as hyper sees it, with the timeouts hyper does not give: `client_header`
 //! (a head must arrive in full within it, else 408 and close), `idle` (a keep-alive
-//! connection with no request in progress is closed after it), `max_header_bytes`
-//! (431 with our body rather than a bare one), and ambiguous framing (400 before hyper
-//! sees the head; see `head_check`).
+//! connection with no request in progress is closed after it), and, for every request
+//! head on the connection (see `head_check::Framing`), `max_header_bytes` and ambiguous
+//! framing: 431 or 400 with our body, before hyper sees the head, once any response in
+//! progress has been sent.
 //!
 //! The phase is derived from [`ConnActivity`]: busy while a request or tunnel runs; when
 //! it stops being busy the connection is idle until a byte arrives, then it is reading a
@@ -62,16 +63,10 @@ pub struct GuardedIo<T> {
     timer: Pin<Box<Sleep>>,
     phase: Phase,
     first_read: bool,
-    /// The head being received (HTTP/1 only), kept until its framing has been checked.
-    /// Reused from request to request.
-    head: Vec<u8>,
-    head_checked: bool,
-    /// Bytes arrived while a request was busy (its body, or the start of the next head,
-    /// which then went to hyper unseen).
-    read_while_busy: bool,
-    /// The head now being received may be the tail of one hyper already has part of:
-    /// only check it if it starts with a request line.
-    maybe_fragment: bool,
+    /// Follows HTTP/1 message boundaries so every head is checked.
+    framing: head_check::Framing,
+    /// A head was refused: the answer waits until the response in progress (if any) is sent.
+    refused: Option<(StatusCode, String)>,
 }
 
 impl<T> GuardedIo<T> {
@@ -83,10 +78,8 @@ impl<T> GuardedIo<T> {
             timer: Box::pin(tokio::time::sleep(limits.client_header)),
             phase: Phase::Head { bytes: 0 },
             first_read: true,
-            head: Vec::new(),
-            head_checked: false,
-            read_while_busy: false,
-            maybe_fragment: false,
+            framing: head_check::Framing::new(limits.max_header_bytes),
+            refused: None,
         }
     }
 
@@ -129,17 +122,7 @@ impl<T> GuardedIo<T> {
         }
         if matches!(self.phase, Phase::Busy) {
             self.phase = Phase::Idle;
-            self.head.clear();
-            self.head_checked = false;
-            self.maybe_fragment = std::mem::take(&mut self.read_while_busy);
             self.rearm(self.limits.idle);
-        }
-        if let Phase::Head { bytes } = self.phase {
-            if bytes > self.limits.max_header_bytes {
-                let reason = format!("request head larger than the limit of {} bytes", self.limits.max_header_bytes);
-                self.close_with(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, reason);
-                return Poll::Ready(());
-            }
         }
         if self.timer.as_mut().poll(cx).is_ready() {
             match self.phase {
@@ -157,18 +140,19 @@ impl<T> GuardedIo<T> {
         Poll::Pending
     }
 
-    /// Records bytes just read. Returns why the head they complete must be refused.
-    fn note_read(&mut self, data: &[u8]) -> Option<&'static str> {
+    /// Records bytes just read, for the timers and the framing checks.
+    fn note_read(&mut self, data: &[u8]) -> Result<(), (usize, head_check::Reject)> {
         if data.is_empty() {
-            return None;
+            return Ok(());
         }
         if std::mem::take(&mut self.first_read)
             && data.len() >= 4
             && H2_PREFACE_START.starts_with(&data[..data.len().min(H2_PREFACE_START.len())])
         {
             self.phase = Phase::H2 { was_busy: false };
+            self.framing.stop();
             self.rearm(self.limits.idle);
-            return None;
+            return Ok(());
         }
         match &mut self.phase {
             Phase::Idle => {
@@ -176,23 +160,23 @@ impl<T> GuardedIo<T> {
                 self.rearm(self.limits.client_header);
             }
             Phase::Head { bytes } => *bytes += data.len(),
-            Phase::Busy => {
-                self.read_while_busy = true;
-                return None;
-            }
-            _ => return None,
+            _ => {}
         }
-        if self.head_checked {
-            return None;
-        }
-        let from = self.head.len();
-        self.head.extend_from_slice(data);
-        let end = head_check::head_end(&self.head, from)?;
-        self.head_checked = true;
-        if self.maybe_fragment && !head_check::starts_with_request_line(&self.head) {
-            return None;
-        }
-        head_check::check(&self.head[..end]).err()
+        self.framing.feed(data)
+    }
+
+    fn refuse(&mut self, reject: head_check::Reject) {
+        self.refused = Some(match reject {
+            head_check::Reject::BadRequest(why) => (StatusCode::BAD_REQUEST, format!("bad request: {why}")),
+            head_check::Reject::TooLarge => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                format!(
+                    "request head larger than the limit of {} bytes or {} headers",
+                    self.limits.max_header_bytes,
+                    head_check::MAX_HEADERS
+                ),
+            ),
+        });
     }
 }
 
@@ -216,6 +200,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> GuardedIo<T> {
 impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for GuardedIo<T> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this.refused.is_some() {
+            return this.poll_refusal(cx);
+        }
         if this.poll_phase(cx).is_ready() {
             ready!(this.poll_closing(cx));
             return Poll::Ready(Ok(()));
@@ -237,12 +224,30 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for GuardedIo<T> {
             buf.advance(n);
             n
         };
-        if let Some(why) = this.note_read(&buf.filled()[before..before + n]) {
-            // Hyper never sees the bytes that complete the refused head.
-            buf.set_filled(before);
-            this.close_with(StatusCode::BAD_REQUEST, format!("bad request: {why}"));
-            ready!(this.poll_closing(cx));
+        if let Err((at, reject)) = this.note_read(&buf.filled()[before..before + n]) {
+            // Hyper gets the complete requests before the refused head, never that head.
+            buf.set_filled(before + at);
+            this.refuse(reject);
+            if at == 0 {
+                return this.poll_refusal(cx);
+            }
         }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> GuardedIo<T> {
+    /// Answers a refused head once no response is in progress (so the two never mix), then
+    /// ends the connection.
+    fn poll_refusal(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !matches!(self.phase, Phase::Closing { .. } | Phase::Closed) {
+            if self.activity.is_busy_or_register(cx.waker()) {
+                return Poll::Pending;
+            }
+            let (status, reason) = self.refused.clone().expect("a refusal is pending");
+            self.close_with(status, reason);
+        }
+        ready!(self.poll_closing(cx));
         Poll::Ready(Ok(()))
     }
 }

@@ -31,51 +31,218 @@ pub fn starts_with_request_line(buf: &[u8]) -> bool {
     (1..=20).contains(&method) && rest.get(method) == Some(&b' ')
 }
 
-/// Why a complete head must be refused with 400, or `Ok` to let it through.
-pub fn check(head: &[u8]) -> Result<(), &'static str> {
+/// The most headers a request may have (hyper's limit too); more is a 431.
+pub const MAX_HEADERS: usize = 1024;
+
+/// Why a head is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reject {
+    /// 400, with the reason.
+    BadRequest(&'static str),
+    /// 431: more than [`MAX_HEADERS`] headers, or more bytes than the limit.
+    TooLarge,
+}
+
+/// How the body after an accepted head is framed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Body {
+    Length(u64),
+    Chunked,
+    /// The connection is being upgraded (or is a CONNECT): what follows is not HTTP.
+    Upgrade,
+}
+
+/// The framing of a complete head, or why it must be refused.
+pub fn check(head: &[u8]) -> Result<Body, Reject> {
     // Every LF must end a CRLF pair (leading empty lines included).
     for (i, &b) in head.iter().enumerate() {
         if b == b'\n' && (i == 0 || head[i - 1] != b'\r') {
-            return Err("bare LF in the request head");
+            return Err(Reject::BadRequest("bare LF in the request head"));
         }
     }
-    let mut headers = [httparse::EMPTY_HEADER; 128];
-    let mut req = httparse::Request::new(&mut headers);
-    match req.parse(head) {
+    let mut headers = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    match req.parse_with_uninit_headers(head, &mut headers) {
         Ok(httparse::Status::Complete(_)) => {}
-        // Too many headers for this check: hyper's own limits decide.
-        Err(httparse::Error::TooManyHeaders) => return Ok(()),
-        Ok(httparse::Status::Partial) | Err(_) => return Err("malformed request head"),
+        Err(httparse::Error::TooManyHeaders) => return Err(Reject::TooLarge),
+        Ok(httparse::Status::Partial) | Err(_) => return Err(Reject::BadRequest("malformed request head")),
     }
     let mut content_length: Option<&[u8]> = None;
     let mut transfer_encodings = 0;
+    let mut upgrade = req.method == Some("CONNECT");
     for h in req.headers.iter() {
         if h.name.eq_ignore_ascii_case("content-length") {
             let v = trim(h.value);
             if v.is_empty() || !v.iter().all(u8::is_ascii_digit) || v.len() > 19 {
-                return Err("invalid Content-Length");
+                return Err(Reject::BadRequest("invalid Content-Length"));
             }
             match content_length {
-                Some(prev) if prev != v => return Err("conflicting Content-Length headers"),
+                Some(prev) if prev != v => return Err(Reject::BadRequest("conflicting Content-Length headers")),
                 _ => content_length = Some(v),
             }
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
             transfer_encodings += 1;
             if !trim(h.value).eq_ignore_ascii_case(b"chunked") {
-                return Err("unsupported Transfer-Encoding (only a single \"chunked\" is accepted)");
+                return Err(Reject::BadRequest(
+                    "unsupported Transfer-Encoding (only a single \"chunked\" is accepted)",
+                ));
             }
+        } else if h.name.eq_ignore_ascii_case("upgrade") {
+            upgrade = true;
         }
     }
     if transfer_encodings > 1 {
-        return Err("repeated Transfer-Encoding header");
+        return Err(Reject::BadRequest("repeated Transfer-Encoding header"));
     }
     if transfer_encodings == 1 && content_length.is_some() {
-        return Err("both Content-Length and Transfer-Encoding are set");
+        return Err(Reject::BadRequest("both Content-Length and Transfer-Encoding are set"));
     }
     if transfer_encodings == 1 && req.version == Some(0) {
-        return Err("Transfer-Encoding in an HTTP/1.0 request");
+        return Err(Reject::BadRequest("Transfer-Encoding in an HTTP/1.0 request"));
     }
-    Ok(())
+    if upgrade {
+        return Ok(Body::Upgrade);
+    }
+    if transfer_encodings == 1 {
+        return Ok(Body::Chunked);
+    }
+    let len = content_length.map_or(Some(0), |v| std::str::from_utf8(v).ok().and_then(|v| v.parse().ok()));
+    len.map(Body::Length).ok_or(Reject::BadRequest("invalid Content-Length"))
+}
+
+/// Follows the message boundaries of the bytes a client sends on one HTTP/1 connection, so
+/// that every request head is checked, pipelined or split across reads, not just the first.
+/// Where it cannot follow (anything odd inside a chunked body), it stops checking rather
+/// than risk refusing a good request; hyper's own parser still applies.
+#[derive(Debug)]
+pub struct Framing {
+    state: State,
+    /// The head being received. Reused from request to request.
+    head: Vec<u8>,
+    max_head: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Head,
+    Body(u64),
+    /// Inside a chunk-size line (`size` so far, whether digits ended).
+    ChunkSize {
+        size: u64,
+        digits: bool,
+        ended: bool,
+    },
+    ChunkData(u64),
+    /// After a chunk's data: its CRLF.
+    ChunkEnd,
+    /// Trailer lines after the last chunk; `empty` while the current line has no bytes.
+    Trailers {
+        empty: bool,
+    },
+    Off,
+}
+
+impl Framing {
+    pub fn new(max_head: usize) -> Framing {
+        Framing { state: State::Head, head: Vec::new(), max_head }
+    }
+
+    /// Stops checking (after an upgrade, or on HTTP/2).
+    pub fn stop(&mut self) {
+        self.state = State::Off;
+        self.head = Vec::new();
+    }
+
+    /// Follows `data`, the next bytes from the client. On a refused head, returns where in
+    /// `data` that head starts (0 if it started in an earlier read) and why.
+    pub fn feed(&mut self, data: &[u8]) -> Result<(), (usize, Reject)> {
+        let mut i = 0;
+        while i < data.len() {
+            match self.state {
+                State::Off => return Ok(()),
+                State::Head => {
+                    let started_here = self.head.is_empty();
+                    let start = i;
+                    let from = self.head.len();
+                    let room = (self.max_head + 1).saturating_sub(from);
+                    let take = (data.len() - i).min(room);
+                    self.head.extend_from_slice(&data[i..i + take]);
+                    let at = if started_here { start } else { 0 };
+                    match head_end(&self.head, from) {
+                        None => {
+                            if self.head.len() > self.max_head {
+                                return Err((at, Reject::TooLarge));
+                            }
+                            return Ok(());
+                        }
+                        Some(end) => {
+                            if end > self.max_head {
+                                return Err((at, Reject::TooLarge));
+                            }
+                            let verdict = check(&self.head[..end]);
+                            i += end - from;
+                            self.head.clear();
+                            self.state = match verdict.map_err(|r| (at, r))? {
+                                Body::Length(0) => State::Head,
+                                Body::Length(n) => State::Body(n),
+                                Body::Chunked => State::ChunkSize { size: 0, digits: false, ended: false },
+                                Body::Upgrade => State::Off,
+                            };
+                        }
+                    }
+                }
+                State::Body(n) => {
+                    let take = ((data.len() - i) as u64).min(n);
+                    i += take as usize;
+                    self.state = if take == n { State::Head } else { State::Body(n - take) };
+                }
+                State::ChunkData(n) => {
+                    let take = ((data.len() - i) as u64).min(n);
+                    i += take as usize;
+                    self.state = if take == n { State::ChunkEnd } else { State::ChunkData(n - take) };
+                }
+                State::ChunkSize { size, digits, ended } => {
+                    let b = data[i];
+                    i += 1;
+                    self.state = match (b, ended) {
+                        (b'\n', _) if digits => match size {
+                            0 => State::Trailers { empty: true },
+                            n => State::ChunkData(n),
+                        },
+                        (b'\r', _) => State::ChunkSize { size, digits, ended: true },
+                        (_, true) => State::ChunkSize { size, digits, ended: true },
+                        (b';' | b' ' | b'\t', false) if digits => State::ChunkSize { size, digits, ended: true },
+                        (b, false) => match (b as char).to_digit(16) {
+                            Some(d) if size < (1 << 56) => {
+                                State::ChunkSize { size: size * 16 + u64::from(d), digits: true, ended }
+                            }
+                            _ => State::Off,
+                        },
+                    };
+                }
+                State::ChunkEnd => {
+                    let b = data[i];
+                    i += 1;
+                    self.state = match b {
+                        b'\r' => State::ChunkEnd,
+                        b'\n' => State::ChunkSize { size: 0, digits: false, ended: false },
+                        _ => State::Off,
+                    };
+                }
+                State::Trailers { empty } => {
+                    let b = data[i];
+                    i += 1;
+                    self.state = match b {
+                        b'\n' if empty => State::Head,
+                        b'\n' => State::Trailers { empty: true },
+                        b'\r' => State::Trailers { empty },
+                        _ => State::Trailers { empty: false },
+                    };
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 fn trim(v: &[u8]) -> &[u8] {
@@ -88,7 +255,7 @@ fn trim(v: &[u8]) -> &[u8] {
 mod tests {
     use super::*;
 
-    fn verdict(head: &str) -> Result<(), &'static str> {
+    fn verdict(head: &str) -> Result<Body, Reject> {
         check(head.as_bytes())
     }
 
@@ -127,6 +294,50 @@ mod tests {
         assert!(!starts_with_request_line(b"st: x\r\n\r\n"));
         assert!(!starts_with_request_line(b"Cookie: a=b\r\n\r\n"));
         assert!(!starts_with_request_line(b""));
+    }
+
+    #[test]
+    fn every_pipelined_or_split_head_is_checked() {
+        let bad = "POST /b HTTP/1.1\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let good = "POST /a HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello";
+        let chunked =
+            "POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n0\r\nX-Trailer: 1\r\n\r\n";
+        // In one read, behind a good request with a body and a chunked one.
+        let mut f = Framing::new(65536);
+        let all = format!("{good}{chunked}{bad}");
+        assert_eq!(
+            f.feed(all.as_bytes()),
+            Err((good.len() + chunked.len(), Reject::BadRequest("both Content-Length and Transfer-Encoding are set")))
+        );
+        // Byte by byte: found at its last byte, having started in an earlier read.
+        let mut f = Framing::new(65536);
+        let stream = format!("{good}{chunked}{bad}");
+        let mut refused = None;
+        for (n, b) in stream.bytes().enumerate() {
+            if let Err(e) = f.feed(&[b]) {
+                refused = Some((n, e));
+                break;
+            }
+        }
+        assert_eq!(refused.map(|(n, e)| (n, e.0)), Some((stream.len() - 1, 0)));
+        // Good requests only: nothing refused, and the state is back at a head.
+        let mut f = Framing::new(65536);
+        assert_eq!(f.feed(format!("{good}{chunked}{good}").as_bytes()), Ok(()));
+        assert_eq!(f.state, State::Head);
+    }
+
+    #[test]
+    fn upgrades_stop_checking_and_heads_past_the_limit_are_too_large() {
+        let mut f = Framing::new(65536);
+        let up = "GET /ws HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
+        assert_eq!(f.feed(format!("{up}\n\n garbage \r\n\r\n").as_bytes()), Ok(()));
+        let mut f = Framing::new(100);
+        assert_eq!(
+            f.feed(format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "y".repeat(200)).as_bytes()).map_err(|e| e.1),
+            Err(Reject::TooLarge)
+        );
+        let many: String = (0..MAX_HEADERS + 1).map(|i| format!("h{i}: v\r\n")).collect();
+        assert_eq!(check(format!("GET / HTTP/1.1\r\n{many}\r\n").as_bytes()), Err(Reject::TooLarge));
     }
 
     #[test]

@@ -178,6 +178,9 @@ async fn accept_loop(
     stop: CancellationToken,
 ) -> GracefulShutdown {
     let graceful = GracefulShutdown::new();
+    // Accept errors come in floods (out of descriptors): log one, then a count every 10 s.
+    let mut last_warned: Option<tokio::time::Instant> = None;
+    let mut unlogged = 0u64;
     loop {
         let permit = tokio::select! {
             biased;
@@ -196,7 +199,13 @@ async fn accept_loop(
             }
             Err(e) => {
                 // Out of file descriptors or similar: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed; retrying in 100ms");
+                if last_warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                    tracing::warn!(error = %e, repeated = unlogged, "accept failed; retrying every 100ms");
+                    last_warned = Some(tokio::time::Instant::now());
+                    unlogged = 0;
+                } else {
+                    unlogged += 1;
+                }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }

@@ -37,10 +37,28 @@ impl Balancer {
     }
 
     pub fn try_start(config: &str, args: &[&str]) -> Result<Balancer, String> {
+        Self::try_start_with_nofile(config, args, None)
+    }
+
+    /// Like [`Balancer::start`], with the process's open-file limit (`ulimit -n`) set to
+    /// `nofile` by a `sh` that then `exec`s the binary (so [`Balancer::pid`] is still its pid).
+    pub fn start_with_nofile(config: &str, args: &[&str], nofile: u64) -> Balancer {
+        Self::try_start_with_nofile(config, args, Some(nofile))
+            .unwrap_or_else(|e| panic!("balancer did not start: {e}"))
+    }
+
+    pub fn try_start_with_nofile(config: &str, args: &[&str], nofile: Option<u64>) -> Result<Balancer, String> {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("balancer.toml");
         std::fs::write(&config_path, config).unwrap();
-        let mut cmd = Command::new(BIN);
+        let mut cmd = match nofile {
+            None => Command::new(BIN),
+            Some(n) => {
+                let mut sh = Command::new("sh");
+                sh.arg("-c").arg(format!("ulimit -n {n} && exec \"$0\" \"$@\"")).arg(BIN);
+                sh
+            }
+        };
         // A caller's own `-c` wins (e.g. a symlinked config); otherwise the written file.
         if !args.contains(&"-c") {
             cmd.arg("-c").arg(&config_path);

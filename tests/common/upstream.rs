@@ -35,6 +35,8 @@ pub struct Upstream {
     pub name: String,
     /// Requests answered so far (health checks not included).
     pub hits: Arc<AtomicUsize>,
+    /// The request target of each of those requests, in arrival order.
+    pub paths: Arc<std::sync::Mutex<Vec<String>>>,
     /// TCP connections accepted so far.
     pub connections: Arc<AtomicUsize>,
     /// The status `/healthz` answers.
@@ -57,19 +59,21 @@ impl Upstream {
         let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
+        let paths: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
         let connections = Arc::new(AtomicUsize::new(0));
         let health = Arc::new(std::sync::atomic::AtomicU16::new(200));
         let conns: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
-        let (h, c, n, hl, cs) = (hits.clone(), connections.clone(), name.to_owned(), health.clone(), conns.clone());
+        let (h, c, n, hl, cs, ps) =
+            (hits.clone(), connections.clone(), name.to_owned(), health.clone(), conns.clone(), paths.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
                 c.fetch_add(1, Ordering::SeqCst);
-                let (h, n, opts, hl) = (h.clone(), n.clone(), opts.clone(), hl.clone());
+                let (h, n, opts, hl, ps) = (h.clone(), n.clone(), opts.clone(), hl.clone(), ps.clone());
                 let conn_task = tokio::spawn(async move {
-                    let svc = service_fn(move |req| handle(req, n.clone(), h.clone(), hl.clone()));
+                    let svc = service_fn(move |req| handle(req, n.clone(), h.clone(), hl.clone(), ps.clone()));
                     let mut builder = hyper::server::conn::http1::Builder::new();
                     builder.keep_alive(true);
                     let conn = builder.serve_connection(TokioIo::new(stream), svc).with_upgrades();
@@ -95,11 +99,16 @@ impl Upstream {
                 cs.lock().unwrap().push(conn_task.abort_handle());
             }
         });
-        Upstream { addr, name: name.to_owned(), hits, connections, health, task, conns }
+        Upstream { addr, name: name.to_owned(), hits, paths, connections, health, task, conns }
     }
 
     pub fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
+    }
+
+    /// The request targets (path and query) received so far, health checks not included.
+    pub fn paths(&self) -> Vec<String> {
+        self.paths.lock().unwrap().clone()
     }
 
     /// Stops listening and cuts every open connection, as a crashed process would.
@@ -132,6 +141,7 @@ async fn handle(
     name: String,
     hits: Arc<AtomicUsize>,
     health: Arc<std::sync::atomic::AtomicU16>,
+    paths: Arc<std::sync::Mutex<Vec<String>>>,
 ) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_owned();
     if path == "/healthz" {
@@ -139,6 +149,7 @@ async fn handle(
         *resp.status_mut() = StatusCode::from_u16(health.load(Ordering::SeqCst)).unwrap();
         return Ok(resp);
     }
+    paths.lock().unwrap().push(req.uri().path_and_query().map_or_else(|| path.clone(), |pq| pq.to_string()));
     hits.fetch_add(1, Ordering::SeqCst);
     if req.headers().contains_key("upgrade") {
         let on_upgrade = hyper::upgrade::on(&mut req);
