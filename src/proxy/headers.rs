@@ -31,10 +31,16 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 }
 
 /// Calls `f` with each header name listed in `Connection` (lower-cased by `HeaderName`).
+/// Works on the raw bytes: a token that is not text is skipped, but cannot hide the others.
 fn connection_tokens(headers: &HeaderMap, mut f: impl FnMut(&str)) {
     for v in headers.get_all(header::CONNECTION) {
-        if let Ok(s) = v.to_str() {
-            s.split(',').map(str::trim).filter(|t| !t.is_empty()).for_each(&mut f);
+        for token in v.as_bytes().split(|b| *b == b',') {
+            if let Ok(t) = std::str::from_utf8(token) {
+                let t = t.trim();
+                if !t.is_empty() {
+                    f(t);
+                }
+            }
         }
     }
 }
@@ -228,6 +234,18 @@ mod tests {
         assert_eq!(h["host"], "127.0.0.1:9000");
         assert_eq!(h["accept"], "*/*");
         assert_eq!(h["x-request-id"], "rid");
+    }
+
+    #[test]
+    fn a_non_text_connection_token_does_not_hide_the_others() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_bytes(b"x-secret, \xff").unwrap());
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        let mut out = HeaderMap::new();
+        copy_end_to_end(&h, &mut out, |_| false);
+        assert!(out.get("x-secret").is_none());
+        assert!(out.get("x-kept").is_some());
     }
 
     #[test]

@@ -161,6 +161,15 @@ impl Framing {
             match self.state {
                 State::Off => return Ok(()),
                 State::Head => {
+                    // Empty lines before a request line are ignored (RFC 9112 2.2), as hyper does.
+                    if self.head.is_empty() {
+                        while i < data.len() && matches!(data[i], b'\r' | b'\n') {
+                            i += 1;
+                        }
+                        if i == data.len() {
+                            return Ok(());
+                        }
+                    }
                     let started_here = self.head.is_empty();
                     let start = i;
                     let from = self.head.len();
@@ -320,6 +329,9 @@ mod tests {
             }
         }
         assert_eq!(refused.map(|(n, e)| (n, e.0)), Some((stream.len() - 1, 0)));
+        // Empty lines between requests are skipped, not taken for an empty head.
+        let mut f = Framing::new(65536);
+        assert_eq!(f.feed(format!("\r\n\r\n{good}\r\n\r\n{good}").as_bytes()), Ok(()));
         // Good requests only: nothing refused, and the state is back at a head.
         let mut f = Framing::new(65536);
         assert_eq!(f.feed(format!("{good}{chunked}{good}").as_bytes()), Ok(()));
