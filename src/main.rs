@@ -65,7 +65,7 @@ fn print_summary(source: &ConfigSource, loaded: &Loaded) {
         println!("  upstream {} ({}): {}", up.name, up.strategy, backends.join(", "));
     }
     for r in &c.routes {
-        let host = r.host.as_ref().map_or("*".to_owned(), |h| format!("{h:?}"));
+        let host = r.host.as_ref().map_or("*".to_owned(), |h| h.to_string());
         println!("  route host={host} path_prefix={} -> {}", r.path_prefix, r.upstream);
     }
     if c.routes.is_empty() {

@@ -195,6 +195,15 @@ pub enum HostMatch {
     Suffix(String),
 }
 
+impl std::fmt::Display for HostMatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HostMatch::Exact(h) => f.write_str(h),
+            HostMatch::Suffix(s) => write!(f, "*.{s}"),
+        }
+    }
+}
+
 impl HostMatch {
     pub fn matches(&self, host: &str) -> bool {
         match self {
