@@ -4,12 +4,8 @@
 mod common;
 use common::*;
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
 
 // ---------------------------------------------------------------------------------------
 // Helpers
@@ -111,66 +107,6 @@ fn backend_urls(t: &toml::Table, path: &str) -> Vec<String> {
             other => panic!("bad backend entry {other:?}"),
         })
         .collect()
-}
-
-/// A balancer process started with a chosen cwd (so no `-c` need be given), with JSON logs.
-struct Proc {
-    child: Child,
-    logs: Arc<Mutex<Vec<serde_json::Value>>>,
-}
-
-impl Proc {
-    /// Spawns the binary in `dir` with `--log-format json ARGS` and waits for its first
-    /// `listening` line; `Err` with the logs if it exits first or takes over 15 s.
-    fn spawn(dir: &Path, args: &[&str]) -> Result<(Proc, SocketAddr), String> {
-        let mut cmd = Command::new(BIN);
-        cmd.args(["--log-format", "json"]).args(args).current_dir(dir);
-        cmd.stdout(Stdio::null()).stderr(Stdio::piped()).stdin(Stdio::null());
-        cmd.env_remove("BALANCER_CONFIG").env_remove("BALANCER_LOG");
-        let mut child = cmd.spawn().unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let sink = logs.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                let v = serde_json::from_str(&line).unwrap_or_else(|_| serde_json::json!({ "raw": line }));
-                sink.lock().unwrap().push(v);
-            }
-        });
-        let mut p = Proc { child, logs };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let addr = p
-                .logs()
-                .iter()
-                .filter(|l| l["message"] == "listening")
-                .find_map(|l| l["addr"].as_str().and_then(|a| a.parse::<SocketAddr>().ok()));
-            if let Some(addr) = addr {
-                return Ok((p, addr));
-            }
-            if let Some(status) = p.child.try_wait().unwrap() {
-                // Let the reader thread drain what is left.
-                std::thread::sleep(Duration::from_millis(100));
-                return Err(format!("exited with {status}; logs: {:?}", p.logs()));
-            }
-            if Instant::now() > deadline {
-                return Err(format!("no listening line within 15s; logs: {:?}", p.logs()));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn logs(&self) -> Vec<serde_json::Value> {
-        self.logs.lock().unwrap().clone()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 const VALID: &str = r#"[server]
@@ -583,22 +519,13 @@ fn print_config_output_is_itself_a_valid_config() {
 #[tokio::test(flavor = "multi_thread")]
 async fn runs_without_a_config_file_using_flags() {
     let up = Upstream::start("one").await;
-    let dir = tempfile::tempdir().unwrap();
-    assert!(!dir.path().join("balancer.toml").exists());
     let backend = format!("http://{}", up.addr);
     // `--admin off` only so the default admin port cannot clash with other tests.
     let args = ["-l", "127.0.0.1:0", "-b", backend.as_str(), "--admin", "off"];
-    let (proc, addr) = {
-        let dir = dir.path().to_owned();
-        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        tokio::task::spawn_blocking(move || {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            Proc::spawn(&dir, &args)
-        })
-        .await
-        .unwrap()
-        .unwrap_or_else(|e| panic!("balancer did not start without a file: {e}"))
-    };
+    let proc = Balancer::try_start_without_file(&args)
+        .unwrap_or_else(|e| panic!("balancer did not start without a file: {e}"));
+    assert!(!proc.dir.path().join("balancer.toml").exists());
+    let addr = proc.addr();
     let reply = get(addr, "/hello?x=1").await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(reply.header("x-upstream"), Some("one"));

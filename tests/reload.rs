@@ -382,3 +382,33 @@ async fn a_kubernetes_style_symlink_swap_is_seen() {
     assert!(took < Duration::from_secs(1), "took {took:?}");
     assert_eq!(get(bal.addr(), "/").await.header("x-upstream"), Some("b"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn log_settings_change_live() {
+    let a = Upstream::start("a").await;
+    let listen = vec!["127.0.0.1:0".to_owned()];
+    let bal = Balancer::start(&cfg(&listen, &upstream("app", &[a.addr], "")), &[]);
+    let admin = bal.admin();
+    let with_id = |id: &'static str| {
+        http::Request::get("/").header("host", "x").header("x-request-id", id).body(Default::default()).unwrap()
+    };
+    send(bal.addr(), with_id("before-reload")).await;
+    bal.wait_for_log(Duration::from_secs(3), |l| l["target"] == "access" && l["request_id"] == "before-reload");
+    // Access log off and level warn: no access line, and info lines (config reloaded) stop too.
+    bal.write_config(&cfg(
+        &listen,
+        &format!("[log]\naccess = false\nlevel = \"warn\"\n\n{}", upstream("app", &[a.addr], "")),
+    ));
+    wait_generation(admin, 2, Duration::from_secs(3)).await;
+    assert_eq!(send(bal.addr(), with_id("after-reload")).await.status, 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let logs = bal.logs();
+    assert!(!logs.iter().any(|l| l["request_id"] == "after-reload"), "access line after access = false");
+    assert!(bal.logs_matching("config reloaded").is_empty(), "an info line was logged at level warn");
+    // Back to info with the access log on: both return, live.
+    bal.write_config(&cfg(&listen, &upstream("app", &[a.addr], "retries = 3")));
+    wait_generation(admin, 3, Duration::from_secs(3)).await;
+    bal.wait_for_log(Duration::from_secs(3), |l| l["message"] == "config reloaded" && l["generation"] == 3);
+    send(bal.addr(), with_id("back-on")).await;
+    bal.wait_for_log(Duration::from_secs(3), |l| l["target"] == "access" && l["request_id"] == "back-on");
+}

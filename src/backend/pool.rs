@@ -127,10 +127,6 @@ impl Pool {
         self.opened.load(Relaxed)
     }
 
-    pub fn idle_count(&self) -> usize {
-        self.inner.lock().expect("pool lock").idle.len()
-    }
-
     /// An idle, usable connection if there is one; otherwise a new one.
     pub async fn checkout(self: &Arc<Self>) -> Result<PooledConn, ConnectError> {
         while let Some(mut conn) = self.take_idle() {

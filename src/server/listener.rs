@@ -91,11 +91,6 @@ impl Listeners {
         }
     }
 
-    /// The bound addresses, in configured order.
-    pub fn addrs(&self) -> Vec<SocketAddr> {
-        self.entries.iter().map(|e| e.bound).collect()
-    }
-
     /// Binds every address of `wanted` not listened on yet. Nothing changes on error.
     pub fn prepare(&self, wanted: &[ListenAddr]) -> Result<Vec<(ListenAddr, TcpListener)>, BindError> {
         let new: Vec<ListenAddr> =

@@ -48,9 +48,21 @@ impl Balancer {
     }
 
     pub fn try_start_with_nofile(config: &str, args: &[&str], nofile: Option<u64>) -> Result<Balancer, String> {
+        Self::launch(Some(config), args, nofile)
+    }
+
+    /// Starts balancer with no config file at all: its working directory is a fresh empty
+    /// one and no `-c` is given, so only the flags in `args` configure it.
+    pub fn try_start_without_file(args: &[&str]) -> Result<Balancer, String> {
+        Self::launch(None, args, None)
+    }
+
+    fn launch(config: Option<&str>, args: &[&str], nofile: Option<u64>) -> Result<Balancer, String> {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("balancer.toml");
-        std::fs::write(&config_path, config).unwrap();
+        if let Some(config) = config {
+            std::fs::write(&config_path, config).unwrap();
+        }
         let mut cmd = match nofile {
             None => Command::new(BIN),
             Some(n) => {
@@ -60,9 +72,10 @@ impl Balancer {
             }
         };
         // A caller's own `-c` wins (e.g. a symlinked config); otherwise the written file.
-        if !args.contains(&"-c") {
+        if config.is_some() && !args.contains(&"-c") {
             cmd.arg("-c").arg(&config_path);
         }
+        cmd.current_dir(dir.path());
         cmd.arg("--log-format").arg("json").args(args);
         cmd.stdout(Stdio::null()).stderr(Stdio::piped()).stdin(Stdio::null());
         cmd.env_remove("BALANCER_CONFIG").env_remove("BALANCER_LOG");
@@ -78,7 +91,7 @@ impl Balancer {
             }
         });
         let mut b = Balancer { child: Some(child), logs, dir, config_path, addrs: Vec::new() };
-        let expected = config_listen_count(config, args);
+        let expected = config_listen_count(config.unwrap_or(""), args);
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             let addrs: Vec<SocketAddr> = b
