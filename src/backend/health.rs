@@ -8,11 +8,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Request, header};
+use std::io::Write;
+
+use http::uri::PathAndQuery;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
-use super::Backend;
+use super::{Backend, RequestFraming, SendError};
 use crate::config::HealthCheckConfig;
 use crate::proxy::body::RequestBody;
 use crate::runtime::Runtime;
@@ -79,14 +81,20 @@ async fn check_loop(backend: Arc<Backend>, hc: HealthCheckConfig, offset: Durati
 /// One check on a new connection (TLS for an https backend), never a pooled one: the
 /// status code when it is expected, else why not.
 async fn probe(backend: &Backend, hc: &HealthCheckConfig) -> Result<u16, String> {
+    let path = PathAndQuery::try_from(hc.path.as_str()).map_err(|e| format!("bad check path: {e}"))?;
     let mut conn = backend.pool.connect().await.map_err(|e| format!("connect: {e}"))?;
-    let req = Request::get(hc.path.as_str())
-        .header(header::HOST, backend.authority.as_str())
-        .header(header::USER_AGENT, "balancer-health-check")
-        .header(header::CONNECTION, "close")
-        .body(RequestBody::empty())
-        .map_err(|e| format!("bad check request: {e}"))?;
-    let status = conn.sender.send_request(req).await.map_err(|e| format!("GET {}: {e}", hc.path))?.status().as_u16();
+    let head = conn.head_buf();
+    let _ = write!(
+        head,
+        "GET {path} HTTP/1.1\r\nhost: {}\r\nuser-agent: balancer-health-check\r\nconnection: close\r\n\r\n",
+        backend.authority
+    );
+    let failed = |e: &dyn std::fmt::Display| format!("GET {}: {e}", hc.path);
+    conn.send(&mut RequestBody::empty(), RequestFraming::Empty).await.map_err(|e| match e {
+        SendError::Head(e) | SendError::Body(e) => failed(&e),
+        SendError::ClientBody(e) => failed(&e),
+    })?;
+    let status = conn.read_head(false).await.map_err(|e| failed(&e))?.0.status.as_u16();
     if hc.expect_status.iter().any(|&(lo, hi)| (lo..=hi).contains(&status)) {
         Ok(status)
     } else {

@@ -5,6 +5,7 @@
 //! and `/status`; every field the request path touches is an atomic, so picking and
 //! counting take no lock.
 
+mod conn;
 pub mod health;
 mod passive;
 mod pool;
@@ -18,9 +19,10 @@ use http::uri::Authority;
 use crate::config::{PassiveConfig, PoolConfig};
 use crate::metrics::StatusCounts;
 use crate::tls::BackendTls;
+pub use conn::{BackendIo, BodyError, Conn, ConnBody, Framing, ReadError, RequestFraming, SendError};
 pub use passive::Admission;
 use passive::{PassiveState, Transition};
-pub use pool::{ConnectError, Pool, PooledConn};
+pub use pool::{ConnectError, Pool};
 
 #[derive(Debug)]
 pub struct Backend {

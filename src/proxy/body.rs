@@ -10,7 +10,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use super::log::RequestLog;
-use crate::backend::{InflightGuard, PooledConn};
+use crate::backend::{ConnBody, InflightGuard};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -33,33 +33,26 @@ pub struct RequestBody {
     inner: Option<Incoming>,
     limit: u64,
     seen: u64,
-    /// Told when the last byte has been handed on (or the body is dropped), which is when
-    /// the backend's `upstream_header` time starts.
-    sent: Option<tokio::sync::oneshot::Sender<()>>,
+    /// A frame has been taken: the body can no longer be sent to another backend.
+    started: bool,
 }
 
 impl RequestBody {
     pub fn new(inner: Incoming, limit: u64) -> RequestBody {
-        RequestBody { inner: Some(inner), limit, seen: 0, sent: None }
+        RequestBody { inner: Some(inner), limit, seen: 0, started: false }
     }
 
     pub fn empty() -> RequestBody {
-        RequestBody { inner: None, limit: 0, seen: 0, sent: None }
+        RequestBody { inner: None, limit: 0, seen: 0, started: false }
     }
 
-    /// A receiver that resolves once the whole body has been sent (at once if it is empty).
-    pub fn on_sent(&mut self) -> Option<tokio::sync::oneshot::Receiver<()>> {
-        self.inner.as_ref()?;
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.sent = Some(tx);
-        Some(rx)
+    /// Whether any of the body has been taken (and so cannot be replayed).
+    pub fn started(&self) -> bool {
+        self.started
     }
 
     fn finished(&mut self) {
         self.inner = None;
-        if let Some(tx) = self.sent.take() {
-            let _ = tx.send(());
-        }
     }
 }
 
@@ -72,6 +65,7 @@ impl Body for RequestBody {
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
+        this.started = true;
         match ready!(Pin::new(inner).poll_frame(cx)) {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
@@ -79,12 +73,6 @@ impl Body for RequestBody {
                     if this.seen > this.limit {
                         this.finished();
                         return Poll::Ready(Some(Err(Box::new(BodyTooLarge { limit: this.limit }))));
-                    }
-                }
-                // hyper may not poll again once the body says it has ended.
-                if this.inner.as_ref().is_some_and(|b| b.is_end_stream()) {
-                    if let Some(tx) = this.sent.take() {
-                        let _ = tx.send(());
                     }
                 }
                 Poll::Ready(Some(Ok(frame)))
@@ -115,27 +103,21 @@ pub struct ResponseBody {
     kind: Kind,
     /// Written to the access log when the body is done (or dropped, if the client left).
     log: RequestLog,
-    /// Keeps the backend's in-flight count until the last byte is sent.
-    _inflight: Option<InflightGuard>,
-    /// The backend connection, returned to its pool when the body ends cleanly (and
-    /// dropped, closing it, if the body is cut short).
-    release: Option<PooledConn>,
+    /// Keeps the backend's in-flight count until the last byte is sent; its backend's pool
+    /// takes the connection back when the body ends cleanly.
+    inflight: Option<InflightGuard>,
 }
 
 #[derive(Debug)]
 enum Kind {
-    Upstream(Incoming),
+    /// Read from the backend's connection, which it owns (and closes if cut short).
+    Upstream(ConnBody),
     Full(Option<Bytes>),
 }
 
 impl ResponseBody {
-    pub fn upstream(
-        body: Incoming,
-        log: RequestLog,
-        inflight: Option<InflightGuard>,
-        release: Option<PooledConn>,
-    ) -> ResponseBody {
-        let mut b = ResponseBody { kind: Kind::Upstream(body), log, _inflight: inflight, release };
+    pub fn upstream(body: ConnBody, log: RequestLog, inflight: InflightGuard) -> ResponseBody {
+        let mut b = ResponseBody { kind: Kind::Upstream(body), log, inflight: Some(inflight) };
         if http_body::Body::is_end_stream(&b) {
             b.ended();
         }
@@ -143,13 +125,15 @@ impl ResponseBody {
     }
 
     pub fn full(bytes: Bytes, log: RequestLog) -> ResponseBody {
-        ResponseBody { kind: Kind::Full(Some(bytes)), log, _inflight: None, release: None }
+        ResponseBody { kind: Kind::Full(Some(bytes)), log, inflight: None }
     }
 
     /// The backend's body ended cleanly: its connection can serve another request.
     fn ended(&mut self) {
-        if let (Some(conn), Some(inflight)) = (self.release.take(), &self._inflight) {
-            inflight.backend().pool.release(conn);
+        if let (Kind::Upstream(body), Some(inflight)) = (&mut self.kind, &self.inflight) {
+            if let Some(conn) = body.take_reusable() {
+                inflight.backend().pool.release(conn);
+            }
         }
     }
 }
@@ -169,7 +153,6 @@ impl Body for ResponseBody {
                     f
                 }
                 Some(Err(e)) => {
-                    this.release = None;
                     this.log.note_broken(&e);
                     return Poll::Ready(Some(Err(Box::new(e))));
                 }

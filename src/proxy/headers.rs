@@ -3,13 +3,15 @@
 
 use std::net::IpAddr;
 
+use std::io::Write;
+
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
-use http::uri::{Authority, PathAndQuery};
-use http::{Request, Uri, Version};
+use http::uri::Authority;
+use http::{Method, Version};
 
-use super::body::RequestBody;
 use super::request_id::X_REQUEST_ID;
+use crate::backend::RequestFraming;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -56,21 +58,17 @@ pub fn requested_upgrade(parts: &Parts) -> Option<HeaderValue> {
     if asked { parts.headers.get(header::UPGRADE).cloned() } else { None }
 }
 
-/// Copies the end-to-end headers of `src` into `dst`: not hop-by-hop, not named by
-/// `Connection`, not `skip`ped.
-fn copy_end_to_end(src: &HeaderMap, dst: &mut HeaderMap, skip: impl Fn(&HeaderName) -> bool) {
-    let mut named: Vec<HeaderName> = Vec::new();
-    connection_tokens(src, |t| {
-        if let Ok(n) = HeaderName::from_bytes(t.as_bytes()) {
-            named.push(n);
-        }
-    });
-    for (name, value) in src {
-        if is_hop_by_hop(name) || skip(name) || named.contains(name) {
-            continue;
-        }
-        dst.append(name.clone(), value.clone());
+/// Whether `name` must not travel past this hop: hop-by-hop, or listed in `Connection`.
+fn is_connection_specific(name: &HeaderName, headers: &HeaderMap, has_connection: bool) -> bool {
+    if is_hop_by_hop(name) {
+        return true;
     }
+    if !has_connection {
+        return false;
+    }
+    let mut named = false;
+    connection_tokens(headers, |t| named |= t.eq_ignore_ascii_case(name.as_str()));
+    named
 }
 
 /// The client's host: the authority of an absolute-form or HTTP/2 target, else `Host`.
@@ -92,64 +90,97 @@ pub struct Forwarded<'a> {
     pub upgrade: Option<&'a HeaderValue>,
 }
 
-/// The head sent to a backend for `parts`, with `path` as its origin-form target.
-pub fn upstream_request(
+/// Writes the HTTP/1.1 head sent to a backend for `parts` into `out`, with `target` as
+/// its origin-form target; the body framing header is chosen by `framing`.
+pub fn write_request_head(
+    out: &mut Vec<u8>,
     parts: &Parts,
-    path: PathAndQuery,
-    body: RequestBody,
+    target: &str,
+    framing: RequestFraming,
+    body_len: Option<u64>,
     fwd: &Forwarded<'_>,
-) -> Request<RequestBody> {
-    let mut req = Request::new(body);
-    *req.method_mut() = parts.method.clone();
-    *req.uri_mut() = Uri::from(path);
-    *req.version_mut() = Version::HTTP_11;
-    let headers = req.headers_mut();
-    headers.reserve(parts.headers.len() + 5);
+) {
+    out.reserve(256);
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    match (fwd.preserve_host, fwd.host) {
+        (true, Some(h)) => out.extend_from_slice(h.as_bytes()),
+        _ => out.extend_from_slice(fwd.backend.as_str().as_bytes()),
+    }
+    out.extend_from_slice(b"\r\n");
+    let src = &parts.headers;
+    let has_connection = src.contains_key(header::CONNECTION);
     // HTTP/2 clients may split Cookie into several fields; HTTP/1.1 wants one (RFC 9113 8.2.3).
-    let join_cookies =
-        parts.version == Version::HTTP_2 && parts.headers.get_all(header::COOKIE).iter().nth(1).is_some();
-    copy_end_to_end(&parts.headers, headers, |n| {
-        (join_cookies && n == header::COOKIE)
-            || n == X_FORWARDED_FOR
-            || n == X_FORWARDED_PROTO
-            || n == X_FORWARDED_HOST
-            || n == X_REQUEST_ID
-            || n == header::HOST
-            || n == header::EXPECT
-    });
-
-    if join_cookies {
-        let joined: Vec<&[u8]> = parts.headers.get_all(header::COOKIE).iter().map(HeaderValue::as_bytes).collect();
-        if let Ok(v) = HeaderValue::from_bytes(&joined.join(&b"; "[..])) {
-            headers.insert(header::COOKIE, v);
+    let join_cookies = parts.version == Version::HTTP_2 && src.get_all(header::COOKIE).iter().nth(1).is_some();
+    let mut cookies_written = false;
+    for (name, value) in src {
+        if name == header::HOST
+            || name == header::CONTENT_LENGTH
+            || name == header::EXPECT
+            || name == X_FORWARDED_FOR
+            || name == X_FORWARDED_PROTO
+            || name == X_FORWARDED_HOST
+            || name == X_REQUEST_ID
+            || is_connection_specific(name, src, has_connection)
+        {
+            continue;
+        }
+        if join_cookies && name == header::COOKIE {
+            if !std::mem::replace(&mut cookies_written, true) {
+                out.extend_from_slice(b"cookie: ");
+                for (i, v) in src.get_all(header::COOKIE).iter().enumerate() {
+                    if i > 0 {
+                        out.extend_from_slice(b"; ");
+                    }
+                    out.extend_from_slice(v.as_bytes());
+                }
+                out.extend_from_slice(b"\r\n");
+            }
+            continue;
+        }
+        field(out, name.as_str(), value.as_bytes());
+    }
+    out.extend_from_slice(b"x-forwarded-for: ");
+    for v in src.get_all(&X_FORWARDED_FOR) {
+        if v.to_str().is_ok() {
+            out.extend_from_slice(v.as_bytes());
+            out.extend_from_slice(b", ");
         }
     }
-    let mut xff = String::new();
-    for v in parts.headers.get_all(&X_FORWARDED_FOR) {
-        if let Ok(s) = v.to_str() {
-            xff.push_str(s);
-            xff.push_str(", ");
-        }
-    }
-    xff.push_str(&fwd.client_ip.to_string());
-    if let Ok(v) = HeaderValue::try_from(xff) {
-        headers.insert(X_FORWARDED_FOR.clone(), v);
-    }
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(fwd.proto));
+    let _ = write!(out, "{}\r\n", fwd.client_ip);
+    field(out, "x-forwarded-proto", fwd.proto.as_bytes());
     if let Some(h) = fwd.host {
-        headers.insert(X_FORWARDED_HOST.clone(), h.clone());
+        field(out, "x-forwarded-host", h.as_bytes());
     }
-    headers.insert(X_REQUEST_ID.clone(), fwd.request_id.clone());
-    let host = match (fwd.preserve_host, fwd.host) {
-        (true, Some(h)) => h.clone(),
-        _ => HeaderValue::from_str(fwd.backend.as_str()).expect("authority is a valid header value"),
-    };
-    headers.insert(header::HOST, host);
+    field(out, "x-request-id", fwd.request_id.as_bytes());
     if let Some(proto) = fwd.upgrade {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        headers.insert(header::UPGRADE, proto.clone());
+        out.extend_from_slice(b"connection: upgrade\r\n");
+        field(out, "upgrade", proto.as_bytes());
     }
-    req
+    match framing {
+        RequestFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        RequestFraming::Length => {
+            let _ = write!(out, "content-length: {}\r\n", body_len.unwrap_or(0));
+        }
+        RequestFraming::Empty => {
+            // An empty body still says so where a body is expected or the client said so.
+            if src.contains_key(header::CONTENT_LENGTH)
+                || matches!(parts.method, Method::POST | Method::PUT | Method::PATCH)
+            {
+                out.extend_from_slice(b"content-length: 0\r\n");
+            }
+        }
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn field(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Strips hop-by-hop headers from a backend's response (keeping `Upgrade` on a 101) and
@@ -198,6 +229,7 @@ pub fn host_without_port(host: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::Request;
 
     #[test]
     fn hop_by_hop_and_connection_named_headers_are_dropped() {
@@ -225,8 +257,16 @@ mod tests {
             backend: &backend,
             upgrade: None,
         };
-        let out = upstream_request(&parts, PathAndQuery::from_static("/x?y=1"), RequestBody::empty(), &fwd);
-        let h = out.headers();
+        let mut out = Vec::new();
+        write_request_head(&mut out, &parts, "/x?y=1", RequestFraming::Empty, None, &fwd);
+        let mut slots = [httparse::EMPTY_HEADER; 32];
+        let mut parsed = httparse::Request::new(&mut slots);
+        assert!(parsed.parse(&out).unwrap().is_complete());
+        assert_eq!(parsed.path, Some("/x?y=1"));
+        let mut h = HeaderMap::new();
+        for f in parsed.headers.iter() {
+            h.append(HeaderName::from_bytes(f.name.as_bytes()).unwrap(), HeaderValue::from_bytes(f.value).unwrap());
+        }
         assert!(h.get("x-secret").is_none() && h.get("keep-alive").is_none() && h.get("te").is_none());
         assert!(h.get("connection").is_none());
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, 192.0.2.7");
@@ -242,10 +282,9 @@ mod tests {
         h.insert("connection", HeaderValue::from_bytes(b"x-secret, \xff").unwrap());
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("x-kept", HeaderValue::from_static("1"));
-        let mut out = HeaderMap::new();
-        copy_end_to_end(&h, &mut out, |_| false);
-        assert!(out.get("x-secret").is_none());
-        assert!(out.get("x-kept").is_some());
+        let dropped = |n: &str| is_connection_specific(&HeaderName::from_bytes(n.as_bytes()).unwrap(), &h, true);
+        assert!(dropped("x-secret"));
+        assert!(!dropped("x-kept"));
     }
 
     #[test]

@@ -30,7 +30,7 @@ pub struct RequestLog {
 }
 
 impl RequestLog {
-    pub fn note_broken(&mut self, e: &hyper::Error) {
+    pub fn note_broken(&mut self, e: &dyn std::fmt::Display) {
         self.broken = true;
         if let Some(b) = &self.backend {
             tracing::warn!(backend = %b.url, error = %e, request_id = self.request_id.to_str().unwrap_or("-"), "backend response body broke off");

@@ -19,16 +19,17 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
 use http::request::Parts;
 use http::uri::PathAndQuery;
-use http::{Method, Request, Response, StatusCode, Version, header};
+use http::{Method, Request, Response, Version, header};
 use hyper::body::Incoming;
 
-use crate::backend::{Backend, InflightGuard, PooledConn};
+use crate::backend::{Backend, Conn, ConnectError, Framing, InflightGuard, RequestFraming, SendError};
 use crate::limit::{self, RateLimiter};
 use crate::runtime::{Runtime, SharedRuntime, Upstream, path};
 use crate::server::{ActivityGuard, ConnActivity};
-use body::{BodyTooLarge, ClientBodyError, RequestBody, ResponseBody};
+use body::{BodyTooLarge, BoxError, RequestBody, ResponseBody};
 pub use error::ProxyError;
 use headers::Forwarded;
 pub use log::RequestLog;
@@ -71,16 +72,15 @@ pub async fn handle(
     let (parts, body) = req.into_parts();
     let outcome = proxy(&rt, &conn, &parts, body, &mut log).await;
     Ok(match outcome {
-        Ok(Proxied { mut response, inflight, conn: backend_conn }) => {
-            let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
-            headers::rewrite_response(response.headers_mut(), switching, &log.request_id);
-            log.status = response.status().as_u16();
+        Ok(Proxied { mut head, framing, inflight, conn: backend_conn }) => {
+            let switching = framing == Framing::Upgrade;
+            headers::rewrite_response(&mut head.headers, switching, &log.request_id);
+            log.status = head.status.as_u16();
             if switching {
                 match client_upgrade {
                     Some(client) => {
-                        let backend = hyper::upgrade::on(&mut response);
-                        upgrade::tunnel(client, backend, inflight, conn.activity.begin());
-                        response.map(|b| ResponseBody::upstream(b, log, None, None))
+                        upgrade::tunnel(client, backend_conn, inflight, conn.activity.begin());
+                        Response::from_parts(head, ResponseBody::full(Bytes::new(), log))
                     }
                     None => ProxyError::BrokeOff {
                         backend: inflight.backend().url.clone(),
@@ -89,19 +89,20 @@ pub async fn handle(
                     .into_response(log),
                 }
             } else {
-                response.map(|b| ResponseBody::upstream(b, log, Some(inflight), Some(backend_conn)))
+                Response::from_parts(head, ResponseBody::upstream(backend_conn.into_body(framing), log, inflight))
             }
         }
         Err(e) => e.into_response(log),
     })
 }
 
-/// A backend's response, with the in-flight mark that must live as long as its body and
-/// the connection that returns to the pool when the body ends.
+/// A backend's response head, with the in-flight mark that must live as long as its body
+/// and the connection its body is read from (or that becomes the tunnel, on a 101).
 struct Proxied {
-    response: Response<Incoming>,
+    head: http::response::Parts,
+    framing: Framing,
     inflight: InflightGuard,
-    conn: PooledConn,
+    conn: Conn,
 }
 
 async fn proxy(
@@ -166,11 +167,18 @@ async fn proxy(
     } else {
         parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"))
     };
+    let target = target.as_str();
     let upgrade = headers::requested_upgrade(parts);
 
     // pick + forward (retry)
     let body_empty = http_body::Body::is_end_stream(&body);
-    let mut body = Some(if body_empty { RequestBody::empty() } else { RequestBody::new(body, limit) });
+    let body_len = http_body::Body::size_hint(&body).exact();
+    let framing = match (body_empty, body_len) {
+        (true, _) => RequestFraming::Empty,
+        (false, Some(_)) => RequestFraming::Length,
+        (false, None) => RequestFraming::Chunked,
+    };
+    let mut body = if body_empty { RequestBody::empty() } else { RequestBody::new(body, limit) };
     let attempts = 1 + upstream.retries as usize;
     let mut tried: Vec<usize> = Vec::new();
     let mut last_error: Option<ProxyError> = None;
@@ -194,10 +202,11 @@ async fn proxy(
             backend: &backend.authority,
             upgrade: upgrade.as_ref(),
         };
-        match attempt(upstream, backend, parts, &target, &mut body, body_empty, &fwd).await {
-            Ok((response, conn)) => {
+        let request = Outgoing { parts, target, framing, body_len, fwd: &fwd };
+        match attempt(upstream, backend, &request, &mut body).await {
+            Ok((head, framing, conn)) => {
                 backend.record_response(trial);
-                return Ok(Proxied { response, inflight, conn });
+                return Ok(Proxied { head, framing, inflight, conn });
             }
             Err(Failure { error, retryable }) => {
                 if error.is_backend_failure() {
@@ -221,25 +230,31 @@ struct Failure {
     retryable: bool,
 }
 
+/// What is sent to each backend tried.
+struct Outgoing<'a> {
+    parts: &'a Parts,
+    target: &'a str,
+    framing: RequestFraming,
+    body_len: Option<u64>,
+    fwd: &'a Forwarded<'a>,
+}
+
 /// One try on one backend, including the one resend on a fresh connection when a pooled
 /// connection turns out to have been closed by the backend while it sat idle.
 async fn attempt(
     upstream: &Upstream,
     backend: &Arc<Backend>,
-    parts: &Parts,
-    target: &PathAndQuery,
-    body: &mut Option<RequestBody>,
-    body_empty: bool,
-    fwd: &Forwarded<'_>,
-) -> Result<(Response<Incoming>, PooledConn), Failure> {
+    req: &Outgoing<'_>,
+    body: &mut RequestBody,
+) -> Result<(http::response::Parts, Framing, Conn), Failure> {
     let url = &backend.url;
     let pool = &backend.pool;
     let mut fresh_only = false;
     loop {
         let checked_out = if fresh_only { pool.connect().await } else { pool.checkout().await };
-        let mut conn: PooledConn = match checked_out {
+        let mut conn = match checked_out {
             Ok(c) => c,
-            Err(crate::backend::ConnectError::Local(e)) => {
+            Err(ConnectError::Local(e)) => {
                 return Err(Failure { error: ProxyError::OutOfResources(e), retryable: false });
             }
             Err(e) => {
@@ -249,89 +264,58 @@ async fn attempt(
                 });
             }
         };
-        let mut req_body = match body.take() {
-            Some(b) => b,
-            None if body_empty => RequestBody::empty(),
-            None => unreachable!("a consumed body is never sent again"),
-        };
+        headers::write_request_head(conn.head_buf(), req.parts, req.target, req.framing, req.body_len, req.fwd);
+        let broke_off = |source: BoxError| ProxyError::BrokeOff { backend: url.clone(), source };
+        // Nothing of the body is taken until the head is written, so a failed head write
+        // leaves the request whole for another connection or backend.
+        let replayable = |body: &RequestBody| req.framing == RequestFraming::Empty || !body.started();
+        match conn.send(body, req.framing).await {
+            Ok(()) => {}
+            Err(SendError::Head(e)) => {
+                if conn.reused && !fresh_only {
+                    tracing::debug!(backend = %url, error = %e, "pooled connection was closed by the backend; resending on a new one");
+                    fresh_only = true;
+                    continue;
+                }
+                return Err(Failure { error: broke_off(Box::new(e)), retryable: true });
+            }
+            Err(SendError::ClientBody(e)) => {
+                let error = match e.downcast_ref::<BodyTooLarge>() {
+                    Some(too_large) => ProxyError::BodyTooLarge { limit: too_large.limit },
+                    None => ProxyError::ClientBodyBroken,
+                };
+                return Err(Failure { error, retryable: false });
+            }
+            Err(SendError::Body(e)) => return Err(Failure { error: broke_off(Box::new(e)), retryable: false }),
+        }
         // The backend's time to answer starts once the whole request is sent: a slow
         // upload is not the backend's delay.
-        let body_sent = req_body.on_sent();
-        let req = headers::upstream_request(parts, target.clone(), req_body, fwd);
         let after = upstream.timeouts.upstream_header;
-        let read_before = conn.bytes_read();
-        let deadline = async {
-            if let Some(sent) = body_sent {
-                let _ = sent.await;
-            }
-            tokio::time::sleep(after).await;
-        };
-        let outcome = tokio::select! {
-            r = conn.sender.try_send_request(req) => r,
-            () = deadline => {
+        let read = tokio::time::timeout(after, conn.read_head(req.parts.method == Method::HEAD)).await;
+        let error = match read {
+            Ok(Ok((head, framing))) => return Ok((head, framing, conn)),
+            Ok(Err(e)) => e,
+            Err(_) => {
                 return Err(Failure {
                     error: ProxyError::UpstreamTimeout { backend: url.clone(), after },
                     retryable: false,
                 });
             }
         };
-        let mut err = match outcome {
-            Ok(response) => return Ok((response, conn)),
-            Err(e) => e,
-        };
-        let nothing_sent = err.take_message().is_some_and(|req| {
-            *body = Some(req.into_body());
-            true
-        });
-        let error = err.into_error();
-        if let Some(too_large) = find_cause::<BodyTooLarge>(&error) {
-            let limit = too_large.limit;
-            return Err(Failure { error: ProxyError::BodyTooLarge { limit }, retryable: false });
-        }
-        if find_cause::<ClientBodyError>(&error).is_some() {
-            return Err(Failure { error: ProxyError::ClientBodyBroken, retryable: false });
-        }
-        let replayable = body.is_some() || body_empty;
-        let no_response_byte = conn.bytes_read() == read_before && closed_or_reset(&error);
-        if conn.reused && !fresh_only && replayable && (nothing_sent || no_response_byte) {
+        let no_response_byte = error.before_any_byte(conn.has_read());
+        let replayable = replayable(body);
+        if conn.reused && !fresh_only && replayable && no_response_byte {
             tracing::debug!(backend = %url, error = %error, "pooled connection was closed by the backend; resending on a new one");
             fresh_only = true;
             continue;
         }
         let idempotent = matches!(
-            parts.method,
+            req.parts.method,
             Method::GET | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS | Method::TRACE
         );
-        let retryable = replayable && (nothing_sent || (idempotent && no_response_byte));
         return Err(Failure {
-            error: ProxyError::BrokeOff { backend: url.clone(), source: Box::new(error) },
-            retryable,
+            error: broke_off(Box::new(error)),
+            retryable: replayable && idempotent && no_response_byte,
         });
     }
-}
-
-/// The backend closed or reset the connection (rather than, say, sending garbage).
-fn closed_or_reset(e: &hyper::Error) -> bool {
-    if e.is_incomplete_message() || e.is_canceled() || e.is_closed() {
-        return true;
-    }
-    find_cause::<std::io::Error>(e).is_some_and(|io| {
-        matches!(
-            io.kind(),
-            std::io::ErrorKind::ConnectionReset
-                | std::io::ErrorKind::BrokenPipe
-                | std::io::ErrorKind::ConnectionAborted
-        )
-    })
-}
-
-fn find_cause<'e, T: std::error::Error + 'static>(e: &'e (dyn std::error::Error + 'static)) -> Option<&'e T> {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if let Some(hit) = err.downcast_ref::<T>() {
-            return Some(hit);
-        }
-        cur = err.source();
-    }
-    None
 }

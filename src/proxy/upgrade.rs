@@ -8,24 +8,25 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-use crate::backend::InflightGuard;
+use crate::backend::{Conn, InflightGuard};
 use crate::server::ActivityGuard;
 
 /// After one side closes, how long the other direction may still finish sending.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
-pub fn tunnel(client: OnUpgrade, backend: OnUpgrade, inflight: InflightGuard, activity: ActivityGuard) {
+/// `backend` is the connection that answered 101, with any bytes it sent past the head.
+pub fn tunnel(client: OnUpgrade, backend: Conn, inflight: InflightGuard, activity: ActivityGuard) {
     tokio::spawn(async move {
         let _held = (inflight, activity);
-        let (client, backend) = match tokio::try_join!(client, backend) {
-            Ok(pair) => pair,
+        let client = match client.await {
+            Ok(c) => c,
             Err(e) => {
                 tracing::debug!(error = %e, "upgrade did not complete");
                 return;
             }
         };
         let (mut cr, mut cw) = tokio::io::split(TokioIo::new(client));
-        let (mut br, mut bw) = tokio::io::split(TokioIo::new(backend));
+        let (mut br, mut bw) = tokio::io::split(backend);
         let up = pipe(&mut cr, &mut bw);
         let down = pipe(&mut br, &mut cw);
         tokio::pin!(up, down);

@@ -1,0 +1,544 @@
+//! One keep-alive HTTP/1.1 connection to a backend, driven from the request's own task:
+//! the request is written, then the response head is read, then the response body is read
+//! as the client takes it. There is no connection task and no channel between the two
+//! sides, so a request never changes task on its way to the backend and back (the
+//! profile's largest user-space cost with hyper's client).
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker, ready};
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Version, header};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+use crate::proxy::body::{BoxError, RequestBody};
+
+/// The most headers a backend's response head may have (hyper's default too).
+const MAX_HEADERS: usize = 100;
+/// The largest response head accepted from a backend.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// The longest chunk-size or trailer line accepted in a chunked response.
+const MAX_LINE: usize = 4096;
+/// How much room each read asks for.
+const READ_SIZE: usize = 16 * 1024;
+
+/// The byte stream to a backend: plain TCP, or TLS for an `https://` backend.
+pub enum BackendIo {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for BackendIo {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            BackendIo::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            BackendIo::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for BackendIo {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            BackendIo::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            BackendIo::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            BackendIo::Plain(s) => Pin::new(s).poll_flush(cx),
+            BackendIo::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            BackendIo::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            BackendIo::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// A connection to one backend, idle in its pool or checked out for one request.
+pub struct Conn {
+    io: BackendIo,
+    /// Bytes read from the backend and not consumed yet.
+    buf: BytesMut,
+    /// The head of the request being sent; kept between requests to reuse its memory.
+    head: Vec<u8>,
+    /// True when the connection served an earlier request: a failure before any response
+    /// byte may then just mean the backend closed it while it sat idle.
+    pub reused: bool,
+    /// The last response allows another request on this connection.
+    keep_alive: bool,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn").field("reused", &self.reused).field("buffered", &self.buf.len()).finish_non_exhaustive()
+    }
+}
+
+/// Why sending a request failed, by how far it got.
+#[derive(Debug)]
+pub enum SendError {
+    /// Writing the head failed: the body was not touched and can be sent elsewhere.
+    Head(io::Error),
+    /// The client's body failed (it broke off, or grew past the limit).
+    ClientBody(BoxError),
+    /// Writing the body to the backend failed.
+    Body(io::Error),
+}
+
+/// Why reading a response failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("the backend closed the connection before sending a response")]
+    Closed,
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("malformed response: {0}")]
+    Malformed(&'static str),
+}
+
+impl ReadError {
+    /// No response byte arrived: the backend closed or reset the connection first.
+    pub fn before_any_byte(&self, read_any: bool) -> bool {
+        match self {
+            ReadError::Closed => true,
+            ReadError::Io(e) => {
+                !read_any
+                    && matches!(
+                        e.kind(),
+                        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionAborted
+                    )
+            }
+            ReadError::Malformed(_) => false,
+        }
+    }
+}
+
+/// How a response body is delimited (RFC 9112 section 6.3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Framing {
+    /// No body: HEAD, 204, 304.
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Until the backend closes; the connection is not reused.
+    UntilClose,
+    /// 101: what follows is the upgraded protocol.
+    Upgrade,
+}
+
+/// How the request body is framed towards the backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RequestFraming {
+    /// Nothing after the head.
+    Empty,
+    /// `Content-Length` was written; the body is copied as it comes.
+    Length,
+    /// `Transfer-Encoding: chunked` was written.
+    Chunked,
+}
+
+impl Conn {
+    pub fn new(io: BackendIo) -> Conn {
+        Conn { io, buf: BytesMut::new(), head: Vec::new(), reused: false, keep_alive: true }
+    }
+
+    /// Whether an idle connection can take a request: the backend has neither closed it
+    /// nor sent anything unasked. Never waits.
+    pub fn is_usable_idle(&mut self) -> bool {
+        if !self.buf.is_empty() || !self.keep_alive {
+            return false;
+        }
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut byte = [0u8; 1];
+        let mut probe = ReadBuf::new(&mut byte);
+        Pin::new(&mut self.io).poll_read(&mut cx, &mut probe).is_pending()
+    }
+
+    /// The buffer the next request head is written into (empty).
+    pub fn head_buf(&mut self) -> &mut Vec<u8> {
+        self.head.clear();
+        &mut self.head
+    }
+
+    /// Writes the head in [`Conn::head_buf`], then streams `body` with `framing`.
+    pub async fn send(&mut self, body: &mut RequestBody, framing: RequestFraming) -> Result<(), SendError> {
+        self.io.write_all(&self.head).await.map_err(SendError::Head)?;
+        if framing != RequestFraming::Empty {
+            while let Some(frame) = body.frame().await {
+                let Ok(data) = frame.map_err(SendError::ClientBody)?.into_data() else { continue };
+                if data.is_empty() {
+                    continue;
+                }
+                if framing == RequestFraming::Chunked {
+                    let size = format!("{:x}\r\n", data.len());
+                    self.io.write_all(size.as_bytes()).await.map_err(SendError::Body)?;
+                }
+                self.io.write_all(&data).await.map_err(SendError::Body)?;
+                if framing == RequestFraming::Chunked {
+                    self.io.write_all(b"\r\n").await.map_err(SendError::Body)?;
+                }
+            }
+            if framing == RequestFraming::Chunked {
+                self.io.write_all(b"0\r\n\r\n").await.map_err(SendError::Body)?;
+            }
+        }
+        self.io.flush().await.map_err(SendError::Body)
+    }
+
+    /// Whether any byte of a response has arrived since the request was sent.
+    pub fn has_read(&self) -> bool {
+        !self.buf.is_empty()
+    }
+
+    /// Reads the response head, skipping interim 1xx responses other than 101.
+    /// `head_request`: the request was HEAD, so no body follows whatever the head says.
+    pub async fn read_head(&mut self, head_request: bool) -> Result<(http::response::Parts, Framing), ReadError> {
+        loop {
+            if let Some(parsed) = self.parse_head(head_request)? {
+                return Ok(parsed);
+            }
+            if self.buf.len() > MAX_HEAD_BYTES {
+                return Err(ReadError::Malformed("response head too large"));
+            }
+            let n = std::future::poll_fn(|cx| self.poll_fill(cx)).await?;
+            if n == 0 {
+                return Err(if self.buf.is_empty() {
+                    ReadError::Closed
+                } else {
+                    ReadError::Io(io::ErrorKind::UnexpectedEof.into())
+                });
+            }
+        }
+    }
+
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.buf.capacity() - self.buf.len() < 1024 {
+            self.buf.reserve(READ_SIZE);
+        }
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
+    }
+
+    /// A complete head at the start of the buffer, consumed; `None` if more is needed.
+    /// Interim (1xx) heads other than 101 are consumed and skipped.
+    fn parse_head(&mut self, head_request: bool) -> Result<Option<(http::response::Parts, Framing)>, ReadError> {
+        loop {
+            let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut res = httparse::Response::new(&mut slots);
+            let len = match res.parse(&self.buf) {
+                Ok(httparse::Status::Complete(len)) => len,
+                Ok(httparse::Status::Partial) => return Ok(None),
+                Err(httparse::Error::TooManyHeaders) => return Err(ReadError::Malformed("too many headers")),
+                Err(_) => return Err(ReadError::Malformed("invalid response head")),
+            };
+            let code = res.code.unwrap_or(0);
+            let status = StatusCode::from_u16(code).map_err(|_| ReadError::Malformed("invalid status code"))?;
+            if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
+                let _ = self.buf.split_to(len);
+                continue;
+            }
+            let version = if res.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
+            // Offsets into the buffer, so the values can share its memory once frozen.
+            let base = self.buf.as_ptr() as usize;
+            let mut names: [Option<(HeaderName, usize, usize)>; MAX_HEADERS] = [const { None }; MAX_HEADERS];
+            let count = res.headers.len();
+            for (slot, h) in names.iter_mut().zip(res.headers.iter()) {
+                let name = HeaderName::from_bytes(h.name.as_bytes())
+                    .map_err(|_| ReadError::Malformed("invalid header name"))?;
+                let start = h.value.as_ptr() as usize - base;
+                *slot = Some((name, start, start + h.value.len()));
+            }
+            let head = self.buf.split_to(len).freeze();
+            let mut headers = HeaderMap::with_capacity(count);
+            for (name, start, end) in names.into_iter().take(count).flatten() {
+                let value = HeaderValue::from_maybe_shared(head.slice(start..end))
+                    .map_err(|_| ReadError::Malformed("invalid header value"))?;
+                headers.append(name, value);
+            }
+            let framing = framing(status, version, &headers, head_request)?;
+            self.keep_alive = keeps_alive(version, &headers) && framing != Framing::UntilClose;
+            let mut parts = http::Response::new(()).into_parts().0;
+            parts.status = status;
+            parts.version = version;
+            parts.headers = headers;
+            return Ok(Some((parts, framing)));
+        }
+    }
+
+    /// The response body that follows a head with `framing`; it owns the connection.
+    pub fn into_body(self, framing: Framing) -> ConnBody {
+        let state = match framing {
+            Framing::Empty | Framing::Upgrade | Framing::Length(0) => State::Done,
+            Framing::Length(n) => State::Length(n),
+            Framing::Chunked => State::ChunkSize,
+            Framing::UntilClose => State::UntilClose,
+        };
+        ConnBody { conn: Some(self), state }
+    }
+}
+
+/// An upgraded connection is a plain byte stream: what was read past the 101 head first.
+impl AsyncRead for Conn {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.buf.is_empty() {
+            let n = this.buf.len().min(out.remaining());
+            out.put_slice(&this.buf.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_read(cx, out)
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// Whether the connection may carry another request after this response.
+fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
+    let mut close = version == Version::HTTP_10;
+    for v in headers.get_all(header::CONNECTION) {
+        for token in v.as_bytes().split(|b| *b == b',') {
+            let token = token.trim_ascii();
+            if token.eq_ignore_ascii_case(b"close") {
+                close = true;
+            } else if token.eq_ignore_ascii_case(b"keep-alive") && version == Version::HTTP_10 {
+                close = false;
+            }
+        }
+    }
+    !close
+}
+
+/// How the body after this head is delimited; conflicting lengths are refused.
+fn framing(
+    status: StatusCode,
+    version: Version,
+    headers: &HeaderMap,
+    head_request: bool,
+) -> Result<Framing, ReadError> {
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        return Ok(Framing::Upgrade);
+    }
+    if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        return Ok(Framing::Empty);
+    }
+    if version == Version::HTTP_11 && headers.contains_key(header::TRANSFER_ENCODING) {
+        // Chunked only when it is the final coding; otherwise the body runs to the close.
+        let last = headers.get_all(header::TRANSFER_ENCODING).iter().next_back();
+        let chunked = last
+            .and_then(|v| v.as_bytes().rsplit(|b| *b == b',').next())
+            .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        return Ok(if chunked { Framing::Chunked } else { Framing::UntilClose });
+    }
+    let mut length: Option<u64> = None;
+    for v in headers.get_all(header::CONTENT_LENGTH) {
+        for part in v.as_bytes().split(|b| *b == b',') {
+            let part = part.trim_ascii();
+            let n = std::str::from_utf8(part)
+                .ok()
+                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|s| s.parse::<u64>().ok())
+                .ok_or(ReadError::Malformed("invalid Content-Length"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(ReadError::Malformed("conflicting Content-Length"));
+            }
+            length = Some(n);
+        }
+    }
+    Ok(length.map_or(Framing::UntilClose, Framing::Length))
+}
+
+/// A backend's response body, read from its connection as the client takes it.
+#[derive(Debug)]
+pub struct ConnBody {
+    /// `None` once the body failed: the connection is closed with it.
+    conn: Option<Conn>,
+    state: State,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Length(u64),
+    UntilClose,
+    ChunkSize,
+    ChunkData(u64),
+    /// The CRLF after a chunk's data.
+    ChunkEnd,
+    Trailers,
+    Done,
+}
+
+/// The backend's body broke off or was malformed.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("the backend closed the connection before the end of the body")]
+    Incomplete,
+    #[error("malformed chunked body")]
+    Malformed,
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+impl ConnBody {
+    /// The connection, when the body ended cleanly and it can serve another request.
+    pub fn take_reusable(&mut self) -> Option<Conn> {
+        if self.state != State::Done {
+            return None;
+        }
+        let mut conn = self.conn.take()?;
+        if !conn.keep_alive || !conn.buf.is_empty() {
+            return None;
+        }
+        conn.reused = true;
+        Some(conn)
+    }
+
+    fn fail(&mut self, e: BodyError) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        self.conn = None;
+        self.state = State::Done;
+        Poll::Ready(Some(Err(e)))
+    }
+}
+
+/// Splits the next line (without its line end) off `buf`, if a whole one is there.
+fn take_line(buf: &mut BytesMut) -> Option<Bytes> {
+    let end = buf.iter().position(|b| *b == b'\n')?;
+    let line = buf.split_to(end + 1).freeze();
+    let len = if end > 0 && line[end - 1] == b'\r' { end - 1 } else { end };
+    Some(line.slice(..len))
+}
+
+fn parse_chunk_size(line: &[u8]) -> Option<u64> {
+    let digits = line.split(|b| *b == b';').next()?.trim_ascii();
+    if digits.is_empty() || digits.len() > 15 {
+        return None;
+    }
+    u64::from_str_radix(std::str::from_utf8(digits).ok()?, 16).ok()
+}
+
+impl Body for ConnBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.get_mut();
+        loop {
+            let Some(conn) = this.conn.as_mut() else { return Poll::Ready(None) };
+            let buf = &mut conn.buf;
+            match this.state {
+                State::Done => return Poll::Ready(None),
+                State::Length(n) | State::ChunkData(n) if !buf.is_empty() => {
+                    let take = (buf.len() as u64).min(n);
+                    let data = buf.split_to(take as usize).freeze();
+                    let left = n - take;
+                    this.state = match (this.state, left) {
+                        (State::Length(_), 0) => State::Done,
+                        (State::Length(_), left) => State::Length(left),
+                        (_, 0) => State::ChunkEnd,
+                        (_, left) => State::ChunkData(left),
+                    };
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                State::UntilClose if !buf.is_empty() => {
+                    let data = buf.split().freeze();
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                State::ChunkSize | State::ChunkEnd | State::Trailers => {
+                    if let Some(line) = take_line(buf) {
+                        this.state = match this.state {
+                            State::ChunkSize => match parse_chunk_size(&line) {
+                                Some(0) => State::Trailers,
+                                Some(n) => State::ChunkData(n),
+                                None => return this.fail(BodyError::Malformed),
+                            },
+                            State::ChunkEnd if line.is_empty() => State::ChunkSize,
+                            State::ChunkEnd => return this.fail(BodyError::Malformed),
+                            // Trailer fields are dropped; an empty line ends the message.
+                            _ if line.is_empty() => State::Done,
+                            _ => State::Trailers,
+                        };
+                        continue;
+                    }
+                    if buf.len() > MAX_LINE {
+                        return this.fail(BodyError::Malformed);
+                    }
+                }
+                _ => {}
+            }
+            // More bytes are needed.
+            match ready!(conn.poll_fill(cx)) {
+                Ok(0) if this.state == State::UntilClose => {
+                    this.state = State::Done;
+                    conn.keep_alive = false;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => return this.fail(BodyError::Incomplete),
+                Ok(_) => {}
+                Err(e) => return this.fail(BodyError::Io(e)),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.state == State::Done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.state {
+            State::Length(n) => SizeHint::with_exact(n),
+            State::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_and_chunk_sizes() {
+        let mut b = BytesMut::from(&b"1a;ext=1\r\nrest"[..]);
+        let line = take_line(&mut b).unwrap();
+        assert_eq!(parse_chunk_size(&line), Some(26));
+        assert_eq!(&b[..], b"rest");
+        assert_eq!(take_line(&mut b), None);
+        assert_eq!(parse_chunk_size(b"zz"), None);
+        assert_eq!(parse_chunk_size(b""), None);
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        let mut h = HeaderMap::new();
+        let ok = StatusCode::OK;
+        assert_eq!(framing(ok, Version::HTTP_11, &h, false).unwrap(), Framing::UntilClose);
+        assert_eq!(framing(ok, Version::HTTP_11, &h, true).unwrap(), Framing::Empty);
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        assert_eq!(framing(ok, Version::HTTP_11, &h, false).unwrap(), Framing::Length(5));
+        assert_eq!(framing(StatusCode::NO_CONTENT, Version::HTTP_11, &h, false).unwrap(), Framing::Empty);
+        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("6"));
+        assert!(framing(ok, Version::HTTP_11, &h, false).is_err());
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("gzip, chunked"));
+        assert_eq!(framing(ok, Version::HTTP_11, &h, false).unwrap(), Framing::Chunked);
+        assert!(keeps_alive(Version::HTTP_11, &h));
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        assert!(!keeps_alive(Version::HTTP_11, &h));
+    }
+}
