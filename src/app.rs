@@ -13,7 +13,7 @@ use crate::logging::LogHandle;
 use crate::metrics::LastReload;
 use crate::reload::{self, Reloader, Trigger};
 use crate::runtime::{self, Runtime, SharedRuntime};
-use crate::server::{BindError, Listeners};
+use crate::server::{BindError, Listeners, Workers};
 
 /// Where the config came from, so it can be read again the same way.
 #[derive(Clone, Debug)]
@@ -32,7 +32,8 @@ pub enum AppError {
 }
 
 /// Runs balancer until SIGTERM or SIGINT, then drains within `shutdown_grace`.
-pub async fn run(loaded: Loaded, source: ConfigSource, log: LogHandle) -> Result<(), AppError> {
+/// Client connections are served on `workers`; everything else runs where this is awaited.
+pub async fn run(loaded: Loaded, source: ConfigSource, log: LogHandle, workers: Workers) -> Result<(), AppError> {
     let rt = runtime::build(loaded.config, None, 1);
     *rt.metrics.last_reload.lock().expect("last_reload lock") = LastReload::now(Ok(()));
     if rt.config.routes.is_empty() && rt.upstreams.len() > 1 {
@@ -42,7 +43,7 @@ pub async fn run(loaded: Loaded, source: ConfigSource, log: LogHandle) -> Result
     let runtime: SharedRuntime = Arc::new(ArcSwap::from_pointee(rt));
 
     // Bind everything first: any failure exits before serving anything.
-    let mut listeners = Listeners::new(runtime.clone());
+    let mut listeners = Listeners::new(runtime.clone(), Arc::new(workers));
     let fresh = listeners.prepare(&listen)?;
     let admin_listener = crate::server::bind(admin_addr.as_slice())?.pop();
     log_upstreams(&runtime.load());

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use balancer::app::{self, ConfigSource};
 use balancer::cli::Cli;
 use balancer::config::{self, Loaded};
+use balancer::server::Workers;
 
 fn main() -> ExitCode {
     let cli = Cli::parse_args();
@@ -32,19 +33,18 @@ fn main() -> ExitCode {
     }
 
     let log = balancer::logging::init(&loaded.config.log);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(loaded.config.server.workers)
-        .thread_name("balancer-worker")
-        .enable_all()
-        .build();
-    let runtime = match runtime {
-        Ok(rt) => rt,
+    // Client connections are served by the workers; the admin listener, health checks and
+    // reloads run on this thread's own runtime.
+    let runtimes = Workers::start(loaded.config.server.workers)
+        .and_then(|w| Ok((w, tokio::runtime::Builder::new_current_thread().enable_all().build()?)));
+    let (workers, runtime) = match runtimes {
+        Ok(pair) => pair,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(app::run(loaded, source, log)) {
+    match runtime.block_on(app::run(loaded, source, log, workers)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");

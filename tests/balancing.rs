@@ -203,8 +203,9 @@ async fn a_pooled_connection_closed_at_reuse_is_resent_on_a_fresh_one() {
 #[tokio::test(flavor = "multi_thread")]
 async fn connections_to_backends_are_reused() {
     let up = Upstream::start("a").await;
-    let b = Balancer::start(&config_for(&[up.addr], ""), &[]);
-    // Several client connections, one after the other: one backend connection serves all.
+    // Each worker thread keeps its own idle connections: with one worker, one backend
+    // connection serves several client connections, one after the other.
+    let b = Balancer::start(&config_for(&[up.addr], ""), &["--set", "server.workers=1"]);
     for _ in 0..5 {
         let mut conn = Conn::open(b.addr()).await;
         for _ in 0..4 {
@@ -213,4 +214,16 @@ async fn connections_to_backends_are_reused() {
     }
     assert_eq!(up.hits(), 20);
     assert_eq!(up.connections.load(Ordering::SeqCst), 1);
+
+    // With two workers, client connections take turns: one backend connection each.
+    let up = Upstream::start("b").await;
+    let b = Balancer::start(&config_for(&[up.addr], ""), &["--set", "server.workers=2"]);
+    for _ in 0..6 {
+        let mut conn = Conn::open(b.addr()).await;
+        for _ in 0..4 {
+            assert_eq!(conn.get("/").await.unwrap().status, 200);
+        }
+    }
+    assert_eq!(up.hits(), 24);
+    assert_eq!(up.connections.load(Ordering::SeqCst), 2);
 }

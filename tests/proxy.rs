@@ -19,7 +19,8 @@ fn req(method: &str, path: &str) -> http::request::Builder {
 #[tokio::test(flavor = "multi_thread")]
 async fn http10_keepalive_and_pipelining_are_served() {
     let up = Upstream::start("a").await;
-    let b = Balancer::start(&config_for(&[up.addr], ""), &[]);
+    // One worker thread: its idle backend connection serves every client connection.
+    let b = Balancer::start(&config_for(&[up.addr], ""), &["--set", "server.workers=1"]);
 
     // HTTP/1.0: answered, then closed.
     let out = raw(b.addr(), b"GET /ten HTTP/1.0\r\n\r\n", Duration::from_secs(5)).await;

@@ -252,7 +252,11 @@ async fn kept_backends_keep_counters_pools_and_health_and_unchanged_limits_keep_
 async fn a_kept_backend_keeps_its_pooled_connections() {
     let a = Upstream::start("a").await;
     let listen = vec!["127.0.0.1:0".to_owned()];
-    let bal = Balancer::start(&cfg(&listen, &upstream("app", &[a.addr], "pool_idle_timeout = \"30s\"")), &[]);
+    // One worker thread, so that every client connection draws on the same idle list.
+    let bal = Balancer::start(
+        &cfg(&listen, &upstream("app", &[a.addr], "pool_idle_timeout = \"30s\"")),
+        &["--set", "server.workers=1"],
+    );
     let admin = bal.admin();
     for _ in 0..3 {
         assert_eq!(get(bal.addr(), "/").await.status, 200);

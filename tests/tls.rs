@@ -667,7 +667,8 @@ async fn https_backend_verified_against_ca_file_with_reused_connection() {
         up.addr,
         toml_path(&ca_pem)
     ));
-    let b = Balancer::start(&config, &[]);
+    // One worker thread: every client connection draws on its one idle list.
+    let b = Balancer::start(&config, &["--set", "server.workers=1"]);
 
     for i in 0..5 {
         let r = get(b.addr(), &format!("/r/{i}")).await;

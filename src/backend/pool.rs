@@ -3,6 +3,8 @@
 //! Idle connections are kept newest-last and handed out newest first (the least likely to
 //! have been closed by the backend); any idle longer than `idle_timeout` is dropped before
 //! the backend's own keep-alive timer (gunicorn: 2 s, uvicorn: 5 s) can close it under us.
+//! Each worker thread has its own idle list (of up to `keepalive` connections): a
+//! connection is registered with the reactor of the thread that opened it, and stays there.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -31,8 +33,19 @@ struct PoolInner {
     config: PoolConfig,
     /// Set for an `https://` backend: how its certificate is verified.
     tls: Option<BackendTls>,
-    /// Oldest at the front, newest at the back.
-    idle: VecDeque<Idle>,
+    /// Per worker thread (see `server::workers`): oldest at the front, newest at the back.
+    idle: Vec<VecDeque<Idle>>,
+}
+
+impl PoolInner {
+    /// The calling worker thread's idle list.
+    fn idle(&mut self) -> &mut VecDeque<Idle> {
+        let w = crate::server::workers::current();
+        if self.idle.len() <= w {
+            self.idle.resize_with(w + 1, VecDeque::new);
+        }
+        &mut self.idle[w]
+    }
 }
 
 #[derive(Debug)]
@@ -64,11 +77,7 @@ pub enum ConnectError {
 impl Pool {
     /// A pool for the backend at `authority`; `tls` is set for an `https://` backend.
     pub fn new(authority: Authority, config: PoolConfig, tls: Option<BackendTls>) -> Pool {
-        Pool {
-            authority,
-            opened: AtomicU64::new(0),
-            inner: Mutex::new(PoolInner { config, tls, idle: VecDeque::new() }),
-        }
+        Pool { authority, opened: AtomicU64::new(0), inner: Mutex::new(PoolInner { config, tls, idle: Vec::new() }) }
     }
 
     /// Applies a reloaded upstream's settings; idle connections are kept.
@@ -77,9 +86,11 @@ impl Pool {
         inner.config = config;
         inner.tls = tls;
         let keep = config.keepalive;
-        let len = inner.idle.len();
-        if len > keep {
-            inner.idle.drain(..len - keep);
+        for idle in &mut inner.idle {
+            let len = idle.len();
+            if len > keep {
+                idle.drain(..len - keep);
+            }
         }
     }
 
@@ -99,10 +110,11 @@ impl Pool {
     fn take_idle(&self) -> Option<Conn> {
         let mut inner = self.inner.lock().expect("pool lock");
         let max_idle = inner.config.idle_timeout;
-        while let Some(idle) = inner.idle.pop_back() {
+        let list = inner.idle();
+        while let Some(idle) = list.pop_back() {
             if idle.since.elapsed() >= max_idle {
                 // Older entries are older still: drop them all.
-                inner.idle.clear();
+                list.clear();
                 return None;
             }
             let mut conn = idle.conn;
@@ -158,12 +170,13 @@ impl Pool {
             return;
         }
         let now = Instant::now();
-        while inner.idle.front().is_some_and(|i| now.duration_since(i.since) >= cfg.idle_timeout) {
-            inner.idle.pop_front();
+        let list = inner.idle();
+        while list.front().is_some_and(|i| now.duration_since(i.since) >= cfg.idle_timeout) {
+            list.pop_front();
         }
-        if inner.idle.len() >= cfg.keepalive {
-            inner.idle.pop_front();
+        if list.len() >= cfg.keepalive {
+            list.pop_front();
         }
-        inner.idle.push_back(Idle { conn, since: now });
+        list.push_back(Idle { conn, since: now });
     }
 }

@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use super::{ConnActivity, ConnLimits, GuardedIo};
+use super::{ConnActivity, ConnLimits, GuardedIo, Workers};
 use crate::proxy::{self, ConnInfo};
 use crate::runtime::SharedRuntime;
 
@@ -61,6 +61,8 @@ pub fn listen_set(cfg: &crate::config::ServerConfig) -> Vec<ListenAddr> {
 /// Owned by the reloader, which changes the set as the config's listen lists change.
 pub struct Listeners {
     runtime: SharedRuntime,
+    /// The threads that serve the accepted connections.
+    workers: Arc<Workers>,
     /// Client connections, over all listeners (`server.max_connections`).
     slots: Arc<Semaphore>,
     max_connections: usize,
@@ -79,11 +81,12 @@ struct Entry {
 }
 
 impl Listeners {
-    pub fn new(runtime: SharedRuntime) -> Listeners {
+    pub fn new(runtime: SharedRuntime, workers: Arc<Workers>) -> Listeners {
         let max_connections = runtime.load().config.server.max_connections;
         let tls = TlsAcceptor::from(crate::tls::server_config(runtime.clone()));
         Listeners {
             runtime,
+            workers,
             slots: Arc::new(Semaphore::new(max_connections)),
             max_connections,
             tls,
@@ -114,7 +117,14 @@ impl Listeners {
             let tls = configured.1.then(|| self.tls.clone());
             tracing::info!(addr = %bound, protocol = if tls.is_some() { "https" } else { "http" }, "listening");
             let stop = CancellationToken::new();
-            let task = tokio::spawn(accept_loop(listener, tls, self.runtime.clone(), self.slots.clone(), stop.clone()));
+            let task = tokio::spawn(accept_loop(
+                listener,
+                tls,
+                self.runtime.clone(),
+                self.workers.clone(),
+                self.slots.clone(),
+                stop.clone(),
+            ));
             self.entries.push(Entry { configured, bound, stop, task });
         }
         self.entries.sort_by_key(|e| wanted.iter().position(|w| *w == e.configured));
@@ -169,6 +179,7 @@ async fn accept_loop(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     runtime: SharedRuntime,
+    workers: Arc<Workers>,
     slots: Arc<Semaphore>,
     stop: CancellationToken,
 ) -> GracefulShutdown {
@@ -190,7 +201,21 @@ async fn accept_loop(
         match accepted {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(serve(stream, peer, tls.clone(), runtime.clone(), graceful.watcher(), permit));
+                // Moved to a worker thread's own reactor.
+                let stream = match stream.into_std() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::debug!(%peer, error = %e, "cannot hand an accepted connection over");
+                        continue;
+                    }
+                };
+                let (tls, runtime, watcher) = (tls.clone(), runtime.clone(), graceful.watcher());
+                workers.next().spawn(async move {
+                    match TcpStream::from_std(stream) {
+                        Ok(stream) => serve(stream, peer, tls, runtime, watcher, permit).await,
+                        Err(e) => tracing::debug!(%peer, error = %e, "cannot register an accepted connection"),
+                    }
+                });
             }
             Err(e) => {
                 // Out of file descriptors or similar: back off instead of spinning.

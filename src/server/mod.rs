@@ -4,6 +4,7 @@
 mod conn_guard;
 pub mod head_check;
 mod listener;
+pub mod workers;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,6 +13,7 @@ use atomic_waker::AtomicWaker;
 
 pub use conn_guard::{ConnLimits, GuardedIo};
 pub use listener::{BindError, ListenAddr, Listeners, bind, listen_set};
+pub use workers::Workers;
 
 /// Whether a client connection has a request (or an upgraded tunnel) in progress.
 /// Written by the request path through [`ActivityGuard`]s, read by [`GuardedIo`] to
