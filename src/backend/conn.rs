@@ -5,6 +5,7 @@
 //! profile's largest user-space cost with hyper's client).
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker, ready};
 
@@ -231,9 +232,11 @@ impl Conn {
     /// Interim (1xx) heads other than 101 are consumed and skipped.
     fn parse_head(&mut self, head_request: bool) -> Result<Option<(http::response::Parts, Framing)>, ReadError> {
         loop {
-            let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut res = httparse::Response::new(&mut slots);
-            let len = match res.parse(&self.buf) {
+            let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+            let mut res = httparse::Response::new(&mut []);
+            let len = match httparse::ParserConfig::default()
+                .parse_response_with_uninit_headers(&mut res, &self.buf, &mut slots)
+            {
                 Ok(httparse::Status::Complete(len)) => len,
                 Ok(httparse::Status::Partial) => return Ok(None),
                 Err(httparse::Error::TooManyHeaders) => return Err(ReadError::Malformed("too many headers")),
@@ -246,20 +249,23 @@ impl Conn {
                 continue;
             }
             let version = if res.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
-            // Offsets into the buffer, so the values can share its memory once frozen.
+            // Where each name and value sits in the buffer, so that the values can share
+            // its memory once it is frozen.
             let base = self.buf.as_ptr() as usize;
-            let mut names: [Option<(HeaderName, usize, usize)>; MAX_HEADERS] = [const { None }; MAX_HEADERS];
+            let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
             let count = res.headers.len();
-            for (slot, h) in names.iter_mut().zip(res.headers.iter()) {
-                let name = HeaderName::from_bytes(h.name.as_bytes())
-                    .map_err(|_| ReadError::Malformed("invalid header name"))?;
-                let start = h.value.as_ptr() as usize - base;
-                *slot = Some((name, start, start + h.value.len()));
+            for (span, h) in spans.iter_mut().zip(res.headers.iter()) {
+                let name = h.name.as_ptr() as usize - base;
+                let value = h.value.as_ptr() as usize - base;
+                *span = (name as u32, (name + h.name.len()) as u32, value as u32, (value + h.value.len()) as u32);
             }
             let head = self.buf.split_to(len).freeze();
-            let mut headers = HeaderMap::with_capacity(count);
-            for (name, start, end) in names.into_iter().take(count).flatten() {
-                let value = HeaderValue::from_maybe_shared(head.slice(start..end))
+            // One more for the X-Request-Id that is added on the way out.
+            let mut headers = HeaderMap::with_capacity(count + 1);
+            for &(ns, ne, vs, ve) in &spans[..count] {
+                let name = HeaderName::from_bytes(&head[ns as usize..ne as usize])
+                    .map_err(|_| ReadError::Malformed("invalid header name"))?;
+                let value = HeaderValue::from_maybe_shared(head.slice(vs as usize..ve as usize))
                     .map_err(|_| ReadError::Malformed("invalid header value"))?;
                 headers.append(name, value);
             }

@@ -180,16 +180,16 @@ async fn proxy(
     };
     let mut body = if body_empty { RequestBody::empty() } else { RequestBody::new(body, limit) };
     let attempts = 1 + upstream.retries as usize;
-    let mut tried: Vec<usize> = Vec::new();
+    let mut tried = Tried::default();
     let mut last_error: Option<ProxyError> = None;
     for _ in 0..attempts {
         // A different backend when possible; the same one again when it is the only one.
-        let picked = upstream.pick(|i| !tried.contains(&i)).or_else(|| match last_error {
+        let picked = upstream.pick(|i| !tried.contains(i)).or_else(|| match last_error {
             Some(_) => upstream.pick(|_| true),
             None => None,
         });
         let Some((idx, trial)) = picked else { break };
-        tried.push(idx);
+        tried.insert(idx);
         let backend = &upstream.backends[idx];
         log.backend = Some(backend.clone());
         let inflight = backend.begin();
@@ -228,6 +228,27 @@ struct Failure {
     /// Safe to try again on another backend: nothing reached the backend, or an
     /// idempotent request without a body got no response byte.
     retryable: bool,
+}
+
+/// The backends a request was sent to, by index; allocates only past 128 backends.
+#[derive(Default)]
+struct Tried {
+    low: u128,
+    high: Vec<usize>,
+}
+
+impl Tried {
+    fn contains(&self, i: usize) -> bool {
+        if i < 128 { self.low & (1 << i) != 0 } else { self.high.contains(&i) }
+    }
+
+    fn insert(&mut self, i: usize) {
+        if i < 128 {
+            self.low |= 1 << i;
+        } else {
+            self.high.push(i);
+        }
+    }
 }
 
 /// What is sent to each backend tried.

@@ -283,9 +283,11 @@ where
         .max_headers(1024);
     builder.http2().timer(TokioTimer::new()).max_header_list_size(limits.max_header_bytes as u32);
 
+    // Boxed per request: hyper keeps room for one request future for the whole life of a
+    // connection, and this one is a few KiB, too much to hold on every idle connection.
     let service = service_fn(move |req| {
         let busy = info.activity.begin();
-        proxy::handle(runtime.clone(), info.clone(), busy, req)
+        Box::pin(proxy::handle(runtime.clone(), info.clone(), busy, req))
     });
     let conn = builder.serve_connection_with_upgrades(io, service);
     if let Err(e) = watcher.watch(conn.into_owned()).await {
