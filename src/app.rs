@@ -58,6 +58,7 @@ pub async fn run(loaded: Loaded, source: ConfigSource, log: LogHandle, workers: 
     }
     listeners.apply(&listen, fresh, runtime.load().config.server.shutdown_grace);
     tokio::spawn(sweep_rate_limits(runtime.clone(), stop.clone()));
+    tokio::spawn(release_parked_memory(runtime.clone(), stop.clone()));
     reload::watch::spawn(&source.path, &runtime.load().config.files, handle.clone(), stop.clone());
     let reloader =
         Reloader::new(source, runtime.clone(), listeners, checks, (admin_addr, admin_stop), log, handle.clone());
@@ -89,6 +90,25 @@ async fn sweep_rate_limits(runtime: SharedRuntime, stop: CancellationToken) {
         let rt = runtime.load_full();
         for limit in &rt.limits {
             limit.sweep();
+        }
+    }
+}
+
+/// Every 2 s in which client connections were parked, gives the memory their hyper
+/// sessions freed back to the system, so that resident memory follows what is in use.
+async fn release_parked_memory(runtime: SharedRuntime, stop: CancellationToken) {
+    let mut ticker = tokio::time::interval(std::time::Duration::from_secs(2));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut seen = 0;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let parks = runtime.load().metrics.parks.load(std::sync::atomic::Ordering::Relaxed);
+        if parks != seen {
+            seen = parks;
+            crate::memory::release_free_memory();
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod cli;
 pub mod config;
 pub mod limit;
 pub mod logging;
+pub mod memory;
 pub mod metrics;
 pub mod proxy;
 pub mod reload;

@@ -131,6 +131,10 @@ impl LastReload {
 pub struct Metrics {
     /// Open client connections (written by the listeners).
     pub client_connections: AtomicI64,
+    /// Of those, the idle ones parked without hyper's state (written by the listeners).
+    pub parked_connections: AtomicI64,
+    /// Connections parked so far; the memory trimmer looks for a change.
+    pub parks: AtomicU64,
     pub reloads_success: AtomicU64,
     pub reloads_failure: AtomicU64,
     /// Written by the reloader, read by `/status`.
@@ -297,6 +301,13 @@ impl prometheus_client::collector::Collector for RuntimeCollector {
         let family =
             enc.encode_descriptor("balancer_client_connections", "Open client connections.", None, MetricType::Gauge)?;
         ConstGauge::new(m.client_connections.load(Relaxed)).encode(family)?;
+        let family = enc.encode_descriptor(
+            "balancer_client_connections_parked",
+            "Idle keep-alive client connections parked (only their socket is kept).",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(m.parked_connections.load(Relaxed)).encode(family)?;
         Ok(())
     }
 }

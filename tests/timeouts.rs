@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -114,4 +114,55 @@ async fn connect_timeout_bounds_an_unanswered_connect() {
     let line =
         b.wait_for_log(Duration::from_secs(2), |l| l["message"].as_str().is_some_and(|m| m.contains("timed out")));
     assert!(line["message"].as_str().unwrap().contains("300ms"), "{line}");
+}
+
+/// An idle keep-alive connection is parked after 500 ms (hyper's buffers freed, only the
+/// socket kept): it must go on exactly as if it had not been.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_parked_keepalive_connection_is_served_again_and_still_times_out_and_drains() {
+    let up = Upstream::start("a").await;
+    let mut b = Balancer::start(&config_with_admin(&[up.addr], ""), &["--set", "timeouts.idle=2s"]);
+    let parked = || async { metric(&get(b.admin(), "/metrics").await.text(), "balancer_client_connections_parked") };
+    let mut conn = Conn::open(b.addr()).await;
+    assert_eq!(conn.get("/one").await.unwrap().status, 200);
+    assert_eq!(parked().await, Some(0.0), "not parked while fresh");
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert_eq!(parked().await, Some(1.0), "parked after 500 ms idle");
+    let r = conn.get("/two").await.unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["path"], "/two");
+    assert_eq!(parked().await, Some(0.0), "in use again");
+
+    // A head split by a pause longer than the parking delay, with a request pipelined
+    // behind it: nothing of either is lost.
+    let mut s = TcpStream::connect(b.addr()).await.unwrap();
+    s.write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut first = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(3), s.read(&mut first)).await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&first[..n]).contains("\"path\":\"/a\""));
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    s.write_all(b"GET /b HTTP/1.1\r\nHo").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    s.write_all(b"st: x\r\n\r\nGET /c HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+    let out = read_until_close(&mut s, Duration::from_secs(3)).await;
+    let (at_b, at_c) = (out.find("\"path\":\"/b\""), out.find("\"path\":\"/c\""));
+    assert!(at_b.is_some() && at_c.is_some() && at_b < at_c, "{out}");
+
+    // Parked, the idle timeout still counts from the end of the last request.
+    let mut s = TcpStream::connect(b.addr()).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let start = Instant::now();
+    assert!(closed_within(&mut s, Duration::from_secs(5)).await, "parked connection left open");
+    let waited = start.elapsed();
+    assert!(waited >= Duration::from_millis(1800) && waited < Duration::from_secs(4), "closed after {waited:?}");
+
+    // SIGTERM closes a parked connection at once, not after shutdown_grace (30 s).
+    let mut conn = Conn::open(b.addr()).await;
+    assert_eq!(conn.get("/three").await.unwrap().status, 200);
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let start = Instant::now();
+    b.signal("TERM");
+    assert!(b.wait_exit(Duration::from_secs(5)).success());
+    assert!(start.elapsed() < Duration::from_secs(3), "exit took {:?}", start.elapsed());
+    assert!(conn.get("/").await.is_err());
 }

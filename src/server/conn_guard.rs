@@ -8,6 +8,10 @@
 //! The phase is derived from [`ConnActivity`]: busy while a request or tunnel runs; when
 //! it stops being busy the connection is idle until a byte arrives, then it is reading a
 //! head until the request path picks the request up.
+//!
+//! An HTTP/1 connection idle for [`PARK_AFTER`] is parked: the socket is handed back
+//! through its [`ParkSlot`] and hyper reads an end of stream, so hyper's buffers and state
+//! are freed while the client thinks. The next byte starts a new hyper session.
 
 use std::io;
 use std::pin::Pin;
@@ -23,6 +27,12 @@ use tokio::time::{Instant, Sleep};
 use super::ConnActivity;
 use super::head_check;
 use crate::proxy::{error::raw_response, request_id};
+
+/// How long an HTTP/1 keep-alive connection stays idle before it is parked.
+pub const PARK_AFTER: Duration = Duration::from_millis(500);
+
+/// Where a parked socket is handed back to the code that serves the connection.
+pub type ParkSlot<T> = Arc<std::sync::Mutex<Option<T>>>;
 
 /// The HTTP/2 connection preface starts with this; HTTP/1 has no `PRI` method in use.
 const H2_PREFACE_START: &[u8] = b"PRI * HTTP/2";
@@ -57,7 +67,10 @@ enum Phase {
 }
 
 pub struct GuardedIo<T> {
-    inner: T,
+    /// `None` once parked.
+    inner: Option<T>,
+    /// Set when the connection may be parked.
+    park: Option<ParkSlot<T>>,
     activity: Arc<ConnActivity>,
     limits: ConnLimits,
     timer: Pin<Box<Sleep>>,
@@ -70,9 +83,11 @@ pub struct GuardedIo<T> {
 }
 
 impl<T> GuardedIo<T> {
-    pub fn new(inner: T, activity: Arc<ConnActivity>, limits: ConnLimits) -> Self {
+    pub fn new(inner: T, activity: Arc<ConnActivity>, limits: ConnLimits, park: Option<ParkSlot<T>>) -> Self {
         GuardedIo {
-            inner,
+            inner: Some(inner),
+            // Parking after the idle timeout would only delay the close.
+            park: park.filter(|_| PARK_AFTER < limits.idle),
             activity,
             limits,
             timer: Box::pin(tokio::time::sleep(limits.client_header)),
@@ -81,6 +96,34 @@ impl<T> GuardedIo<T> {
             framing: head_check::Framing::new(limits.max_header_bytes),
             refused: None,
         }
+    }
+
+    /// The socket; an error once it has been parked (hyper has been told it ended).
+    fn io(&mut self) -> io::Result<Pin<&mut T>>
+    where
+        T: Unpin,
+    {
+        match &mut self.inner {
+            Some(t) => Ok(Pin::new(t)),
+            None => Err(io::ErrorKind::NotConnected.into()),
+        }
+    }
+
+    /// How long an idle connection waits: until it is parked, or else closed.
+    fn idle_wait(&self) -> Duration {
+        if self.park.is_some() { PARK_AFTER.min(self.limits.idle) } else { self.limits.idle }
+    }
+
+    /// Hands the socket to the park slot when nothing of a request is pending; false if
+    /// it cannot be parked.
+    fn try_park(&mut self) -> bool {
+        let Some(slot) = &self.park else { return false };
+        if !self.framing.at_boundary() {
+            return false;
+        }
+        *slot.lock().expect("park slot lock") = self.inner.take();
+        self.phase = Phase::Closed;
+        true
     }
 
     fn rearm(&mut self, after: Duration) {
@@ -122,9 +165,20 @@ impl<T> GuardedIo<T> {
         }
         if matches!(self.phase, Phase::Busy) {
             self.phase = Phase::Idle;
-            self.rearm(self.limits.idle);
+            self.rearm(self.idle_wait());
         }
         if self.timer.as_mut().poll(cx).is_ready() {
+            if matches!(self.phase, Phase::Idle) && self.park.is_some() {
+                if self.try_park() {
+                    return Poll::Ready(());
+                }
+                // Cannot park now: wait out the rest of the idle time.
+                self.park = None;
+                self.rearm(self.limits.idle.saturating_sub(PARK_AFTER));
+                if self.timer.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+            }
             match self.phase {
                 Phase::Head { bytes } if bytes > 0 => {
                     let reason = format!(
@@ -184,13 +238,14 @@ impl<T: AsyncRead + AsyncWrite + Unpin> GuardedIo<T> {
     /// Writes what we owe the client, then half-closes. Errors just end it.
     fn poll_closing(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         if let Phase::Closing { response, written } = &mut self.phase {
+            let Some(inner) = &mut self.inner else { return Poll::Ready(()) };
             while *written < response.len() {
-                match ready!(Pin::new(&mut self.inner).poll_write(cx, &response[*written..])) {
+                match ready!(Pin::new(&mut *inner).poll_write(cx, &response[*written..])) {
                     Ok(0) | Err(_) => break,
                     Ok(n) => *written += n,
                 }
             }
-            let _ = ready!(Pin::new(&mut self.inner).poll_shutdown(cx));
+            let _ = ready!(Pin::new(inner).poll_shutdown(cx));
             self.phase = Phase::Closed;
         }
         Poll::Ready(())
@@ -215,11 +270,11 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for GuardedIo<T> {
         };
         let before = buf.filled().len();
         let n = if cap >= buf.remaining() {
-            ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+            ready!(this.io()?.poll_read(cx, buf))?;
             buf.filled().len() - before
         } else {
             let mut limited = ReadBuf::new(buf.initialize_unfilled_to(cap));
-            ready!(Pin::new(&mut this.inner).poll_read(cx, &mut limited))?;
+            ready!(this.io()?.poll_read(cx, &mut limited))?;
             let n = limited.filled().len();
             buf.advance(n);
             n
@@ -254,7 +309,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> GuardedIo<T> {
 
 impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for GuardedIo<T> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        self.get_mut().io()?.poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -262,18 +317,25 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for GuardedIo<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        self.get_mut().io()?.poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+        self.inner.as_ref().is_some_and(T::is_write_vectored)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        match &mut self.get_mut().inner {
+            Some(t) => Pin::new(t).poll_flush(cx),
+            None => Poll::Ready(Ok(())),
+        }
     }
 
+    /// A parked socket is not shut down: it lives on in the park slot.
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        match &mut self.get_mut().inner {
+            Some(t) => Pin::new(t).poll_shutdown(cx),
+            None => Poll::Ready(Ok(())),
+        }
     }
 }

@@ -147,6 +147,12 @@ impl Framing {
         Framing { state: State::Head, head: Vec::new(), max_head }
     }
 
+    /// Whether every byte seen so far belongs to complete requests (nothing of a next one
+    /// has arrived), and checking is still on.
+    pub fn at_boundary(&self) -> bool {
+        self.state == State::Head && self.head.is_empty()
+    }
+
     /// Stops checking (after an upgrade, or on HTTP/2).
     pub fn stop(&mut self) {
         self.state = State::Off;

@@ -1,7 +1,8 @@
 //! Binding listeners and their accept loops: at most `max_connections` client
 //! connections (past it, new ones wait in the kernel backlog), each served as HTTP/1.1 or
-//! HTTP/2 by hyper-util's auto builder, each watched for the graceful drain.
+//! HTTP/2 by hyper-util's auto builder, each counted by its listener's drain.
 
+use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +10,6 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use std::sync::atomic::Ordering::Relaxed;
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -19,6 +19,8 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
+use super::conn_guard::{PARK_AFTER, ParkSlot};
+use super::drain::{Drain, DrainGuard};
 use super::{ConnActivity, ConnLimits, GuardedIo, Workers};
 use crate::proxy::{self, ConnInfo};
 use crate::runtime::SharedRuntime;
@@ -77,7 +79,7 @@ struct Entry {
     bound: SocketAddr,
     stop: CancellationToken,
     /// Ends when the accept loop stops, handing back its connections for the drain.
-    task: JoinHandle<GracefulShutdown>,
+    task: JoinHandle<Drain>,
 }
 
 impl Listeners {
@@ -166,12 +168,12 @@ impl Listeners {
 /// Stops one listener's accept loop and waits up to `grace` for its connections.
 async fn drain(entry: Entry, grace: Duration) -> bool {
     entry.stop.cancel();
-    let Ok(graceful) = entry.task.await else { return false };
-    let open = graceful.count();
+    let Ok(conns) = entry.task.await else { return false };
+    let open = conns.count();
     if open > 0 {
         tracing::info!(addr = %entry.bound, connections = open, grace = %humantime::format_duration(grace), "draining connections");
     }
-    tokio::time::timeout(grace, graceful.shutdown()).await.is_ok()
+    tokio::time::timeout(grace, conns.shutdown()).await.is_ok()
 }
 
 /// Accepts until `stop`, then hands back the connections it started.
@@ -182,20 +184,20 @@ async fn accept_loop(
     workers: Arc<Workers>,
     slots: Arc<Semaphore>,
     stop: CancellationToken,
-) -> GracefulShutdown {
-    let graceful = GracefulShutdown::new();
+) -> Drain {
+    let conns = Drain::new();
     // Accept errors come in floods (out of descriptors): log one, then a count every 10 s.
     let mut last_warned: Option<tokio::time::Instant> = None;
     let mut unlogged = 0u64;
     loop {
         let permit = tokio::select! {
             biased;
-            _ = stop.cancelled() => return graceful,
+            _ = stop.cancelled() => return conns,
             p = slots.clone().acquire_owned() => p.expect("the connection semaphore is never closed"),
         };
         let accepted = tokio::select! {
             biased;
-            _ = stop.cancelled() => return graceful,
+            _ = stop.cancelled() => return conns,
             r = listener.accept() => r,
         };
         match accepted {
@@ -209,10 +211,10 @@ async fn accept_loop(
                         continue;
                     }
                 };
-                let (tls, runtime, watcher) = (tls.clone(), runtime.clone(), graceful.watcher());
+                let (tls, runtime, guard) = (tls.clone(), runtime.clone(), conns.enter());
                 workers.next().spawn(async move {
                     match TcpStream::from_std(stream) {
-                        Ok(stream) => serve(stream, peer, tls, runtime, watcher, permit).await,
+                        Ok(stream) => serve(stream, peer, tls, runtime, guard, permit).await,
                         Err(e) => tracing::debug!(%peer, error = %e, "cannot register an accepted connection"),
                     }
                 });
@@ -238,7 +240,7 @@ async fn serve(
     peer: SocketAddr,
     tls: Option<TlsAcceptor>,
     runtime: SharedRuntime,
-    watcher: Watcher,
+    guard: DrainGuard,
     permit: OwnedSemaphorePermit,
 ) {
     let _permit = permit;
@@ -254,10 +256,30 @@ async fn serve(
     };
     metrics.client_connections.fetch_add(1, Relaxed);
     match tls {
-        None => serve_http(stream, peer, false, limits, runtime, watcher).await,
+        None => {
+            let mut stream = stream;
+            // Parked between sessions while idle: then only the socket is held.
+            while let Some(parked) = serve_http(stream, peer, false, limits, &runtime, &guard, true).await {
+                metrics.parks.fetch_add(1, Relaxed);
+                metrics.parked_connections.fetch_add(1, Relaxed);
+                let resumed = tokio::select! {
+                    biased;
+                    () = guard.draining() => false,
+                    () = tokio::time::sleep(limits.idle.saturating_sub(PARK_AFTER)) => false,
+                    ready = parked.readable() => ready.is_ok(),
+                };
+                metrics.parked_connections.fetch_sub(1, Relaxed);
+                if !resumed {
+                    break;
+                }
+                stream = parked;
+            }
+        }
         // A handshake must finish within client_header, like a request head.
         Some(acceptor) => match tokio::time::timeout(limits.client_header, acceptor.accept(stream)).await {
-            Ok(Ok(stream)) => serve_http(stream, peer, true, limits, runtime, watcher).await,
+            Ok(Ok(stream)) => {
+                serve_http(stream, peer, true, limits, &runtime, &guard, false).await;
+            }
             Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
             Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
         },
@@ -265,13 +287,24 @@ async fn serve(
     metrics.client_connections.fetch_sub(1, Relaxed);
 }
 
-async fn serve_http<T>(io: T, peer: SocketAddr, tls: bool, limits: ConnLimits, runtime: SharedRuntime, watcher: Watcher)
+/// One hyper session on a client connection, until the connection ends (`None`) or, when
+/// `park` allows it, until it sat idle long enough to be parked: then the socket comes back.
+async fn serve_http<T>(
+    io: T,
+    peer: SocketAddr,
+    tls: bool,
+    limits: ConnLimits,
+    runtime: &SharedRuntime,
+    guard: &DrainGuard,
+    park: bool,
+) -> Option<T>
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let activity = Arc::new(ConnActivity::default());
     let info = Arc::new(ConnInfo { peer, tls, activity: activity.clone() });
-    let io = TokioIo::new(GuardedIo::new(io, activity, limits));
+    let slot: Option<ParkSlot<T>> = park.then(Default::default);
+    let io = TokioIo::new(GuardedIo::new(io, activity, limits, slot.clone()));
 
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -285,12 +318,25 @@ where
 
     // Boxed per request: hyper keeps room for one request future for the whole life of a
     // connection, and this one is a few KiB, too much to hold on every idle connection.
+    let runtime = runtime.clone();
     let service = service_fn(move |req| {
         let busy = info.activity.begin();
         Box::pin(proxy::handle(runtime.clone(), info.clone(), busy, req))
     });
-    let conn = builder.serve_connection_with_upgrades(io, service);
-    if let Err(e) = watcher.watch(conn.into_owned()).await {
+    // Boxed so that a parked connection's task does not keep room for it.
+    let mut conn = Box::pin(builder.serve_connection_with_upgrades(io, service).into_owned());
+    let mut told = false;
+    let ended = poll_fn(|cx| {
+        if !told && guard.poll_draining(cx) {
+            told = true;
+            conn.as_mut().graceful_shutdown();
+        }
+        conn.as_mut().poll(cx)
+    })
+    .await;
+    drop(conn);
+    if let Err(e) = ended {
         tracing::debug!(%peer, error = %e, "client connection ended with an error");
     }
+    slot.and_then(|s| s.lock().expect("park slot lock").take())
 }

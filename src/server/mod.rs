@@ -2,6 +2,7 @@
 //! on one socket, the connection-level timeouts, and the graceful drain.
 
 mod conn_guard;
+pub mod drain;
 pub mod head_check;
 mod listener;
 pub mod workers;
