@@ -316,8 +316,9 @@ async fn soak_mixed_traffic_reloads_and_a_flapping_backend() {
                     if restarts > 0 {
                         restarted_hits += up.hits();
                     }
-                    up.kill();
+                    // Noted before the kill: a request it breaks can fail before kill() returns.
                     tally.kills.lock().unwrap().push(start.elapsed().as_secs_f64());
+                    up.kill();
                     kills += 1;
                     eprintln!("t={:.3}s killed c ({} requests served)", start.elapsed().as_secs_f64(), up.hits());
                 }

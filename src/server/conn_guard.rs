@@ -74,6 +74,8 @@ pub struct GuardedIo<T> {
     activity: Arc<ConnActivity>,
     limits: ConnLimits,
     timer: Pin<Box<Sleep>>,
+    /// When the current phase's time runs out; the timer may be set earlier than this.
+    deadline: Instant,
     phase: Phase,
     first_read: bool,
     /// Follows HTTP/1 message boundaries so every head is checked.
@@ -91,6 +93,7 @@ impl<T> GuardedIo<T> {
             activity,
             limits,
             timer: Box::pin(tokio::time::sleep(limits.client_header)),
+            deadline: Instant::now() + limits.client_header,
             phase: Phase::Head { bytes: 0 },
             first_read: true,
             framing: head_check::Framing::new(limits.max_header_bytes),
@@ -126,8 +129,28 @@ impl<T> GuardedIo<T> {
         true
     }
 
+    /// Moves the deadline. The timer itself is only moved earlier; a later deadline is
+    /// taken up when the timer fires (see `timer_expired`), which spares a timer-wheel
+    /// update on every request.
     fn rearm(&mut self, after: Duration) {
-        self.timer.as_mut().reset(Instant::now() + after);
+        self.deadline = Instant::now() + after;
+        if self.timer.deadline() > self.deadline {
+            self.timer.as_mut().reset(self.deadline);
+        }
+    }
+
+    /// Whether the deadline has passed; if not, the task is woken when it does.
+    fn timer_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        loop {
+            if self.timer.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            if self.timer.deadline() >= self.deadline {
+                return true;
+            }
+            let deadline = self.deadline;
+            self.timer.as_mut().reset(deadline);
+        }
     }
 
     fn close_with(&mut self, status: StatusCode, reason: String) {
@@ -150,7 +173,7 @@ impl<T> GuardedIo<T> {
                         *was_busy = false;
                         self.rearm(self.limits.idle);
                     }
-                    if self.timer.as_mut().poll(cx).is_ready() {
+                    if self.timer_expired(cx) {
                         self.phase = Phase::Closed;
                         return Poll::Ready(());
                     }
@@ -167,7 +190,7 @@ impl<T> GuardedIo<T> {
             self.phase = Phase::Idle;
             self.rearm(self.idle_wait());
         }
-        if self.timer.as_mut().poll(cx).is_ready() {
+        if self.timer_expired(cx) {
             if matches!(self.phase, Phase::Idle) && self.park.is_some() {
                 if self.try_park() {
                     return Poll::Ready(());
@@ -175,7 +198,7 @@ impl<T> GuardedIo<T> {
                 // Cannot park now: wait out the rest of the idle time.
                 self.park = None;
                 self.rearm(self.limits.idle.saturating_sub(PARK_AFTER));
-                if self.timer.as_mut().poll(cx).is_pending() {
+                if !self.timer_expired(cx) {
                     return Poll::Pending;
                 }
             }

@@ -316,12 +316,12 @@ where
         .max_headers(1024);
     builder.http2().timer(TokioTimer::new()).max_header_list_size(limits.max_header_bytes as u32);
 
-    // Boxed per request: hyper keeps room for one request future for the whole life of a
-    // connection, and this one is a few KiB, too much to hold on every idle connection.
+    // hyper keeps room for one request future (a few KiB) per session; idle connections
+    // give it back when they are parked.
     let runtime = runtime.clone();
     let service = service_fn(move |req| {
         let busy = info.activity.begin();
-        Box::pin(proxy::handle(runtime.clone(), info.clone(), busy, req))
+        proxy::handle(runtime.clone(), info.clone(), busy, req)
     });
     // Boxed so that a parked connection's task does not keep room for it.
     let mut conn = Box::pin(builder.serve_connection_with_upgrades(io, service).into_owned());
