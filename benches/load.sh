@@ -170,12 +170,16 @@ peak=0
 while kill -0 $wrk_pid 2>/dev/null; do r=$(rss_kib "$BAL_PID"); [ "$r" -gt "$peak" ] && peak=$r; sleep 0.2; done
 sleep 1
 before=$(rss_kib "$BAL_PID")
-python3 benches/load/idle_conns.py 127.0.0.1 19101 "$IDLE_CONNS" 8 > "$OUT/idle.txt" & py=$!
+python3 benches/load/idle_conns.py 127.0.0.1 19101 "$IDLE_CONNS" 10 > "$OUT/idle.txt" & py=$!
 for _ in $(seq 200); do grep -q ready "$OUT/idle.txt" 2>/dev/null && break; sleep 0.1; done
-sleep 1
+just=$(rss_kib "$BAL_PID")
+# Idle connections are parked after 500 ms; freed memory goes back to the system within 2 s.
+sleep 4
 held=$(rss_kib "$BAL_PID")
+parked=$(curl -s http://127.0.0.1:19199/metrics | awk '/^balancer_client_connections_parked / {print $2}')
 wait $py || true
 per=$(( (held - before) * 1024 / IDLE_CONNS ))
 echo
 echo "balancer resident memory: idle ${idle} KiB, peak under keep-alive load ${peak} KiB,"
-echo "  with $(awk '{print $2}' "$OUT/idle.txt") idle keep-alive clients ${held} KiB (${per} bytes per connection over ${before} KiB)"
+echo "  with $(awk '{print $2}' "$OUT/idle.txt") idle keep-alive clients ${held} KiB (${per} bytes per connection over ${before} KiB;"
+echo "  ${parked:-?} of them parked; ${just} KiB the moment the last one was answered)"

@@ -215,7 +215,8 @@ async fn connections_to_backends_are_reused() {
     assert_eq!(up.hits(), 20);
     assert_eq!(up.connections.load(Ordering::SeqCst), 1);
 
-    // With two workers, client connections take turns: one backend connection each.
+    // With two workers (whichever accepts a client connection serves it): at most one
+    // backend connection per worker.
     let up = Upstream::start("b").await;
     let b = Balancer::start(&config_for(&[up.addr], ""), &["--set", "server.workers=2"]);
     for _ in 0..6 {
@@ -225,5 +226,6 @@ async fn connections_to_backends_are_reused() {
         }
     }
     assert_eq!(up.hits(), 24);
-    assert_eq!(up.connections.load(Ordering::SeqCst), 2);
+    let opened = up.connections.load(Ordering::SeqCst);
+    assert!((1..=2).contains(&opened), "{opened} backend connections for 2 workers");
 }

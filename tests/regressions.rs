@@ -200,3 +200,147 @@ async fn with_one_backend_a_retry_goes_to_the_same_backend() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(seen.load(Ordering::SeqCst), 2);
 }
+
+/// A backend that answers an upload before reading its body (413 here, as a size-checking
+/// app does) and closes: the client gets that answer, not a 502, and the backend is not
+/// blamed for it. Found in review of the inline backend client, which sent the whole body
+/// before reading anything.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_backend_answering_an_upload_early_is_heard() {
+    let up = RawUpstream::start(|mut s| async move {
+        let head = read_head(&mut s).await;
+        if head.is_empty() {
+            return;
+        }
+        let _ = s
+            .write_all(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoo big\n")
+            .await;
+        // Keeps the socket open without reading: the upload would stall against it.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    })
+    .await;
+    let b = Balancer::start(&config_with_admin(&[up.addr], "[upstreams.app.passive]\nmax_fails = 1"), &[]);
+    for _ in 0..3 {
+        // A raw client that reads while it uploads, as curl does: balancer may close the
+        // connection before the upload ends (its body was never read).
+        let s = TcpStream::connect(b.addr()).await.unwrap();
+        let (mut rd, mut wr) = s.into_split();
+        let upload = tokio::spawn(async move {
+            let size = 8 << 20;
+            let head = format!("POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n");
+            if wr.write_all(head.as_bytes()).await.is_err() {
+                return;
+            }
+            let chunk = vec![b'x'; 64 << 10];
+            for _ in 0..size / chunk.len() {
+                if wr.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 4096];
+        let deadline = Instant::now() + Duration::from_secs(4);
+        while !String::from_utf8_lossy(&out).contains("too big") && Instant::now() < deadline {
+            match tokio::time::timeout(Duration::from_secs(4), rd.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => out.extend_from_slice(&buf[..n]),
+                _ => break,
+            }
+        }
+        upload.abort();
+        let out = String::from_utf8_lossy(&out);
+        assert!(out.starts_with("HTTP/1.1 413"), "{out}");
+        assert!(out.ends_with("too big\n"), "{out}");
+    }
+    let status = get(b.admin(), "/status").await.json();
+    assert_eq!(status["upstreams"][0]["backends"][0]["healthy"], true, "{status}");
+}
+
+/// An interim response (103 Early Hints) means a response began: a backend that then
+/// closes must not see the request again, nor another backend get it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_close_after_an_interim_response_is_not_retried() {
+    let seen = Arc::new(AtomicUsize::new(0));
+    let counted = seen.clone();
+    let up = RawUpstream::start(move |mut s| {
+        let seen = counted.clone();
+        async move {
+            if read_head(&mut s).await.is_empty() {
+                return;
+            }
+            seen.fetch_add(1, Ordering::SeqCst);
+            let _ = s.write_all(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n").await;
+        }
+    })
+    .await;
+    let other = RawUpstream::start(move |mut s| async move {
+        if read_head(&mut s).await.is_empty() {
+            return;
+        }
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+    })
+    .await;
+    let b = Balancer::start(&config_for(&[up.addr, other.addr], "retries = 1"), &[]);
+    let r = get(b.addr(), "/once").await;
+    // Round-robin starts at the first backend.
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(seen.load(Ordering::SeqCst), 1);
+    assert_eq!(other.connections(), 0, "retried after a response began");
+}
+
+/// A chunked response that also carries Content-Length is framed by the chunks, and the
+/// length does not reach the client (RFC 9112 6.3).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_chunked_response_with_a_content_length_reaches_the_client_whole() {
+    let up = RawUpstream::start(|mut s| async move {
+        loop {
+            if read_head(&mut s).await.is_empty() {
+                return;
+            }
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+                .await;
+        }
+    })
+    .await;
+    let b = Balancer::start(&config_for(&[up.addr], ""), &[]);
+    let mut conn = Conn::open(b.addr()).await;
+    for _ in 0..2 {
+        let r = conn.get("/").await.unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.text(), "hello world");
+        assert_ne!(r.header("content-length"), Some("3"));
+    }
+}
+
+/// A client that stalls while the end of its response still waits in balancer's write
+/// buffer must get all of it: the connection is not parked (its socket handed back
+/// mid-write) because the request has ended on balancer's side. Found in review.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_reader_is_not_parked_before_its_response_is_written() {
+    let up = Upstream::start("source").await;
+    let b = Balancer::start(&config_for(&[up.addr], ""), &[]);
+    let sizes = [1usize << 20, 4 << 20, 16 << 20];
+    let mut tasks = Vec::new();
+    for size in sizes {
+        let addr = b.addr();
+        tasks.push(tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.write_all(format!("GET /bytes/{size} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut total = s.read(&mut buf).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            // Kept alive: read until the whole body (and its head) is in, or nothing comes.
+            while total < size + 40 {
+                match tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf)).await {
+                    Ok(Ok(n)) if n > 0 => total += n,
+                    _ => break,
+                }
+            }
+            assert!(total >= size + 40, "{size}-byte response cut short at {total} bytes (head included)");
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}

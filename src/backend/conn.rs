@@ -12,7 +12,6 @@ use std::task::{Context, Poll, Waker, ready};
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Version, header};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
@@ -76,6 +75,11 @@ pub struct Conn {
     pub reused: bool,
     /// The last response allows another request on this connection.
     keep_alive: bool,
+    /// The backend answered before the whole request body was sent: the connection cannot
+    /// carry another request.
+    cut_short: bool,
+    /// An interim (1xx) response arrived since the request was sent: a response began.
+    interim: bool,
 }
 
 impl std::fmt::Debug for Conn {
@@ -110,7 +114,7 @@ impl ReadError {
     /// No response byte arrived: the backend closed or reset the connection first.
     pub fn before_any_byte(&self, read_any: bool) -> bool {
         match self {
-            ReadError::Closed => true,
+            ReadError::Closed => !read_any,
             ReadError::Io(e) => {
                 !read_any
                     && matches!(
@@ -149,7 +153,15 @@ pub enum RequestFraming {
 
 impl Conn {
     pub fn new(io: BackendIo) -> Conn {
-        Conn { io, buf: BytesMut::new(), head: Vec::new(), reused: false, keep_alive: true }
+        Conn {
+            io,
+            buf: BytesMut::new(),
+            head: Vec::new(),
+            reused: false,
+            keep_alive: true,
+            cut_short: false,
+            interim: false,
+        }
     }
 
     /// Whether an idle connection can take a request: the backend has neither closed it
@@ -170,34 +182,78 @@ impl Conn {
         &mut self.head
     }
 
-    /// Writes the head in [`Conn::head_buf`], then streams `body` with `framing`.
+    /// Writes the head in [`Conn::head_buf`], then streams `body` with `framing`. While the
+    /// body goes out, the backend may already answer (a 413 or 401 to an upload, say):
+    /// then sending stops and the answer is read; the connection is not reused.
     pub async fn send(&mut self, body: &mut RequestBody, framing: RequestFraming) -> Result<(), SendError> {
+        self.cut_short = false;
+        self.interim = false;
         self.io.write_all(&self.head).await.map_err(SendError::Head)?;
         if framing != RequestFraming::Empty {
-            while let Some(frame) = body.frame().await {
-                let Ok(data) = frame.map_err(SendError::ClientBody)?.into_data() else { continue };
-                if data.is_empty() {
-                    continue;
+            // What is left to write of the current frame: chunk-size line, data, CRLF.
+            let mut pieces: [Bytes; 3] = Default::default();
+            let mut ended = false;
+            let mut read_closed = false;
+            std::future::poll_fn(|cx| {
+                loop {
+                    if !read_closed {
+                        match self.poll_fill(cx) {
+                            Poll::Ready(Ok(0)) => read_closed = true,
+                            Poll::Ready(Ok(_)) => {
+                                self.cut_short = true;
+                                return Poll::Ready(Ok(()));
+                            }
+                            Poll::Ready(Err(e)) => return Poll::Ready(Err(SendError::Body(e))),
+                            Poll::Pending => {}
+                        }
+                    }
+                    if let Some(piece) = pieces.iter_mut().find(|p| !p.is_empty()) {
+                        match Pin::new(&mut self.io).poll_write(cx, piece) {
+                            Poll::Ready(Ok(0)) => {
+                                return Poll::Ready(Err(SendError::Body(io::ErrorKind::WriteZero.into())));
+                            }
+                            Poll::Ready(Ok(n)) => {
+                                let _ = piece.split_to(n);
+                                continue;
+                            }
+                            Poll::Ready(Err(e)) => return Poll::Ready(Err(SendError::Body(e))),
+                            Poll::Pending => return Poll::Pending,
+                        }
+                    }
+                    if ended {
+                        return Poll::Ready(Ok(()));
+                    }
+                    match ready!(Pin::new(&mut *body).poll_frame(cx)) {
+                        Some(Ok(frame)) => {
+                            let Ok(data) = frame.into_data() else { continue };
+                            if data.is_empty() {
+                                continue;
+                            }
+                            if framing == RequestFraming::Chunked {
+                                pieces =
+                                    [Bytes::from(format!("{:x}\r\n", data.len())), data, Bytes::from_static(b"\r\n")];
+                            } else {
+                                pieces[1] = data;
+                            }
+                        }
+                        Some(Err(e)) => return Poll::Ready(Err(SendError::ClientBody(e))),
+                        None => {
+                            ended = true;
+                            if framing == RequestFraming::Chunked {
+                                pieces[2] = Bytes::from_static(b"0\r\n\r\n");
+                            }
+                        }
+                    }
                 }
-                if framing == RequestFraming::Chunked {
-                    let size = format!("{:x}\r\n", data.len());
-                    self.io.write_all(size.as_bytes()).await.map_err(SendError::Body)?;
-                }
-                self.io.write_all(&data).await.map_err(SendError::Body)?;
-                if framing == RequestFraming::Chunked {
-                    self.io.write_all(b"\r\n").await.map_err(SendError::Body)?;
-                }
-            }
-            if framing == RequestFraming::Chunked {
-                self.io.write_all(b"0\r\n\r\n").await.map_err(SendError::Body)?;
-            }
+            })
+            .await?;
         }
         self.io.flush().await.map_err(SendError::Body)
     }
 
     /// Whether any byte of a response has arrived since the request was sent.
     pub fn has_read(&self) -> bool {
-        !self.buf.is_empty()
+        !self.buf.is_empty() || self.interim
     }
 
     /// Reads the response head, skipping interim 1xx responses other than 101.
@@ -246,6 +302,7 @@ impl Conn {
             let status = StatusCode::from_u16(code).map_err(|_| ReadError::Malformed("invalid status code"))?;
             if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
                 let _ = self.buf.split_to(len);
+                self.interim = true;
                 continue;
             }
             let version = if res.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
@@ -270,7 +327,12 @@ impl Conn {
                 headers.append(name, value);
             }
             let framing = framing(status, version, &headers, head_request)?;
-            self.keep_alive = keeps_alive(version, &headers) && framing != Framing::UntilClose;
+            if headers.contains_key(header::TRANSFER_ENCODING) {
+                // The transfer coding frames this body; a length beside it means nothing
+                // (RFC 9112 6.3) and must not reach the client.
+                headers.remove(header::CONTENT_LENGTH);
+            }
+            self.keep_alive = keeps_alive(version, &headers) && framing != Framing::UntilClose && !self.cut_short;
             let mut parts = http::Response::new(()).into_parts().0;
             parts.status = status;
             parts.version = version;
@@ -345,7 +407,10 @@ fn framing(
     if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok(Framing::Empty);
     }
-    if version == Version::HTTP_11 && headers.contains_key(header::TRANSFER_ENCODING) {
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        if version == Version::HTTP_10 {
+            return Ok(Framing::UntilClose);
+        }
         // Chunked only when it is the final coding; otherwise the body runs to the close.
         let last = headers.get_all(header::TRANSFER_ENCODING).iter().next_back();
         let chunked = last

@@ -80,6 +80,9 @@ pub struct GuardedIo<T> {
     first_read: bool,
     /// Follows HTTP/1 message boundaries so every head is checked.
     framing: head_check::Framing,
+    /// The last write to the socket could not go through (a slow reader): hyper still holds
+    /// output, so the connection must not be parked.
+    write_blocked: bool,
     /// A head was refused: the answer waits until the response in progress (if any) is sent.
     refused: Option<(StatusCode, String)>,
 }
@@ -98,6 +101,7 @@ impl<T> GuardedIo<T> {
             first_read: true,
             framing: head_check::Framing::new(limits.max_header_bytes),
             refused: None,
+            write_blocked: false,
         }
     }
 
@@ -121,7 +125,7 @@ impl<T> GuardedIo<T> {
     /// it cannot be parked.
     fn try_park(&mut self) -> bool {
         let Some(slot) = &self.park else { return false };
-        if !self.framing.at_boundary() {
+        if !self.framing.at_boundary() || self.write_blocked {
             return false;
         }
         *slot.lock().expect("park slot lock") = self.inner.take();
@@ -332,7 +336,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin> GuardedIo<T> {
 
 impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for GuardedIo<T> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        self.get_mut().io()?.poll_write(cx, buf)
+        let this = self.get_mut();
+        let r = this.io()?.poll_write(cx, buf);
+        this.write_blocked = r.is_pending();
+        r
     }
 
     fn poll_write_vectored(
@@ -340,7 +347,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for GuardedIo<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.get_mut().io()?.poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let r = this.io()?.poll_write_vectored(cx, bufs);
+        this.write_blocked = r.is_pending();
+        r
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -348,10 +358,13 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for GuardedIo<T> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().inner {
+        let this = self.get_mut();
+        let r = match &mut this.inner {
             Some(t) => Pin::new(t).poll_flush(cx),
             None => Poll::Ready(Ok(())),
-        }
+        };
+        this.write_blocked = r.is_pending();
+        r
     }
 
     /// A parked socket is not shut down: it lives on in the park slot.

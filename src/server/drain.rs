@@ -12,8 +12,8 @@ use std::task::{Context, Poll};
 use atomic_waker::AtomicWaker;
 use tokio::sync::Notify;
 
-/// The connections of one listener. Dropping it does not drain them.
-#[derive(Debug, Default)]
+/// The connections of one listener (clones share them). Dropping it does not drain them.
+#[derive(Clone, Debug, Default)]
 pub struct Drain {
     shared: Arc<Shared>,
 }

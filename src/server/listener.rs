@@ -78,8 +78,10 @@ struct Entry {
     configured: ListenAddr,
     bound: SocketAddr,
     stop: CancellationToken,
-    /// Ends when the accept loop stops, handing back its connections for the drain.
-    task: JoinHandle<Drain>,
+    /// One accept loop per worker thread, all on the same socket; they end on `stop`.
+    tasks: Vec<JoinHandle<()>>,
+    /// The connections they accepted.
+    conns: Drain,
 }
 
 impl Listeners {
@@ -119,15 +121,35 @@ impl Listeners {
             let tls = configured.1.then(|| self.tls.clone());
             tracing::info!(addr = %bound, protocol = if tls.is_some() { "https" } else { "http" }, "listening");
             let stop = CancellationToken::new();
-            let task = tokio::spawn(accept_loop(
-                listener,
-                tls,
-                self.runtime.clone(),
-                self.workers.clone(),
-                self.slots.clone(),
-                stop.clone(),
-            ));
-            self.entries.push(Entry { configured, bound, stop, task });
+            let conns = Drain::new();
+            // Each worker accepts on its own handle to the socket, into its own event loop:
+            // a connection never changes thread. The kernel wakes them all; one wins.
+            let tasks = match listener.into_std() {
+                Ok(socket) => self
+                    .workers
+                    .handles()
+                    .iter()
+                    .filter_map(|worker| match socket.try_clone() {
+                        Ok(socket) => Some(worker.spawn(accept_loop(
+                            socket,
+                            tls.clone(),
+                            self.runtime.clone(),
+                            self.slots.clone(),
+                            conns.clone(),
+                            stop.clone(),
+                        ))),
+                        Err(e) => {
+                            tracing::error!(addr = %bound, error = %e, "cannot share the listening socket with a worker");
+                            None
+                        }
+                    })
+                    .collect(),
+                Err(e) => {
+                    tracing::error!(addr = %bound, error = %e, "cannot hand the listening socket to the workers");
+                    Vec::new()
+                }
+            };
+            self.entries.push(Entry { configured, bound, stop, tasks, conns });
         }
         self.entries.sort_by_key(|e| wanted.iter().position(|w| *w == e.configured));
     }
@@ -168,7 +190,10 @@ impl Listeners {
 /// Stops one listener's accept loop and waits up to `grace` for its connections.
 async fn drain(entry: Entry, grace: Duration) -> bool {
     entry.stop.cancel();
-    let Ok(conns) = entry.task.await else { return false };
+    for task in entry.tasks {
+        let _ = task.await;
+    }
+    let conns = entry.conns;
     let open = conns.count();
     if open > 0 {
         tracing::info!(addr = %entry.bound, connections = open, grace = %humantime::format_duration(grace), "draining connections");
@@ -176,48 +201,40 @@ async fn drain(entry: Entry, grace: Duration) -> bool {
     tokio::time::timeout(grace, conns.shutdown()).await.is_ok()
 }
 
-/// Accepts until `stop`, then hands back the connections it started.
+/// Accepts on one worker thread until `stop`; the connections are served on that thread.
 async fn accept_loop(
-    listener: TcpListener,
+    listener: std::net::TcpListener,
     tls: Option<TlsAcceptor>,
     runtime: SharedRuntime,
-    workers: Arc<Workers>,
     slots: Arc<Semaphore>,
+    conns: Drain,
     stop: CancellationToken,
-) -> Drain {
-    let conns = Drain::new();
+) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot register the listening socket with a worker");
+            return;
+        }
+    };
     // Accept errors come in floods (out of descriptors): log one, then a count every 10 s.
     let mut last_warned: Option<tokio::time::Instant> = None;
     let mut unlogged = 0u64;
     loop {
         let permit = tokio::select! {
             biased;
-            _ = stop.cancelled() => return conns,
+            _ = stop.cancelled() => return,
             p = slots.clone().acquire_owned() => p.expect("the connection semaphore is never closed"),
         };
         let accepted = tokio::select! {
             biased;
-            _ = stop.cancelled() => return conns,
+            _ = stop.cancelled() => return,
             r = listener.accept() => r,
         };
         match accepted {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                // Moved to a worker thread's own reactor.
-                let stream = match stream.into_std() {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::debug!(%peer, error = %e, "cannot hand an accepted connection over");
-                        continue;
-                    }
-                };
-                let (tls, runtime, guard) = (tls.clone(), runtime.clone(), conns.enter());
-                workers.next().spawn(async move {
-                    match TcpStream::from_std(stream) {
-                        Ok(stream) => serve(stream, peer, tls, runtime, guard, permit).await,
-                        Err(e) => tracing::debug!(%peer, error = %e, "cannot register an accepted connection"),
-                    }
-                });
+                tokio::spawn(serve(stream, peer, tls.clone(), runtime.clone(), conns.enter(), permit));
             }
             Err(e) => {
                 // Out of file descriptors or similar: back off instead of spinning.

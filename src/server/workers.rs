@@ -1,9 +1,9 @@
-//! The threads that serve client connections: one current-thread tokio runtime each.
-//! A connection, its requests and the backend connections they use stay on the thread
-//! that accepted it: no work stealing, and no cross-thread wake-up on the request path.
+//! The threads that accept and serve client connections: one current-thread tokio runtime
+//! each. A connection, its requests and the backend connections they use stay on the
+//! thread that accepted it: no work stealing, and no cross-thread wake-up on the request
+//! path.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 use tokio::runtime::{Builder, Handle};
 
@@ -16,11 +16,10 @@ pub fn current() -> usize {
     WORKER.with(Cell::get)
 }
 
-/// The worker threads, handed new connections in turn.
+/// The worker threads; each runs an accept loop on every listener.
 #[derive(Debug)]
 pub struct Workers {
     handles: Vec<Handle>,
-    next: AtomicUsize,
 }
 
 impl Workers {
@@ -35,11 +34,10 @@ impl Workers {
                 rt.block_on(std::future::pending::<()>());
             })?;
         }
-        Ok(Workers { handles, next: AtomicUsize::new(0) })
+        Ok(Workers { handles })
     }
 
-    /// The worker that takes the next connection.
-    pub fn next(&self) -> &Handle {
-        &self.handles[self.next.fetch_add(1, Relaxed) % self.handles.len()]
+    pub fn handles(&self) -> &[Handle] {
+        &self.handles
     }
 }
