@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::conn_guard::{PARK_AFTER, ParkSlot};
 use super::drain::{Drain, DrainGuard};
+use super::workers::Served;
 use super::{ConnActivity, ConnLimits, GuardedIo, Workers};
 use crate::proxy::{self, ConnInfo};
 use crate::runtime::SharedRuntime;
@@ -129,9 +130,11 @@ impl Listeners {
                     .workers
                     .handles()
                     .iter()
-                    .filter_map(|worker| match socket.try_clone() {
+                    .enumerate()
+                    .filter_map(|(i, worker)| match socket.try_clone() {
                         Ok(socket) => Some(worker.spawn(accept_loop(
                             socket,
+                            (self.workers.clone(), i),
                             tls.clone(),
                             self.runtime.clone(),
                             self.slots.clone(),
@@ -204,6 +207,7 @@ async fn drain(entry: Entry, grace: Duration) -> bool {
 /// Accepts on one worker thread until `stop`; the connections are served on that thread.
 async fn accept_loop(
     listener: std::net::TcpListener,
+    (workers, me): (Arc<Workers>, usize),
     tls: Option<TlsAcceptor>,
     runtime: SharedRuntime,
     slots: Arc<Semaphore>,
@@ -234,7 +238,24 @@ async fn accept_loop(
         match accepted {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(serve(stream, peer, tls.clone(), runtime.clone(), conns.enter(), permit));
+                let (worker, served) = workers.assign(me);
+                let (tls, runtime, guard) = (tls.clone(), runtime.clone(), conns.enter());
+                if worker == me {
+                    tokio::spawn(serve(stream, peer, tls, runtime, guard, (permit, served)));
+                    continue;
+                }
+                // Another worker has fewer connections: it takes this one, on its own reactor.
+                match stream.into_std() {
+                    Ok(stream) => {
+                        workers.handles()[worker].spawn(async move {
+                            match TcpStream::from_std(stream) {
+                                Ok(stream) => serve(stream, peer, tls, runtime, guard, (permit, served)).await,
+                                Err(e) => tracing::debug!(%peer, error = %e, "cannot register a connection"),
+                            }
+                        });
+                    }
+                    Err(e) => tracing::debug!(%peer, error = %e, "cannot hand a connection over"),
+                }
             }
             Err(e) => {
                 // Out of file descriptors or similar: back off instead of spinning.
@@ -258,9 +279,9 @@ async fn serve(
     tls: Option<TlsAcceptor>,
     runtime: SharedRuntime,
     guard: DrainGuard,
-    permit: OwnedSemaphorePermit,
+    held: (OwnedSemaphorePermit, Served),
 ) {
-    let _permit = permit;
+    let _held = held;
     let (limits, metrics) = {
         let rt = runtime.load();
         let s = &rt.config.server;

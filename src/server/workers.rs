@@ -4,6 +4,8 @@
 //! path.
 
 use std::cell::Cell;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 use tokio::runtime::{Builder, Handle};
 
@@ -20,6 +22,22 @@ pub fn current() -> usize {
 #[derive(Debug)]
 pub struct Workers {
     handles: Vec<Handle>,
+    /// Open client connections per worker: a worker that wins accepts while others have
+    /// fewer hands the connection on (the kernel wakes every accept loop; the first wins).
+    open: Arc<[AtomicUsize]>,
+}
+
+/// One client connection counted on the worker that serves it, until dropped.
+#[derive(Debug)]
+pub struct Served {
+    open: Arc<[AtomicUsize]>,
+    worker: usize,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.open[self.worker].fetch_sub(1, Relaxed);
+    }
 }
 
 impl Workers {
@@ -34,7 +52,24 @@ impl Workers {
                 rt.block_on(std::future::pending::<()>());
             })?;
         }
-        Ok(Workers { handles })
+        let open = (0..handles.len()).map(|_| AtomicUsize::new(0)).collect();
+        Ok(Workers { handles, open })
+    }
+
+    /// Which worker should serve a connection that worker `me` accepted: `me`, unless
+    /// another has at least two fewer open connections. Counts it there.
+    pub fn assign(&self, me: usize) -> (usize, Served) {
+        let mine = self.open[me].load(Relaxed);
+        let (least, fewest) = self
+            .open
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (i, n.load(Relaxed)))
+            .min_by_key(|&(_, n)| n)
+            .unwrap_or((me, mine));
+        let worker = if fewest + 2 <= mine { least } else { me };
+        self.open[worker].fetch_add(1, Relaxed);
+        (worker, Served { open: self.open.clone(), worker })
     }
 
     pub fn handles(&self) -> &[Handle] {
