@@ -17,6 +17,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 use crate::proxy::body::{BoxError, RequestBody};
+use crate::proxy::headers::connection_tokens;
 
 /// The most headers a backend's response head may have (hyper's default too).
 const MAX_HEADERS: usize = 100;
@@ -89,13 +90,16 @@ impl std::fmt::Debug for Conn {
 }
 
 /// Why sending a request failed, by how far it got.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum SendError {
     /// Writing the head failed: the body was not touched and can be sent elsewhere.
+    #[error("writing the request head: {0}")]
     Head(io::Error),
     /// The client's body failed (it broke off, or grew past the limit).
+    #[error("{0}")]
     ClientBody(BoxError),
     /// Writing the body to the backend failed.
+    #[error("writing the request body: {0}")]
     Body(io::Error),
 }
 
@@ -145,8 +149,8 @@ pub enum Framing {
 pub enum RequestFraming {
     /// Nothing after the head.
     Empty,
-    /// `Content-Length` was written; the body is copied as it comes.
-    Length,
+    /// `Content-Length` with this value; the body is copied as it comes.
+    Length(u64),
     /// `Transfer-Encoding: chunked` was written.
     Chunked,
 }
@@ -381,16 +385,13 @@ impl AsyncWrite for Conn {
 /// Whether the connection may carry another request after this response.
 fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
     let mut close = version == Version::HTTP_10;
-    for v in headers.get_all(header::CONNECTION) {
-        for token in v.as_bytes().split(|b| *b == b',') {
-            let token = token.trim_ascii();
-            if token.eq_ignore_ascii_case(b"close") {
-                close = true;
-            } else if token.eq_ignore_ascii_case(b"keep-alive") && version == Version::HTTP_10 {
-                close = false;
-            }
+    connection_tokens(headers, |token| {
+        if token.eq_ignore_ascii_case("close") {
+            close = true;
+        } else if token.eq_ignore_ascii_case("keep-alive") && version == Version::HTTP_10 {
+            close = false;
         }
-    }
+    });
     !close
 }
 

@@ -14,7 +14,7 @@ use http::uri::PathAndQuery;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
-use super::{Backend, RequestFraming, SendError};
+use super::{Backend, RequestFraming};
 use crate::config::HealthCheckConfig;
 use crate::proxy::body::RequestBody;
 use crate::runtime::Runtime;
@@ -90,10 +90,7 @@ async fn probe(backend: &Backend, hc: &HealthCheckConfig) -> Result<u16, String>
         backend.authority
     );
     let failed = |e: &dyn std::fmt::Display| format!("GET {}: {e}", hc.path);
-    conn.send(&mut RequestBody::empty(), RequestFraming::Empty).await.map_err(|e| match e {
-        SendError::Head(e) | SendError::Body(e) => failed(&e),
-        SendError::ClientBody(e) => failed(&e),
-    })?;
+    conn.send(&mut RequestBody::empty(), RequestFraming::Empty).await.map_err(|e| failed(&e))?;
     let status = conn.read_head(false).await.map_err(|e| failed(&e))?.0.status.as_u16();
     if hc.expect_status.iter().any(|&(lo, hi)| (lo..=hi).contains(&status)) {
         Ok(status)

@@ -7,8 +7,8 @@
 //! connection is registered with the reactor of the thread that opened it, and stays there.
 
 use std::collections::VecDeque;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use http::uri::Authority;
@@ -99,7 +99,7 @@ impl Pool {
     }
 
     /// An idle, usable connection if there is one; otherwise a new one.
-    pub async fn checkout(self: &Arc<Self>) -> Result<Conn, ConnectError> {
+    pub async fn checkout(&self) -> Result<Conn, ConnectError> {
         match self.take_idle() {
             Some(conn) => Ok(conn),
             None => self.connect().await,

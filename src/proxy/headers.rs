@@ -34,7 +34,7 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 
 /// Calls `f` with each header name listed in `Connection` (lower-cased by `HeaderName`).
 /// Works on the raw bytes: a token that is not text is skipped, but cannot hide the others.
-fn connection_tokens(headers: &HeaderMap, mut f: impl FnMut(&str)) {
+pub(crate) fn connection_tokens(headers: &HeaderMap, mut f: impl FnMut(&str)) {
     for v in headers.get_all(header::CONNECTION) {
         for token in v.as_bytes().split(|b| *b == b',') {
             if let Ok(t) = std::str::from_utf8(token) {
@@ -97,7 +97,6 @@ pub fn write_request_head(
     parts: &Parts,
     target: &str,
     framing: RequestFraming,
-    body_len: Option<u64>,
     fwd: &Forwarded<'_>,
 ) {
     out.reserve(256);
@@ -161,8 +160,8 @@ pub fn write_request_head(
     }
     match framing {
         RequestFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
-        RequestFraming::Length => {
-            let _ = write!(out, "content-length: {}\r\n", body_len.unwrap_or(0));
+        RequestFraming::Length(len) => {
+            let _ = write!(out, "content-length: {len}\r\n");
         }
         RequestFraming::Empty => {
             // An empty body still says so where a body is expected or the client said so.
@@ -258,7 +257,7 @@ mod tests {
             upgrade: None,
         };
         let mut out = Vec::new();
-        write_request_head(&mut out, &parts, "/x?y=1", RequestFraming::Empty, None, &fwd);
+        write_request_head(&mut out, &parts, "/x?y=1", RequestFraming::Empty, &fwd);
         let mut slots = [httparse::EMPTY_HEADER; 32];
         let mut parsed = httparse::Request::new(&mut slots);
         assert!(parsed.parse(&out).unwrap().is_complete());

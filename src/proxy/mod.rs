@@ -172,10 +172,9 @@ async fn proxy(
 
     // pick + forward (retry)
     let body_empty = http_body::Body::is_end_stream(&body);
-    let body_len = http_body::Body::size_hint(&body).exact();
-    let framing = match (body_empty, body_len) {
+    let framing = match (body_empty, http_body::Body::size_hint(&body).exact()) {
         (true, _) => RequestFraming::Empty,
-        (false, Some(_)) => RequestFraming::Length,
+        (false, Some(len)) => RequestFraming::Length(len),
         (false, None) => RequestFraming::Chunked,
     };
     let mut body = if body_empty { RequestBody::empty() } else { RequestBody::new(body, limit) };
@@ -202,7 +201,7 @@ async fn proxy(
             backend: &backend.authority,
             upgrade: upgrade.as_ref(),
         };
-        let request = Outgoing { parts, target, framing, body_len, fwd: &fwd };
+        let request = Outgoing { parts, target, framing, fwd: &fwd };
         match attempt(upstream, backend, &request, &mut body).await {
             Ok((head, framing, conn)) => {
                 backend.record_response(trial);
@@ -256,7 +255,6 @@ struct Outgoing<'a> {
     parts: &'a Parts,
     target: &'a str,
     framing: RequestFraming,
-    body_len: Option<u64>,
     fwd: &'a Forwarded<'a>,
 }
 
@@ -285,7 +283,7 @@ async fn attempt(
                 });
             }
         };
-        headers::write_request_head(conn.head_buf(), req.parts, req.target, req.framing, req.body_len, req.fwd);
+        headers::write_request_head(conn.head_buf(), req.parts, req.target, req.framing, req.fwd);
         let broke_off = |source: BoxError| ProxyError::BrokeOff { backend: url.clone(), source };
         // Nothing of the body is taken until the head is written, so a failed head write
         // leaves the request whole for another connection or backend.

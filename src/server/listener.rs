@@ -123,8 +123,9 @@ impl Listeners {
             tracing::info!(addr = %bound, protocol = if tls.is_some() { "https" } else { "http" }, "listening");
             let stop = CancellationToken::new();
             let conns = Drain::new();
-            // Each worker accepts on its own handle to the socket, into its own event loop:
-            // a connection never changes thread. The kernel wakes them all; one wins.
+            // Each worker accepts on its own handle to the socket, into its own event loop.
+            // The kernel wakes them all and one wins; it keeps the connection unless
+            // another worker has clearly fewer (see `Workers::assign`).
             let tasks = match listener.into_std() {
                 Ok(socket) => self
                     .workers

@@ -249,7 +249,7 @@ fn forward(parts: &Parts, data: &[u8]) {
             upgrade: upgrade.as_ref(),
         };
         let mut out = Vec::new();
-        headers::write_request_head(&mut out, &parts, target.as_str(), RequestFraming::Empty, None, &fwd);
+        headers::write_request_head(&mut out, &parts, target.as_str(), RequestFraming::Empty, &fwd);
         assert_forwardable(&parts, &forwarded_headers(&out), &fwd);
     }
 
