@@ -156,9 +156,12 @@ impl Reloader {
                     None => return self,
                 },
             };
-            let current = FileState::read(&self.source.path, &self.runtime.load().config.files);
-            if req.trigger == Trigger::File && (current == self.last_seen || current.cannot_tell) {
-                continue;
+            let mut current = self.read_files();
+            if req.trigger == Trigger::File {
+                current = self.settle(current).await;
+                if current == self.last_seen || current.cannot_tell {
+                    continue;
+                }
             }
             self.last_seen = current;
             let result = self.reload(req.trigger);
@@ -166,6 +169,27 @@ impl Reloader {
                 let _ = reply.send(result);
             }
         }
+    }
+
+    fn read_files(&self) -> FileState {
+        FileState::read(&self.source.path, &self.runtime.load().config.files)
+    }
+
+    /// A file seen changing may still be being written (truncated, half full): waits until
+    /// it reads the same twice in a row, `watch::DEBOUNCE` apart, for up to a second.
+    async fn settle(&self, mut current: FileState) -> FileState {
+        for _ in 0..10 {
+            if current == self.last_seen || current.cannot_tell {
+                break;
+            }
+            tokio::time::sleep(watch::DEBOUNCE).await;
+            let again = self.read_files();
+            if again == current {
+                break;
+            }
+            current = again;
+        }
+        current
     }
 
     fn reload(&mut self, trigger: Trigger) -> Result<u64, String> {

@@ -6,7 +6,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use notify::{RecursiveMode, Watcher};
+use notify::event::{AccessKind, AccessMode};
+use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -16,6 +17,16 @@ use super::{ReloadHandle, Trigger};
 pub const DEBOUNCE: Duration = Duration::from_millis(100);
 /// How often the content is checked without any event.
 pub const POLL_EVERY: Duration = Duration::from_secs(2);
+
+/// Whether an event can mean new content. Opening or reading a file is not: the reloader
+/// reads the config on every check, and counting that as an edit would re-read it forever.
+fn may_change_content(kind: &EventKind) -> bool {
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        _ => true,
+    }
+}
 
 /// Watches the directories of `config` and of `others` (certificates, keys, CAs).
 pub fn spawn(config: &Path, others: &[PathBuf], handle: ReloadHandle, stop: CancellationToken) {
@@ -29,7 +40,7 @@ pub fn spawn(config: &Path, others: &[PathBuf], handle: ReloadHandle, stop: Canc
     dirs.dedup();
     let (tx, mut events) = mpsc::channel::<()>(1);
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
+        if event.is_ok_and(|e| may_change_content(&e.kind)) {
             let _ = tx.try_send(());
         }
     })
@@ -62,4 +73,19 @@ pub fn spawn(config: &Path, others: &[PathBuf], handle: ReloadHandle, stop: Canc
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use notify::event::{CreateKind, ModifyKind};
+
+    #[test]
+    fn reads_are_not_edits() {
+        assert!(!may_change_content(&EventKind::Access(AccessKind::Open(AccessMode::Any))));
+        assert!(!may_change_content(&EventKind::Access(AccessKind::Close(AccessMode::Read))));
+        assert!(may_change_content(&EventKind::Access(AccessKind::Close(AccessMode::Write))));
+        assert!(may_change_content(&EventKind::Modify(ModifyKind::Any)));
+        assert!(may_change_content(&EventKind::Create(CreateKind::File)));
+    }
 }
