@@ -38,6 +38,8 @@ pub use log::RequestLog;
 #[derive(Debug)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
+    /// The peer's IP address as text, for `X-Forwarded-For`.
+    pub peer_ip: Box<str>,
     pub tls: bool,
     pub activity: Arc<ConnActivity>,
 }
@@ -193,7 +195,7 @@ async fn proxy(
         log.backend = Some(backend.clone());
         let inflight = backend.begin();
         let fwd = Forwarded {
-            client_ip: conn.peer.ip(),
+            client_ip: &conn.peer_ip,
             proto: if conn.tls { "https" } else { "http" },
             request_id: &log.request_id,
             host: host.as_ref(),

@@ -23,12 +23,36 @@ pub fn generate() -> HeaderValue {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let prefix = *PREFIX.get_or_init(|| RandomState::new().hash_one(std::process::id()));
     let n = COUNTER.fetch_add(1, Relaxed);
-    HeaderValue::try_from(format!("{prefix:016x}{n:08x}")).expect("hex is a valid header value")
+    // Written by hand: `format!` costs more than the rest of the id's work together.
+    let mut id = [0u8; 32];
+    hex(&mut id[..16], prefix);
+    let digits = (64 - (n | 0xffff_ffff).leading_zeros()).div_ceil(4) as usize;
+    hex(&mut id[16..16 + digits], n);
+    HeaderValue::from_bytes(&id[..16 + digits]).expect("hex is a valid header value")
+}
+
+/// Writes `n` into `out` as lower-case hex, zero-padded on the left to `out`'s length.
+fn hex(out: &mut [u8], mut n: u64) {
+    for b in out.iter_mut().rev() {
+        *b = b"0123456789abcdef"[(n & 0xf) as usize];
+        n >>= 4;
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hex_matches_format() {
+        for n in [0u64, 1, 0xabc, 0xffff_ffff, 0x1_0000_0000, u64::MAX] {
+            let mut out = [0u8; 16];
+            hex(&mut out, n);
+            assert_eq!(std::str::from_utf8(&out).unwrap(), format!("{n:016x}"));
+        }
+        let id = generate();
+        assert!(id.len() >= 24 && id.to_str().unwrap().bytes().all(|b| b.is_ascii_hexdigit()));
+    }
 
     #[test]
     fn generated_ids_are_unique_and_client_ids_kept() {
