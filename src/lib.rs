@@ -12,6 +12,7 @@ pub mod backend;
 pub mod balance;
 pub mod cli;
 pub mod config;
+pub mod http1;
 pub mod limit;
 pub mod logging;
 pub mod memory;

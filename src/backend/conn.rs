@@ -10,12 +10,13 @@ use std::pin::Pin;
 use std::task::{Context, Poll, Waker, ready};
 
 use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Version, header};
+use http::{HeaderMap, StatusCode, Version, header};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
+use crate::http1::{self, Decoded, Decoder, FieldSpan, Malformed};
 use crate::proxy::body::{BoxError, RequestBody};
 use crate::proxy::headers::connection_tokens;
 
@@ -23,8 +24,6 @@ use crate::proxy::headers::connection_tokens;
 const MAX_HEADERS: usize = 100;
 /// The largest response head accepted from a backend.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
-/// The longest chunk-size or trailer line accepted in a chunked response.
-const MAX_LINE: usize = 4096;
 /// How much room each read asks for.
 const READ_SIZE: usize = 16 * 1024;
 
@@ -312,24 +311,13 @@ impl Conn {
             let version = if res.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
             // Where each name and value sits in the buffer, so that the values can share
             // its memory once it is frozen.
-            let base = self.buf.as_ptr() as usize;
-            let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+            let mut spans: [FieldSpan; MAX_HEADERS] = [(0, 0, 0, 0); MAX_HEADERS];
             let count = res.headers.len();
-            for (span, h) in spans.iter_mut().zip(res.headers.iter()) {
-                let name = h.name.as_ptr() as usize - base;
-                let value = h.value.as_ptr() as usize - base;
-                *span = (name as u32, (name + h.name.len()) as u32, value as u32, (value + h.value.len()) as u32);
-            }
+            http1::field_spans(self.buf.as_ptr(), res.headers, &mut spans);
             let head = self.buf.split_to(len).freeze();
             // One more for the X-Request-Id that is added on the way out.
-            let mut headers = HeaderMap::with_capacity(count + 1);
-            for &(ns, ne, vs, ve) in &spans[..count] {
-                let name = HeaderName::from_bytes(&head[ns as usize..ne as usize])
-                    .map_err(|_| ReadError::Malformed("invalid header name"))?;
-                let value = HeaderValue::from_maybe_shared(head.slice(vs as usize..ve as usize))
-                    .map_err(|_| ReadError::Malformed("invalid header value"))?;
-                headers.append(name, value);
-            }
+            let mut headers = http1::header_map(&head, &spans[..count], 1)
+                .ok_or(ReadError::Malformed("invalid header field"))?;
             let framing = framing(status, version, &headers, head_request)?;
             if headers.contains_key(header::TRANSFER_ENCODING) {
                 // The transfer coding frames this body; a length beside it means nothing
@@ -348,10 +336,10 @@ impl Conn {
     /// The response body that follows a head with `framing`; it owns the connection.
     pub fn into_body(self, framing: Framing) -> ConnBody {
         let state = match framing {
-            Framing::Empty | Framing::Upgrade | Framing::Length(0) => State::Done,
-            Framing::Length(n) => State::Length(n),
-            Framing::Chunked => State::ChunkSize,
-            Framing::UntilClose => State::UntilClose,
+            Framing::Empty | Framing::Upgrade | Framing::Length(0) => Decoder::Done,
+            Framing::Length(n) => Decoder::Length(n),
+            Framing::Chunked => Decoder::ChunkSize,
+            Framing::UntilClose => Decoder::UntilClose,
         };
         ConnBody { conn: Some(self), state }
     }
@@ -442,19 +430,7 @@ fn framing(
 pub struct ConnBody {
     /// `None` once the body failed: the connection is closed with it.
     conn: Option<Conn>,
-    state: State,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum State {
-    Length(u64),
-    UntilClose,
-    ChunkSize,
-    ChunkData(u64),
-    /// The CRLF after a chunk's data.
-    ChunkEnd,
-    Trailers,
-    Done,
+    state: Decoder,
 }
 
 /// The backend's body broke off or was malformed.
@@ -471,7 +447,7 @@ pub enum BodyError {
 impl ConnBody {
     /// The connection, when the body ended cleanly and it can serve another request.
     pub fn take_reusable(&mut self) -> Option<Conn> {
-        if self.state != State::Done {
+        if !self.state.is_done() {
             return None;
         }
         let mut conn = self.conn.take()?;
@@ -484,25 +460,9 @@ impl ConnBody {
 
     fn fail(&mut self, e: BodyError) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         self.conn = None;
-        self.state = State::Done;
+        self.state = Decoder::Done;
         Poll::Ready(Some(Err(e)))
     }
-}
-
-/// Splits the next line (without its line end) off `buf`, if a whole one is there.
-fn take_line(buf: &mut BytesMut) -> Option<Bytes> {
-    let end = buf.iter().position(|b| *b == b'\n')?;
-    let line = buf.split_to(end + 1).freeze();
-    let len = if end > 0 && line[end - 1] == b'\r' { end - 1 } else { end };
-    Some(line.slice(..len))
-}
-
-fn parse_chunk_size(line: &[u8]) -> Option<u64> {
-    let digits = line.split(|b| *b == b';').next()?.trim_ascii();
-    if digits.is_empty() || digits.len() > 15 {
-        return None;
-    }
-    u64::from_str_radix(std::str::from_utf8(digits).ok()?, 16).ok()
 }
 
 impl Body for ConnBody {
@@ -513,51 +473,15 @@ impl Body for ConnBody {
         let this = self.get_mut();
         loop {
             let Some(conn) = this.conn.as_mut() else { return Poll::Ready(None) };
-            let buf = &mut conn.buf;
-            match this.state {
-                State::Done => return Poll::Ready(None),
-                State::Length(n) | State::ChunkData(n) if !buf.is_empty() => {
-                    let take = (buf.len() as u64).min(n);
-                    let data = buf.split_to(take as usize).freeze();
-                    let left = n - take;
-                    this.state = match (this.state, left) {
-                        (State::Length(_), 0) => State::Done,
-                        (State::Length(_), left) => State::Length(left),
-                        (_, 0) => State::ChunkEnd,
-                        (_, left) => State::ChunkData(left),
-                    };
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                State::UntilClose if !buf.is_empty() => {
-                    let data = buf.split().freeze();
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                State::ChunkSize | State::ChunkEnd | State::Trailers => {
-                    if let Some(line) = take_line(buf) {
-                        this.state = match this.state {
-                            State::ChunkSize => match parse_chunk_size(&line) {
-                                Some(0) => State::Trailers,
-                                Some(n) => State::ChunkData(n),
-                                None => return this.fail(BodyError::Malformed),
-                            },
-                            State::ChunkEnd if line.is_empty() => State::ChunkSize,
-                            State::ChunkEnd => return this.fail(BodyError::Malformed),
-                            // Trailer fields are dropped; an empty line ends the message.
-                            _ if line.is_empty() => State::Done,
-                            _ => State::Trailers,
-                        };
-                        continue;
-                    }
-                    if buf.len() > MAX_LINE {
-                        return this.fail(BodyError::Malformed);
-                    }
-                }
-                _ => {}
+            match this.state.decode(&mut conn.buf) {
+                Ok(Decoded::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                Ok(Decoded::End) => return Poll::Ready(None),
+                Ok(Decoded::More) => {}
+                Err(Malformed) => return this.fail(BodyError::Malformed),
             }
-            // More bytes are needed.
             match ready!(conn.poll_fill(cx)) {
-                Ok(0) if this.state == State::UntilClose => {
-                    this.state = State::Done;
+                Ok(0) if this.state == Decoder::UntilClose => {
+                    this.state = Decoder::Done;
                     conn.keep_alive = false;
                     return Poll::Ready(None);
                 }
@@ -569,32 +493,18 @@ impl Body for ConnBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.state == State::Done
+        self.state.is_done()
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self.state {
-            State::Length(n) => SizeHint::with_exact(n),
-            State::Done => SizeHint::with_exact(0),
-            _ => SizeHint::default(),
-        }
+        self.state.remaining().map_or_else(SizeHint::default, SizeHint::with_exact)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn lines_and_chunk_sizes() {
-        let mut b = BytesMut::from(&b"1a;ext=1\r\nrest"[..]);
-        let line = take_line(&mut b).unwrap();
-        assert_eq!(parse_chunk_size(&line), Some(26));
-        assert_eq!(&b[..], b"rest");
-        assert_eq!(take_line(&mut b), None);
-        assert_eq!(parse_chunk_size(b"zz"), None);
-        assert_eq!(parse_chunk_size(b""), None);
-    }
+    use http::HeaderValue;
 
     #[test]
     fn framing_follows_rfc_9112() {

@@ -1,0 +1,218 @@
+//! HTTP/1.1 wire pieces shared by both sides of the proxy: the message-body decoder
+//! (RFC 9112 section 7), turning a parsed head's fields into a `HeaderMap` that shares the
+//! read buffer, and the cached `Date` value.
+
+use std::cell::RefCell;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+/// The longest chunk-size or trailer line accepted in a chunked body.
+pub const MAX_LINE: usize = 4096;
+
+/// Where a message body stands, from its framing to its end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decoder {
+    Length(u64),
+    /// Until the peer closes (responses only).
+    UntilClose,
+    ChunkSize,
+    ChunkData(u64),
+    /// The CRLF after a chunk's data.
+    ChunkEnd,
+    Trailers,
+    Done,
+}
+
+/// What [`Decoder::decode`] found in the buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded {
+    Data(Bytes),
+    /// The body is complete.
+    End,
+    /// More bytes must be read first.
+    More,
+}
+
+/// A chunked body that breaks the grammar.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("malformed chunked body")]
+pub struct Malformed;
+
+impl Decoder {
+    /// Takes the next piece of the body from the front of `buf`. Trailer fields are
+    /// dropped.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, Malformed> {
+        loop {
+            match *self {
+                Decoder::Done => return Ok(Decoded::End),
+                Decoder::Length(0) => {
+                    *self = Decoder::Done;
+                    return Ok(Decoded::End);
+                }
+                Decoder::Length(n) | Decoder::ChunkData(n) => {
+                    if buf.is_empty() {
+                        return Ok(Decoded::More);
+                    }
+                    let take = (buf.len() as u64).min(n);
+                    let data = buf.split_to(take as usize).freeze();
+                    let left = n - take;
+                    *self = match (*self, left) {
+                        (Decoder::Length(_), 0) => Decoder::Done,
+                        (Decoder::Length(_), left) => Decoder::Length(left),
+                        (_, 0) => Decoder::ChunkEnd,
+                        (_, left) => Decoder::ChunkData(left),
+                    };
+                    return Ok(Decoded::Data(data));
+                }
+                Decoder::UntilClose => {
+                    if buf.is_empty() {
+                        return Ok(Decoded::More);
+                    }
+                    return Ok(Decoded::Data(buf.split().freeze()));
+                }
+                Decoder::ChunkSize | Decoder::ChunkEnd | Decoder::Trailers => {
+                    let Some(line) = take_line(buf) else {
+                        if buf.len() > MAX_LINE {
+                            return Err(Malformed);
+                        }
+                        return Ok(Decoded::More);
+                    };
+                    *self = match *self {
+                        Decoder::ChunkSize => match parse_chunk_size(&line) {
+                            Some(0) => Decoder::Trailers,
+                            Some(n) => Decoder::ChunkData(n),
+                            None => return Err(Malformed),
+                        },
+                        Decoder::ChunkEnd if line.is_empty() => Decoder::ChunkSize,
+                        Decoder::ChunkEnd => return Err(Malformed),
+                        _ if line.is_empty() => Decoder::Done,
+                        _ => Decoder::Trailers,
+                    };
+                }
+            }
+        }
+    }
+
+    pub fn is_done(&self) -> bool {
+        matches!(self, Decoder::Done | Decoder::Length(0))
+    }
+
+    /// The exact number of body bytes still to come, when the framing says.
+    pub fn remaining(&self) -> Option<u64> {
+        match self {
+            Decoder::Length(n) => Some(*n),
+            Decoder::Done => Some(0),
+            _ => None,
+        }
+    }
+}
+
+/// Splits the next line (without its line end) off `buf`, if a whole one is there.
+fn take_line(buf: &mut BytesMut) -> Option<Bytes> {
+    let end = buf.iter().position(|b| *b == b'\n')?;
+    let line = buf.split_to(end + 1).freeze();
+    let len = if end > 0 && line[end - 1] == b'\r' { end - 1 } else { end };
+    Some(line.slice(..len))
+}
+
+fn parse_chunk_size(line: &[u8]) -> Option<u64> {
+    let digits = line.split(|b| *b == b';').next()?.trim_ascii();
+    if digits.is_empty() || digits.len() > 15 {
+        return None;
+    }
+    u64::from_str_radix(std::str::from_utf8(digits).ok()?, 16).ok()
+}
+
+/// Where one field's name and value sit in a head buffer (start and end offsets).
+pub type FieldSpan = (u32, u32, u32, u32);
+
+/// The span of each of `fields` relative to `base` (the start of the buffer they were
+/// parsed from), so the values can share the buffer's memory once it is frozen.
+pub fn field_spans(base: *const u8, fields: &[httparse::Header<'_>], out: &mut [FieldSpan]) {
+    let base = base as usize;
+    for (span, h) in out.iter_mut().zip(fields) {
+        let name = h.name.as_ptr() as usize - base;
+        let value = h.value.as_ptr() as usize - base;
+        *span = (name as u32, (name + h.name.len()) as u32, value as u32, (value + h.value.len()) as u32);
+    }
+}
+
+/// A header map of the fields at `spans` in `head`; `extra` more fits without growing.
+/// `None` if a name or value is not valid.
+pub fn header_map(head: &Bytes, spans: &[FieldSpan], extra: usize) -> Option<HeaderMap> {
+    let mut headers = HeaderMap::with_capacity(spans.len() + extra);
+    for &(ns, ne, vs, ve) in spans {
+        let name = HeaderName::from_bytes(&head[ns as usize..ne as usize]).ok()?;
+        let value = HeaderValue::from_maybe_shared(head.slice(vs as usize..ve as usize)).ok()?;
+        headers.append(name, value);
+    }
+    Some(headers)
+}
+
+/// Today's `Date` header value, formatted at most once a second per thread.
+pub fn date() -> HeaderValue {
+    thread_local! {
+        static CACHE: RefCell<(u64, HeaderValue)> = RefCell::new((u64::MAX, HeaderValue::from_static("")));
+    }
+    let now = SystemTime::now();
+    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.0 != secs {
+            let text = httpdate::fmt_http_date(now);
+            *c = (secs, HeaderValue::from_str(&text).expect("an HTTP date is a valid header value"));
+        }
+        c.1.clone()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_and_chunk_sizes() {
+        let mut b = BytesMut::from(&b"1a;ext=1\r\nrest"[..]);
+        let line = take_line(&mut b).unwrap();
+        assert_eq!(parse_chunk_size(&line), Some(26));
+        assert_eq!(&b[..], b"rest");
+        assert_eq!(take_line(&mut b), None);
+        assert_eq!(parse_chunk_size(b"zz"), None);
+        assert_eq!(parse_chunk_size(b""), None);
+    }
+
+    #[test]
+    fn chunked_bodies_decode_across_reads() {
+        let wire = b"5;x=1\r\nhello\r\n6\r\n world\r\n0\r\nTrailer: t\r\n\r\nNEXT";
+        for split in 0..wire.len() {
+            let mut d = Decoder::ChunkSize;
+            let mut buf = BytesMut::from(&wire[..split]);
+            let mut body = Vec::new();
+            let mut fed = false;
+            loop {
+                match d.decode(&mut buf).unwrap() {
+                    Decoded::Data(b) => body.extend_from_slice(&b),
+                    Decoded::End => break,
+                    Decoded::More => {
+                        assert!(!fed, "stuck at split {split}");
+                        buf.extend_from_slice(&wire[split..]);
+                        fed = true;
+                    }
+                }
+            }
+            assert_eq!(body, b"hello world");
+            assert_eq!(&buf[..], b"NEXT");
+        }
+        let mut d = Decoder::ChunkSize;
+        assert_eq!(d.decode(&mut BytesMut::from(&b"5\r\nhelloX\r\n"[..])), Ok(Decoded::Data(Bytes::from("hello"))));
+    }
+
+    #[test]
+    fn dates_are_http_dates() {
+        let d = date();
+        assert_eq!(d.len(), 29);
+        assert!(d.to_str().unwrap().ends_with(" GMT"));
+    }
+}
