@@ -202,6 +202,9 @@ mod tests {
                     }
                 }
             }
+            if !fed {
+                buf.extend_from_slice(&wire[split..]);
+            }
             assert_eq!(body, b"hello world");
             assert_eq!(&buf[..], b"NEXT");
         }

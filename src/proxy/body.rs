@@ -10,6 +10,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use super::log::RequestLog;
+use crate::server::h1::IncomingBody;
 use crate::backend::{ConnBody, InflightGuard};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -18,7 +19,42 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// framing): the client's fault, never the backend's.
 #[derive(Debug, thiserror::Error)]
 #[error("the client's request body broke off: {0}")]
-pub struct ClientBodyError(#[source] pub hyper::Error);
+pub struct ClientBodyError(#[source] pub BoxError);
+
+/// A client's request body as the server side that read its head hands it over.
+#[derive(Debug)]
+pub enum ClientBody {
+    /// From hyper (HTTP/2, TLS).
+    Hyper(Incoming),
+    /// From balancer's own HTTP/1.1 server.
+    Http1(IncomingBody),
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            ClientBody::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            ClientBody::Http1(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Hyper(b) => b.is_end_stream(),
+            ClientBody::Http1(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Hyper(b) => b.size_hint(),
+            ClientBody::Http1(b) => b.size_hint(),
+        }
+    }
+}
 
 /// The request body grew past `max_request_body` while streaming.
 #[derive(Debug, thiserror::Error)]
@@ -30,7 +66,7 @@ pub struct BodyTooLarge {
 /// A client's request body, streamed to the backend with backpressure.
 #[derive(Debug)]
 pub struct RequestBody {
-    inner: Option<Incoming>,
+    inner: Option<ClientBody>,
     limit: u64,
     seen: u64,
     /// A frame has been taken: the body can no longer be sent to another backend.
@@ -38,7 +74,7 @@ pub struct RequestBody {
 }
 
 impl RequestBody {
-    pub fn new(inner: Incoming, limit: u64) -> RequestBody {
+    pub fn new(inner: ClientBody, limit: u64) -> RequestBody {
         RequestBody { inner: Some(inner), limit, seen: 0, started: false }
     }
 

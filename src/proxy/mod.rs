@@ -23,13 +23,14 @@ use bytes::Bytes;
 use http::request::Parts;
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response, Version, header};
-use hyper::body::Incoming;
 
 use crate::backend::{Backend, Conn, ConnectError, Framing, InflightGuard, RequestFraming, SendError};
 use crate::limit::{self, RateLimiter};
 use crate::runtime::{Runtime, SharedRuntime, Upstream, path};
 use crate::server::{ActivityGuard, ConnActivity};
-use body::{BodyTooLarge, BoxError, RequestBody, ResponseBody};
+use crate::server::h1::PendingUpgrade;
+use body::{BodyTooLarge, BoxError, ClientBody, RequestBody, ResponseBody};
+use upgrade::ClientUpgrade;
 pub use error::ProxyError;
 use headers::Forwarded;
 pub use log::RequestLog;
@@ -50,12 +51,18 @@ pub async fn handle(
     runtime: SharedRuntime,
     conn: Arc<ConnInfo>,
     busy: ActivityGuard,
-    mut req: Request<Incoming>,
+    mut req: Request<ClientBody>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let rt = runtime.load_full();
     let request_id = request_id::from_headers(req.headers());
-    let client_upgrade =
-        if req.headers().contains_key(header::UPGRADE) { Some(hyper::upgrade::on(&mut req)) } else { None };
+    let client_upgrade = if req.headers().contains_key(header::UPGRADE) {
+        Some(match req.extensions_mut().remove::<PendingUpgrade>() {
+            Some(pending) => ClientUpgrade::Http1(pending.take()),
+            None => ClientUpgrade::Hyper(hyper::upgrade::on(&mut req)),
+        })
+    } else {
+        None
+    };
     let mut log = RequestLog {
         start: Instant::now(),
         client: conn.peer,
@@ -111,7 +118,7 @@ async fn proxy(
     rt: &Runtime,
     conn: &ConnInfo,
     parts: &Parts,
-    body: Incoming,
+    body: ClientBody,
     log: &mut RequestLog,
 ) -> Result<Proxied, ProxyError> {
     // check

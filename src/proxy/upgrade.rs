@@ -7,25 +7,45 @@ use std::time::Duration;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
 
 use crate::backend::{Conn, InflightGuard};
 use crate::server::ActivityGuard;
+use crate::server::h1::Prefixed;
 
 /// After one side closes, how long the other direction may still finish sending.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
+/// Where the client's side of the tunnel comes from once the 101 has been written.
+pub enum ClientUpgrade {
+    Hyper(OnUpgrade),
+    /// From balancer's HTTP/1.1 server; `None` if it was already taken.
+    Http1(Option<oneshot::Receiver<Prefixed<TcpStream>>>),
+}
+
 /// `backend` is the connection that answered 101, with any bytes it sent past the head.
-pub fn tunnel(client: OnUpgrade, backend: Conn, inflight: InflightGuard, activity: ActivityGuard) {
+pub fn tunnel(client: ClientUpgrade, backend: Conn, inflight: InflightGuard, activity: ActivityGuard) {
     tokio::spawn(async move {
         let _held = (inflight, activity);
-        let client = match client.await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::debug!(error = %e, "upgrade did not complete");
-                return;
-            }
-        };
-        let (mut cr, mut cw) = tokio::io::split(TokioIo::new(client));
+        match client {
+            ClientUpgrade::Hyper(on) => match on.await {
+                Ok(c) => run(TokioIo::new(c), backend).await,
+                Err(e) => tracing::debug!(error = %e, "upgrade did not complete"),
+            },
+            ClientUpgrade::Http1(Some(rx)) => match rx.await {
+                Ok(c) => run(c, backend).await,
+                Err(_) => tracing::debug!("upgrade did not complete"),
+            },
+            ClientUpgrade::Http1(None) => tracing::debug!("upgrade did not complete"),
+        }
+    });
+}
+
+/// Copies both ways until one side closes, then gives the other a moment.
+async fn run<C: AsyncRead + AsyncWrite>(client: C, backend: Conn) {
+    {
+        let (mut cr, mut cw) = tokio::io::split(client);
         let (mut br, mut bw) = tokio::io::split(backend);
         let up = pipe(&mut cr, &mut bw);
         let down = pipe(&mut br, &mut cw);
@@ -37,7 +57,7 @@ pub fn tunnel(client: OnUpgrade, backend: Conn, inflight: InflightGuard, activit
             _ = &mut down => { let _ = tokio::time::timeout(CLOSE_GRACE, up).await; }
         }
         tracing::debug!("upgraded connection closed");
-    });
+    }
 }
 
 /// Copies until EOF or an error, then shuts the writing side down.

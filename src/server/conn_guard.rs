@@ -208,10 +208,7 @@ impl<T> GuardedIo<T> {
             }
             match self.phase {
                 Phase::Head { bytes } if bytes > 0 => {
-                    let reason = format!(
-                        "request timeout: the request head did not arrive within {}",
-                        humantime::format_duration(self.limits.client_header)
-                    );
+                    let reason = head_timeout_reason(self.limits.client_header);
                     self.close_with(StatusCode::REQUEST_TIMEOUT, reason);
                 }
                 _ => self.phase = Phase::Closed,
@@ -247,18 +244,27 @@ impl<T> GuardedIo<T> {
     }
 
     fn refuse(&mut self, reject: head_check::Reject) {
-        self.refused = Some(match reject {
-            head_check::Reject::BadRequest(why) => (StatusCode::BAD_REQUEST, format!("bad request: {why}")),
-            head_check::Reject::TooLarge => (
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                format!(
-                    "request head larger than the limit of {} bytes or {} headers",
-                    self.limits.max_header_bytes,
-                    head_check::MAX_HEADERS
-                ),
-            ),
-        });
+        self.refused = Some(refusal(reject, self.limits.max_header_bytes));
     }
+}
+
+/// The status and text of a refused head.
+pub fn refusal(reject: head_check::Reject, max_header_bytes: usize) -> (StatusCode, String) {
+    match reject {
+        head_check::Reject::BadRequest(why) => (StatusCode::BAD_REQUEST, format!("bad request: {why}")),
+        head_check::Reject::TooLarge => (
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            format!(
+                "request head larger than the limit of {max_header_bytes} bytes or {} headers",
+                head_check::MAX_HEADERS
+            ),
+        ),
+    }
+}
+
+/// The text of a 408.
+pub fn head_timeout_reason(client_header: Duration) -> String {
+    format!("request timeout: the request head did not arrive within {}", humantime::format_duration(client_header))
 }
 
 impl<T: AsyncRead + AsyncWrite + Unpin> GuardedIo<T> {

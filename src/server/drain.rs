@@ -92,6 +92,10 @@ impl DrainGuard {
         self.shared.draining.load(Ordering::Acquire)
     }
 
+    pub fn is_draining(&self) -> bool {
+        self.shared.draining.load(Ordering::Acquire)
+    }
+
     /// Resolves when the drain begins.
     pub async fn draining(&self) {
         poll_fn(|cx| if self.poll_draining(cx) { Poll::Ready(()) } else { Poll::Pending }).await;

@@ -54,12 +54,7 @@ pub enum Body {
 
 /// The framing of a complete head, or why it must be refused.
 pub fn check(head: &[u8]) -> Result<Body, Reject> {
-    // Every LF must end a CRLF pair (leading empty lines included).
-    for (i, &b) in head.iter().enumerate() {
-        if b == b'\n' && (i == 0 || head[i - 1] != b'\r') {
-            return Err(Reject::BadRequest("bare LF in the request head"));
-        }
-    }
+    check_line_ends(head)?;
     let mut headers = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
     match req.parse_with_uninit_headers(head, &mut headers) {
@@ -67,6 +62,23 @@ pub fn check(head: &[u8]) -> Result<Body, Reject> {
         Err(httparse::Error::TooManyHeaders) => return Err(Reject::TooLarge),
         Ok(httparse::Status::Partial) | Err(_) => return Err(Reject::BadRequest("malformed request head")),
     }
+    let (body, upgrade) = framing_of(&req)?;
+    Ok(if upgrade { Body::Upgrade } else { body })
+}
+
+/// Every LF must end a CRLF pair (leading empty lines included).
+pub fn check_line_ends(head: &[u8]) -> Result<(), Reject> {
+    for (i, &b) in head.iter().enumerate() {
+        if b == b'\n' && (i == 0 || head[i - 1] != b'\r') {
+            return Err(Reject::BadRequest("bare LF in the request head"));
+        }
+    }
+    Ok(())
+}
+
+/// The body framing of a parsed head (`Length` or `Chunked`), and whether it asks to
+/// leave HTTP (an `Upgrade` header, or CONNECT); or why it must be refused.
+pub fn framing_of(req: &httparse::Request<'_, '_>) -> Result<(Body, bool), Reject> {
     let mut content_length: Option<&[u8]> = None;
     let mut transfer_encodings = 0;
     let mut upgrade = req.method == Some("CONNECT");
@@ -100,14 +112,11 @@ pub fn check(head: &[u8]) -> Result<Body, Reject> {
     if transfer_encodings == 1 && req.version == Some(0) {
         return Err(Reject::BadRequest("Transfer-Encoding in an HTTP/1.0 request"));
     }
-    if upgrade {
-        return Ok(Body::Upgrade);
-    }
     if transfer_encodings == 1 {
-        return Ok(Body::Chunked);
+        return Ok((Body::Chunked, upgrade));
     }
     let len = content_length.map_or(Some(0), |v| std::str::from_utf8(v).ok().and_then(|v| v.parse().ok()));
-    len.map(Body::Length).ok_or(Reject::BadRequest("invalid Content-Length"))
+    len.map(|n| (Body::Length(n), upgrade)).ok_or(Reject::BadRequest("invalid Content-Length"))
 }
 
 /// Follows the message boundaries of the bytes a client sends on one HTTP/1 connection, so

@@ -23,6 +23,8 @@ use super::conn_guard::{PARK_AFTER, ParkSlot};
 use super::drain::{Drain, DrainGuard};
 use super::workers::Served;
 use super::{ConnActivity, ConnLimits, GuardedIo, Workers};
+use super::h1::{self, Ended};
+use crate::proxy::body::ClientBody;
 use crate::proxy::{self, ConnInfo};
 use crate::runtime::SharedRuntime;
 
@@ -297,8 +299,18 @@ async fn serve(
     match tls {
         None => {
             let mut stream = stream;
+            let mut first = true;
             // Parked between sessions while idle: then only the socket is held.
-            while let Some(parked) = serve_http(stream, peer, false, limits, &runtime, &guard, true).await {
+            loop {
+                let parked = match h1::serve(stream, peer, limits, &runtime, &guard, true, first).await {
+                    Ended::Parked(parked) => parked,
+                    Ended::Closed => break,
+                    Ended::Http2(io) => {
+                        serve_http(io, peer, false, limits, &runtime, &guard, false).await;
+                        break;
+                    }
+                };
+                first = false;
                 metrics.parks.fetch_add(1, Relaxed);
                 metrics.parked_connections.fetch_add(1, Relaxed);
                 let resumed = tokio::select! {
@@ -360,7 +372,7 @@ where
     let runtime = runtime.clone();
     let service = service_fn(move |req| {
         let busy = info.activity.begin();
-        proxy::handle(runtime.clone(), info.clone(), busy, req)
+        proxy::handle(runtime.clone(), info.clone(), busy, req.map(ClientBody::Hyper))
     });
     // Boxed so that a parked connection's task does not keep room for it.
     let mut conn = Box::pin(builder.serve_connection_with_upgrades(io, service).into_owned());

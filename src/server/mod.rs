@@ -3,6 +3,7 @@
 
 mod conn_guard;
 pub mod drain;
+pub mod h1;
 pub mod head_check;
 mod listener;
 pub mod workers;

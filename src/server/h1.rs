@@ -1,0 +1,775 @@
+//! balancer's own HTTP/1.1 server side, for client connections over plain TCP (hyper
+//! serves HTTP/2 and TLS). One task per connection reads a head, runs the request path
+//! in place, writes the response, and goes round again. Written for the profile: hyper's
+//! dispatcher, its second parse of every head and its separate framing guard cost more
+//! user time per request than the rest of the request path together.
+//!
+//! The connection-level rules are those of [`GuardedIo`](super::GuardedIo) under hyper:
+//! `client_header` (408), `idle`, `max_header_bytes` and ambiguous framing (431/400,
+//! through `head_check`), parking after [`PARK_AFTER`] idle, and the drain.
+
+use std::future::{Future, poll_fn};
+use std::io;
+use std::mem::MaybeUninit;
+use std::net::SocketAddr;
+use std::pin::{Pin, pin};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::{Method, Request, Response, StatusCode, Uri, Version, header};
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::time::{Instant, Sleep};
+
+use super::conn_guard::{ConnLimits, PARK_AFTER, head_timeout_reason, refusal};
+use super::drain::DrainGuard;
+use super::head_check::{self, Reject};
+use super::{ConnActivity, head_check::Body as Framing};
+use crate::http1::{self, Decoded, Decoder, FieldSpan};
+use crate::proxy::body::{BoxError, ClientBody, ResponseBody};
+use crate::proxy::error::raw_response;
+use crate::proxy::{self, ConnInfo, request_id};
+use crate::runtime::SharedRuntime;
+
+/// How much room each read asks for.
+const READ_SIZE: usize = 8 * 1024;
+/// Response body pieces up to this size are copied next to their framing and written in
+/// one go; larger ones are written from where they are.
+const COPY_UP_TO: usize = 16 * 1024;
+/// The HTTP/2 connection preface starts with this.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
+/// How a session on a connection ended.
+pub enum Ended {
+    Closed,
+    /// Idle for [`PARK_AFTER`] with nothing pending: the socket, for the caller to park.
+    Parked(TcpStream),
+    /// The client spoke HTTP/2 (prior knowledge): the socket and what was read of it.
+    Http2(Prefixed<TcpStream>),
+}
+
+/// A stream some of whose first bytes were already read: those come first.
+#[derive(Debug)]
+pub struct Prefixed<T> {
+    prefix: Bytes,
+    io: T,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(out.remaining());
+            out.put_slice(&this.prefix.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_read(cx, out)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// The client connection as both the session and the request body being read use it.
+/// Locked only inside `poll` functions, never across an await.
+struct Io {
+    stream: TcpStream,
+    /// Bytes read from the client and not consumed yet.
+    buf: BytesMut,
+    /// The current request's body: what is left of it.
+    body: Decoder,
+    /// The body broke (the client closed, or sent a malformed chunk): the connection ends.
+    body_broken: bool,
+    /// How much of a `100 Continue` is still to be written before the body is read.
+    continue_left: usize,
+}
+
+impl Io {
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.buf.capacity() - self.buf.len() < 1024 {
+            self.buf.reserve(READ_SIZE);
+        }
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.buf)
+    }
+
+    /// Writes a pending `100 Continue`; ready when none is left.
+    fn poll_continue(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.continue_left > 0 {
+            let from = CONTINUE.len() - self.continue_left;
+            match ready!(Pin::new(&mut self.stream).poll_write(cx, &CONTINUE[from..]))? {
+                0 => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                n => self.continue_left -= n,
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+type SharedIo = Arc<Mutex<Io>>;
+
+fn lock(io: &SharedIo) -> MutexGuard<'_, Io> {
+    io.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A request body read from the client connection as the request path takes it.
+#[derive(Debug, Default)]
+pub struct IncomingBody {
+    /// `None` for a request without a body.
+    io: Option<SharedIoHandle>,
+}
+
+/// `Arc<Mutex<Io>>` with a `Debug` that says nothing of the socket.
+struct SharedIoHandle(SharedIo);
+
+impl std::fmt::Debug for SharedIoHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SharedIo")
+    }
+}
+
+/// The client's body broke off: it closed the connection or broke the chunked framing.
+#[derive(Debug, thiserror::Error)]
+pub enum IncomingBodyError {
+    #[error("the client closed the connection before the end of the body")]
+    Incomplete,
+    #[error(transparent)]
+    Malformed(#[from] http1::Malformed),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+impl Body for IncomingBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let Some(shared) = &self.io else { return Poll::Ready(None) };
+        let mut io = lock(&shared.0);
+        let fail = |io: &mut Io, e: IncomingBodyError| {
+            io.body_broken = true;
+            io.body = Decoder::Done;
+            Poll::Ready(Some(Err(Box::new(e) as BoxError)))
+        };
+        if let Err(e) = ready!(io.poll_continue(cx)) {
+            return fail(&mut io, e.into());
+        }
+        loop {
+            let io = &mut *io;
+            match io.body.decode(&mut io.buf) {
+                Ok(Decoded::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                Ok(Decoded::End) => return Poll::Ready(None),
+                Ok(Decoded::More) => {}
+                Err(e) => return fail(io, e.into()),
+            }
+            match ready!(io.poll_fill(cx)) {
+                Ok(0) => return fail(io, IncomingBodyError::Incomplete),
+                Ok(_) => {}
+                Err(e) => return fail(io, e.into()),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.io.as_ref().is_none_or(|io| lock(&io.0).body.is_done())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.io {
+            None => SizeHint::with_exact(0),
+            Some(io) => lock(&io.0).body.remaining().map_or_else(SizeHint::default, SizeHint::with_exact),
+        }
+    }
+}
+
+/// Where the client connection goes once a `101` has been written: set on a request that
+/// asks for an upgrade, taken by the request path when the backend agrees.
+#[derive(Clone, Debug)]
+pub struct PendingUpgrade(Arc<Mutex<Option<oneshot::Receiver<Prefixed<TcpStream>>>>>);
+
+impl PendingUpgrade {
+    pub fn take(&self) -> Option<oneshot::Receiver<Prefixed<TcpStream>>> {
+        self.0.lock().ok()?.take()
+    }
+}
+
+/// What the session knows of the request in progress, beyond what the request path gets.
+struct Exchange {
+    method: Method,
+    version: Version,
+    /// The client asked to keep the connection (or did not ask to close it, on 1.1).
+    keep_alive: bool,
+    /// CONNECT or an upgrade: if the connection is not upgraded, it is not trusted further.
+    upgrade: Option<oneshot::Sender<Prefixed<TcpStream>>>,
+    connect: bool,
+}
+
+/// Serves HTTP/1.1 requests on `stream` until it closes, goes idle long enough to park
+/// (when `park`), or turns out to speak HTTP/2 (only checked when `first`).
+pub async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    limits: ConnLimits,
+    runtime: &SharedRuntime,
+    guard: &DrainGuard,
+    park: bool,
+    first: bool,
+) -> Ended {
+    let activity = Arc::new(ConnActivity::default());
+    let info = Arc::new(ConnInfo { peer, peer_ip: peer.ip().to_string().into(), tls: false, activity });
+    let io: SharedIo = Arc::new(Mutex::new(Io {
+        stream,
+        buf: BytesMut::new(),
+        body: Decoder::Done,
+        body_broken: false,
+        continue_left: 0,
+    }));
+    let park = park && PARK_AFTER < limits.idle;
+    let mut session = Session { io, limits, first, park, out: Vec::new(), timer: Box::pin(tokio::time::sleep(limits.idle)) };
+    loop {
+        let (req, exchange) = match session.read_head(guard).await {
+            Next::Request(mut req, exchange) => {
+                attach_body(&mut req, &session.io);
+                (req, exchange)
+            }
+            Next::Refuse(status, reason) => {
+                session.refuse(status, &reason).await;
+                return Ended::Closed;
+            }
+            Next::Close => {
+                session.close().await;
+                return Ended::Closed;
+            }
+            Next::Park => return session.into_parked(),
+            Next::Http2 => return session.into_http2(),
+        };
+        let busy = info.activity.begin();
+        let handled = proxy::handle(runtime.clone(), info.clone(), busy, req);
+        let Some(response) = session.run(handled).await else {
+            // The client left: dropping the request path's future logs it (499).
+            return Ended::Closed;
+        };
+        match session.respond(response, exchange, guard.is_draining()).await {
+            After::KeepAlive => {}
+            After::Close => {
+                session.close().await;
+                return Ended::Closed;
+            }
+            After::Upgrade(tx) => {
+                if let Some(io) = session.into_prefixed() {
+                    let _ = tx.send(io);
+                }
+                return Ended::Closed;
+            }
+        }
+    }
+}
+
+enum Next {
+    Request(Request<ClientBody>, Exchange),
+    Refuse(StatusCode, String),
+    Close,
+    Park,
+    Http2,
+}
+
+enum After {
+    KeepAlive,
+    Close,
+    Upgrade(oneshot::Sender<Prefixed<TcpStream>>),
+}
+
+struct Session {
+    io: SharedIo,
+    limits: ConnLimits,
+    /// The connection's first session: HTTP/2 is still possible.
+    first: bool,
+    park: bool,
+    /// The response being written; kept to reuse its memory.
+    out: Vec<u8>,
+    /// The idle and head timers. Moved lazily: see `expired`.
+    timer: Pin<Box<Sleep>>,
+}
+
+impl Session {
+    /// Whether `deadline` has passed; if not, the task is woken when it does. The timer is
+    /// only moved when it fires early or is set too late, which spares a timer-wheel
+    /// update on every request.
+    fn expired(&mut self, deadline: Instant, cx: &mut Context<'_>) -> bool {
+        if self.timer.deadline() > deadline {
+            self.timer.as_mut().reset(deadline);
+        }
+        loop {
+            if self.timer.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            if self.timer.deadline() >= deadline {
+                return true;
+            }
+            self.timer.as_mut().reset(deadline);
+        }
+    }
+
+    /// Reads until a whole request head is in, then parses it.
+    async fn read_head(&mut self, guard: &DrainGuard) -> Next {
+        // A new connection must send its first head within client_header, like any head.
+        let fresh = self.first;
+        let idle_for = match (fresh, self.park) {
+            (true, _) => self.limits.client_header,
+            (false, true) => PARK_AFTER,
+            (false, false) => self.limits.idle,
+        };
+        let idle_until = Instant::now() + idle_for;
+        let mut head_until: Option<Instant> = None;
+        let mut scanned = 0;
+        poll_fn(|cx| {
+            loop {
+                let mut io = lock(&self.io);
+                // Empty lines before a request line are ignored (RFC 9112 2.2).
+                let blank = io.buf.iter().take_while(|b| matches!(b, b'\r' | b'\n')).count();
+                if blank > 0 {
+                    io.buf.advance(blank);
+                    scanned = 0;
+                }
+                if !io.buf.is_empty() {
+                    if self.first && io.buf.len() >= 4 {
+                        self.first = false;
+                        let n = io.buf.len().min(H2_PREFACE.len());
+                        if io.buf[..n] == H2_PREFACE[..n] {
+                            return Poll::Ready(Next::Http2);
+                        }
+                    }
+                    match parse_head(&mut io, &mut scanned, self.limits.max_header_bytes) {
+                        Ok(Some(next)) => {
+                            self.first = false;
+                            return Poll::Ready(next);
+                        }
+                        Ok(None) => {}
+                        Err(reject) => {
+                            let (status, reason) = refusal(reject, self.limits.max_header_bytes);
+                            return Poll::Ready(Next::Refuse(status, reason));
+                        }
+                    }
+                    if head_until.is_none() {
+                        head_until = Some(Instant::now() + self.limits.client_header);
+                    }
+                }
+                match io.poll_fill(cx) {
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Next::Close),
+                    Poll::Ready(Ok(_)) => continue,
+                    Poll::Pending => {}
+                }
+                let waiting_head = !io.buf.is_empty();
+                drop(io);
+                if !waiting_head && guard.poll_draining(cx) {
+                    return Poll::Ready(Next::Close);
+                }
+                return match head_until {
+                    Some(until) if waiting_head => {
+                        if self.expired(until, cx) {
+                            Poll::Ready(Next::Refuse(
+                                StatusCode::REQUEST_TIMEOUT,
+                                head_timeout_reason(self.limits.client_header),
+                            ))
+                        } else {
+                            Poll::Pending
+                        }
+                    }
+                    _ if self.expired(idle_until, cx) => {
+                        Poll::Ready(if self.park && !fresh { Next::Park } else { Next::Close })
+                    }
+                    _ => Poll::Pending,
+                };
+            }
+        })
+        .await
+    }
+
+    /// Runs the request path; `None` if the client closed the connection meanwhile.
+    async fn run<F: Future<Output = Result<Response<ResponseBody>, std::convert::Infallible>>>(
+        &mut self,
+        handled: F,
+    ) -> Option<Response<ResponseBody>> {
+        let mut handled = pin!(handled);
+        let limit = self.limits.max_header_bytes + READ_SIZE;
+        poll_fn(|cx| {
+            if let Poll::Ready(Ok(response)) = handled.as_mut().poll(cx) {
+                return Poll::Ready(Some(response));
+            }
+            // While the body is not being read, watch for the client leaving (what arrives
+            // meanwhile is a pipelined request, kept for later).
+            let mut io = lock(&self.io);
+            while io.body.is_done() && io.buf.len() < limit {
+                match io.poll_fill(cx) {
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(None),
+                    Poll::Ready(Ok(_)) => {}
+                    Poll::Pending => break,
+                }
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Writes the response; says what becomes of the connection.
+    async fn respond(&mut self, response: Response<ResponseBody>, mut ex: Exchange, draining: bool) -> After {
+        let (head, body) = response.into_parts();
+        let mut body = pin!(body);
+        let status = head.status;
+        let switching = status == StatusCode::SWITCHING_PROTOCOLS;
+        let (body_done, body_broken) = {
+            let io = lock(&self.io);
+            (io.body.is_done(), io.body_broken)
+        };
+        let no_body = ex.method == Method::HEAD
+            || status.is_informational()
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED;
+        let length = body.size_hint().exact();
+        let chunked = !no_body && length.is_none() && ex.version == Version::HTTP_11;
+        let keep_alive = ex.keep_alive
+            && !draining
+            && !ex.connect
+            && body_done
+            && !body_broken
+            && (no_body || length.is_some() || chunked)
+            && !head.headers.get(header::CONNECTION).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+
+        let out = &mut self.out;
+        out.clear();
+        // An HTTP/1.0 client is answered in its version, as hyper and nginx do.
+        out.extend_from_slice(if ex.version == Version::HTTP_10 { b"HTTP/1.0 " } else { b"HTTP/1.1 " });
+        out.extend_from_slice(status.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+        out.extend_from_slice(b"\r\n");
+        for (name, value) in &head.headers {
+            put_field(out, name.as_str().as_bytes(), value.as_bytes());
+        }
+        if !head.headers.contains_key(header::DATE) {
+            put_field(out, b"date", http1::date().as_bytes());
+        }
+        if !no_body && !switching {
+            match length {
+                Some(n) if !head.headers.contains_key(header::CONTENT_LENGTH) => {
+                    put_field(out, b"content-length", itoa::Buffer::new().format(n).as_bytes());
+                }
+                Some(_) => {}
+                None if chunked => put_field(out, b"transfer-encoding", b"chunked"),
+                None => {}
+            }
+        }
+        if !switching && !head.headers.contains_key(header::CONNECTION) {
+            if !keep_alive {
+                put_field(out, b"connection", b"close");
+            } else if ex.version == Version::HTTP_10 {
+                put_field(out, b"connection", b"keep-alive");
+            }
+        }
+        out.extend_from_slice(b"\r\n");
+
+        let written = if no_body {
+            drop(body);
+            self.flush().await
+        } else {
+            self.write_body(body.as_mut(), chunked).await
+        };
+        match written {
+            Ok(true) if switching => match ex.upgrade.take() {
+                Some(tx) => After::Upgrade(tx),
+                None => After::Close,
+            },
+            Ok(true) if keep_alive => After::KeepAlive,
+            _ => After::Close,
+        }
+    }
+
+    /// Writes everything in `out`.
+    async fn flush(&mut self) -> io::Result<bool> {
+        let (out, io) = (&mut self.out, &self.io);
+        let mut at = 0;
+        poll_fn(|cx| -> Poll<io::Result<()>> {
+            let mut io = lock(io);
+            while at < out.len() {
+                match ready!(Pin::new(&mut io.stream).poll_write(cx, &out[at..]))? {
+                    0 => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    n => at += n,
+                }
+            }
+            Poll::Ready(Ok(()))
+        })
+        .await?;
+        out.clear();
+        Ok(true)
+    }
+
+    /// Writes `out` (the head) and the body after it, framed; `Ok(false)` if the body
+    /// broke off (the client then cannot tell where it ends, so the connection closes).
+    async fn write_body(&mut self, mut body: Pin<&mut ResponseBody>, chunked: bool) -> io::Result<bool> {
+        let (out, io) = (&mut self.out, &self.io);
+        // Written from `out` (head, framing, small data), then `big` (large data).
+        let mut at = 0;
+        let mut big = Bytes::new();
+        let mut ended = false;
+        let mut broken = false;
+        poll_fn(|cx| -> Poll<io::Result<()>> {
+            loop {
+                // Take frames while the body has them ready and the buffer is small.
+                while !ended && big.is_empty() && out.len() - at < COPY_UP_TO {
+                    match body.as_mut().poll_frame(cx) {
+                        Poll::Ready(Some(Ok(frame))) => {
+                            let Ok(data) = frame.into_data() else { continue };
+                            if data.is_empty() {
+                                continue;
+                            }
+                            if chunked {
+                                out.extend_from_slice(format_args_hex(data.len()).as_bytes());
+                            }
+                            if data.len() <= COPY_UP_TO {
+                                out.extend_from_slice(&data);
+                                if chunked {
+                                    out.extend_from_slice(b"\r\n");
+                                }
+                            } else {
+                                big = data;
+                            }
+                        }
+                        Poll::Ready(Some(Err(_))) => {
+                            ended = true;
+                            broken = true;
+                        }
+                        Poll::Ready(None) => {
+                            ended = true;
+                            if chunked {
+                                out.extend_from_slice(b"0\r\n\r\n");
+                            }
+                        }
+                        Poll::Pending => break,
+                    }
+                }
+                if at == out.len() && big.is_empty() {
+                    if ended {
+                        return Poll::Ready(Ok(()));
+                    }
+                    // Nothing to write: the body is pending, and will wake us.
+                    return Poll::Pending;
+                }
+                let mut io = lock(io);
+                let n = if big.is_empty() {
+                    ready!(Pin::new(&mut io.stream).poll_write(cx, &out[at..]))?
+                } else {
+                    let bufs = [io::IoSlice::new(&out[at..]), io::IoSlice::new(&big)];
+                    ready!(Pin::new(&mut io.stream).poll_write_vectored(cx, &bufs))?
+                };
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                let from_out = n.min(out.len() - at);
+                at += from_out;
+                big.advance(n - from_out);
+                if at == out.len() {
+                    out.clear();
+                    at = 0;
+                }
+                if chunked && n > from_out && big.is_empty() {
+                    // The large piece went out: its chunk ends here.
+                    out.extend_from_slice(b"\r\n");
+                }
+            }
+        })
+        .await?;
+        Ok(!broken)
+    }
+
+    /// Answers a refused head, then closes.
+    async fn refuse(&mut self, status: StatusCode, reason: &str) {
+        tracing::debug!(status = status.as_u16(), "{reason}");
+        let response = raw_response(status, reason, &request_id::generate());
+        self.out.clear();
+        self.out.extend_from_slice(&response);
+        let _ = self.flush().await;
+        self.close().await;
+    }
+
+    /// Shuts the sending side down so the client reads a clean end.
+    async fn close(&mut self) {
+        let io = &self.io;
+        let _ = poll_fn(|cx| Pin::new(&mut lock(io).stream).poll_shutdown(cx)).await;
+    }
+
+    fn into_io(self) -> Option<Io> {
+        Arc::try_unwrap(self.io).ok().map(|m| m.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    fn into_parked(self) -> Ended {
+        match self.into_io() {
+            Some(io) if io.buf.is_empty() => Ended::Parked(io.stream),
+            _ => Ended::Closed,
+        }
+    }
+
+    fn into_http2(self) -> Ended {
+        match self.into_io() {
+            Some(io) => Ended::Http2(Prefixed { prefix: io.buf.freeze(), io: io.stream }),
+            None => Ended::Closed,
+        }
+    }
+
+    fn into_prefixed(self) -> Option<Prefixed<TcpStream>> {
+        self.into_io().map(|io| Prefixed { prefix: io.buf.freeze(), io: io.stream })
+    }
+}
+
+fn put_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A chunk-size line: `len` in hex, then CRLF.
+fn format_args_hex(len: usize) -> HexLine {
+    let mut line = HexLine { bytes: [0; 18], len: 0 };
+    let digits = (usize::BITS - (len | 1).leading_zeros()).div_ceil(4) as usize;
+    for i in 0..digits {
+        line.bytes[digits - 1 - i] = b"0123456789abcdef"[(len >> (4 * i)) & 0xf];
+    }
+    line.bytes[digits] = b'\r';
+    line.bytes[digits + 1] = b'\n';
+    line.len = digits + 2;
+    line
+}
+
+struct HexLine {
+    bytes: [u8; 18],
+    len: usize,
+}
+
+impl HexLine {
+    fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
+/// Parses the request head at the front of `io.buf` once it is complete; `scanned` is how
+/// far earlier calls looked for its end.
+fn parse_head(io: &mut Io, scanned: &mut usize, max: usize) -> Result<Option<Next>, Reject> {
+    let Some(end) = head_check::head_end(&io.buf, *scanned) else {
+        if io.buf.len() > max {
+            return Err(Reject::TooLarge);
+        }
+        *scanned = io.buf.len();
+        return Ok(None);
+    };
+    if end > max {
+        return Err(Reject::TooLarge);
+    }
+    head_check::check_line_ends(&io.buf[..end])?;
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; head_check::MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    match req.parse_with_uninit_headers(&io.buf[..end], &mut slots) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Err(httparse::Error::TooManyHeaders) => return Err(Reject::TooLarge),
+        Ok(httparse::Status::Partial) | Err(_) => return Err(Reject::BadRequest("malformed request head")),
+    }
+    let (framing, upgrade) = head_check::framing_of(&req)?;
+    let method = Method::from_bytes(req.method.unwrap_or("").as_bytes())
+        .map_err(|_| Reject::BadRequest("malformed request head"))?;
+    let version = if req.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
+    let base = io.buf.as_ptr();
+    let path = req.path.unwrap_or("");
+    let path_at = path.as_ptr() as usize - base as usize;
+    let path_span = path_at..path_at + path.len();
+    let count = req.headers.len();
+    let mut few: [FieldSpan; 32] = [(0, 0, 0, 0); 32];
+    let mut many = Vec::new();
+    let spans: &mut [FieldSpan] = if count <= few.len() {
+        &mut few[..count]
+    } else {
+        many.resize(count, (0, 0, 0, 0));
+        &mut many
+    };
+    http1::field_spans(base, req.headers, spans);
+    let head = io.buf.split_to(end).freeze();
+    *scanned = 0;
+    let uri = Uri::from_maybe_shared(head.slice(path_span)).map_err(|_| Reject::BadRequest("invalid request target"))?;
+    let headers = http1::header_map(&head, spans, 0).ok_or(Reject::BadRequest("invalid header field"))?;
+
+    let mut close = false;
+    let mut keep = false;
+    crate::proxy::headers::connection_tokens(&headers, |t| {
+        close |= t.eq_ignore_ascii_case("close");
+        keep |= t.eq_ignore_ascii_case("keep-alive");
+    });
+    let keep_alive = !close && (version == Version::HTTP_11 || keep);
+    io.body = match framing {
+        Framing::Length(n) => Decoder::Length(n),
+        Framing::Chunked => Decoder::ChunkSize,
+        Framing::Upgrade => Decoder::Done,
+    };
+    io.body_broken = false;
+    let has_body = !io.body.is_done();
+    io.continue_left = 0;
+    if has_body
+        && version == Version::HTTP_11
+        && headers.get(header::EXPECT).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+    {
+        io.continue_left = CONTINUE.len();
+    }
+    let connect = method == Method::CONNECT;
+    let mut request = Request::new(ClientBody::Http1(IncomingBody { io: None }));
+    let mut pending = None;
+    if upgrade && !connect {
+        let (tx, rx) = oneshot::channel();
+        request.extensions_mut().insert(PendingUpgrade(Arc::new(Mutex::new(Some(rx)))));
+        pending = Some(tx);
+    }
+    *request.method_mut() = method.clone();
+    *request.uri_mut() = uri;
+    *request.version_mut() = version;
+    *request.headers_mut() = headers;
+    let exchange = Exchange { method, version, keep_alive, upgrade: pending, connect };
+    Ok(Some(Next::Request(request, exchange)))
+}
+
+/// Gives a parsed request its body reader (which needs the shared connection).
+fn attach_body(req: &mut Request<ClientBody>, io: &SharedIo) {
+    if !lock(io).body.is_done() {
+        *req.body_mut() = ClientBody::Http1(IncomingBody { io: Some(SharedIoHandle(io.clone())) });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_size_lines_are_hex() {
+        for n in [1usize, 9, 10, 15, 16, 255, 4096, 65535, 1 << 20] {
+            assert_eq!(format_args_hex(n).as_bytes(), format!("{n:x}\r\n").as_bytes());
+        }
+    }
+
+}
