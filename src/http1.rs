@@ -154,7 +154,8 @@ pub fn header_map(head: &Bytes, spans: &[FieldSpan], extra: usize) -> Option<Hea
 /// Today's `Date` header value, formatted at most once a second per thread.
 pub fn date() -> HeaderValue {
     thread_local! {
-        static CACHE: RefCell<(u64, HeaderValue)> = RefCell::new((u64::MAX, HeaderValue::from_static("")));
+        static CACHE: RefCell<(u64, HeaderValue)> =
+            const { RefCell::new((u64::MAX, HeaderValue::from_static(""))) };
     }
     let now = SystemTime::now();
     let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());

@@ -107,15 +107,20 @@ pub fn write_request_head(
     }
     out.extend_from_slice(b"\r\n");
     let src = &parts.headers;
-    let has_connection = src.contains_key(header::CONNECTION);
+    // A scan of the names is cheaper than a hashed lookup for the few a request has.
+    let has_connection = src.keys().any(|n| n == header::CONNECTION);
+    let mut has_xff = false;
     // HTTP/2 clients may split Cookie into several fields; HTTP/1.1 wants one (RFC 9113 8.2.3).
     let join_cookies = parts.version == Version::HTTP_2 && src.get_all(header::COOKIE).iter().nth(1).is_some();
     let mut cookies_written = false;
     for (name, value) in src {
+        if name == X_FORWARDED_FOR {
+            has_xff = true;
+            continue;
+        }
         if name == header::HOST
             || name == header::CONTENT_LENGTH
             || name == header::EXPECT
-            || name == X_FORWARDED_FOR
             || name == X_FORWARDED_PROTO
             || name == X_FORWARDED_HOST
             || name == X_REQUEST_ID
@@ -139,10 +144,12 @@ pub fn write_request_head(
         field(out, name.as_str(), value.as_bytes());
     }
     out.extend_from_slice(b"x-forwarded-for: ");
-    for v in src.get_all(&X_FORWARDED_FOR) {
-        if v.to_str().is_ok() {
-            out.extend_from_slice(v.as_bytes());
-            out.extend_from_slice(b", ");
+    if has_xff {
+        for v in src.get_all(&X_FORWARDED_FOR) {
+            if v.to_str().is_ok() {
+                out.extend_from_slice(v.as_bytes());
+                out.extend_from_slice(b", ");
+            }
         }
     }
     out.extend_from_slice(fwd.client_ip.as_bytes());
@@ -230,7 +237,11 @@ pub fn host_without_port(host: &str) -> &str {
     if let Some(rest) = host.strip_prefix('[') {
         return rest.split(']').next().unwrap_or(rest);
     }
-    host.rsplit_once(':').filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit())).map_or(host, |(h, _)| h)
+    let bytes = host.as_bytes();
+    match bytes.iter().rposition(|&b| b == b':') {
+        Some(i) if bytes[i + 1..].iter().all(u8::is_ascii_digit) => &host[..i],
+        _ => host,
+    }
 }
 
 #[cfg(test)]

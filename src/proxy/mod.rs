@@ -128,10 +128,15 @@ async fn proxy(
     // The connection guard checks framing on the raw head; this catches what it cannot
     // see (heads pipelined behind another): hyper accepts "gzip, chunked", and only the
     // chunked framing would be removed on the way to the backend.
-    if parts.headers.get_all(header::TRANSFER_ENCODING).iter().any(|v| !v.as_bytes().eq_ignore_ascii_case(b"chunked")) {
-        return Err(ProxyError::BadRequest("unsupported Transfer-Encoding (only a single \"chunked\" is accepted)"));
+    // One pass over the few fields a request has, rather than a hashed lookup for each.
+    let mut host_headers = 0;
+    for (name, value) in &parts.headers {
+        if name == header::HOST {
+            host_headers += 1;
+        } else if name == header::TRANSFER_ENCODING && !value.as_bytes().eq_ignore_ascii_case(b"chunked") {
+            return Err(ProxyError::BadRequest("unsupported Transfer-Encoding (only a single \"chunked\" is accepted)"));
+        }
     }
-    let host_headers = parts.headers.get_all(header::HOST).iter().count();
     if host_headers > 1 {
         return Err(ProxyError::BadRequest("more than one Host header"));
     }

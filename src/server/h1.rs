@@ -34,8 +34,9 @@ use crate::proxy::error::raw_response;
 use crate::proxy::{self, ConnInfo, request_id};
 use crate::runtime::SharedRuntime;
 
-/// How much room each read asks for.
+/// How much room each read asks for: heads are small; bodies come in larger reads.
 const READ_SIZE: usize = 8 * 1024;
+const BODY_READ_SIZE: usize = 64 * 1024;
 /// Response body pieces up to this size are copied next to their framing and written in
 /// one go; larger ones are written from where they are.
 const COPY_UP_TO: usize = 16 * 1024;
@@ -109,8 +110,12 @@ struct Io {
 
 impl Io {
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        self.poll_fill_by(cx, READ_SIZE)
+    }
+
+    fn poll_fill_by(&mut self, cx: &mut Context<'_>, room: usize) -> Poll<io::Result<usize>> {
         if self.buf.capacity() - self.buf.len() < 1024 {
-            self.buf.reserve(READ_SIZE);
+            self.buf.reserve(room);
         }
         tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.buf)
     }
@@ -184,7 +189,7 @@ impl Body for IncomingBody {
                 Ok(Decoded::More) => {}
                 Err(e) => return fail(io, e.into()),
             }
-            match ready!(io.poll_fill(cx)) {
+            match ready!(io.poll_fill_by(cx, BODY_READ_SIZE)) {
                 Ok(0) => return fail(io, IncomingBodyError::Incomplete),
                 Ok(_) => {}
                 Err(e) => return fail(io, e.into()),
@@ -266,7 +271,8 @@ pub async fn serve(
             Next::Http2 => return session.into_http2(),
         };
         let busy = info.activity.begin();
-        let handled = proxy::handle(runtime.clone(), info.clone(), busy, req);
+        // Pinned where it is made: the future is large, and each move is a copy.
+        let handled = pin!(proxy::handle(runtime.clone(), info.clone(), busy, req));
         let Some(response) = session.run(handled).await else {
             // The client left: dropping the request path's future logs it (499).
             return Ended::Closed;
@@ -287,6 +293,9 @@ pub async fn serve(
     }
 }
 
+/// What reading a head came to. Not boxed: `Request` is the common case, and a box would
+/// be an allocation per request.
+#[allow(clippy::large_enum_variant)]
 enum Next {
     Request(Request<ClientBody>, Exchange),
     Refuse(StatusCode, String),
@@ -410,9 +419,8 @@ impl Session {
     /// Runs the request path; `None` if the client closed the connection meanwhile.
     async fn run<F: Future<Output = Result<Response<ResponseBody>, std::convert::Infallible>>>(
         &mut self,
-        handled: F,
+        mut handled: Pin<&mut F>,
     ) -> Option<Response<ResponseBody>> {
-        let mut handled = pin!(handled);
         let limit = self.limits.max_header_bytes + READ_SIZE;
         poll_fn(|cx| {
             if let Poll::Ready(Ok(response)) = handled.as_mut().poll(cx) {
@@ -449,14 +457,6 @@ impl Session {
             || status == StatusCode::NOT_MODIFIED;
         let length = body.size_hint().exact();
         let chunked = !no_body && length.is_none() && ex.version == Version::HTTP_11;
-        let keep_alive = ex.keep_alive
-            && !draining
-            && !ex.connect
-            && body_done
-            && !body_broken
-            && (no_body || length.is_some() || chunked)
-            && !head.headers.get(header::CONNECTION).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
-
         let out = &mut self.out;
         out.clear();
         // An HTTP/1.0 client is answered in its version, as hyper and nginx do.
@@ -465,15 +465,31 @@ impl Session {
         out.push(b' ');
         out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
         out.extend_from_slice(b"\r\n");
+        // One pass: the fields, and which of those the framing depends on are there.
+        let (mut has_date, mut has_length, mut connection) = (false, false, None);
         for (name, value) in &head.headers {
+            if name == header::DATE {
+                has_date = true;
+            } else if name == header::CONTENT_LENGTH {
+                has_length = true;
+            } else if name == header::CONNECTION {
+                connection = Some(value);
+            }
             put_field(out, name.as_str().as_bytes(), value.as_bytes());
         }
-        if !head.headers.contains_key(header::DATE) {
+        let keep_alive = ex.keep_alive
+            && !draining
+            && !ex.connect
+            && body_done
+            && !body_broken
+            && (no_body || length.is_some() || chunked)
+            && !connection.is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+        if !has_date {
             put_field(out, b"date", http1::date().as_bytes());
         }
         if !no_body && !switching {
             match length {
-                Some(n) if !head.headers.contains_key(header::CONTENT_LENGTH) => {
+                Some(n) if !has_length => {
                     put_field(out, b"content-length", itoa::Buffer::new().format(n).as_bytes());
                 }
                 Some(_) => {}
@@ -481,7 +497,7 @@ impl Session {
                 None => {}
             }
         }
-        if !switching && !head.headers.contains_key(header::CONNECTION) {
+        if !switching && connection.is_none() {
             if !keep_alive {
                 put_field(out, b"connection", b"close");
             } else if ex.version == Version::HTTP_10 {
@@ -491,7 +507,6 @@ impl Session {
         out.extend_from_slice(b"\r\n");
 
         let written = if no_body {
-            drop(body);
             self.flush().await
         } else {
             self.write_body(body.as_mut(), chunked).await
