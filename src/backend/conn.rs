@@ -316,8 +316,8 @@ impl Conn {
             http1::field_spans(self.buf.as_ptr(), res.headers, &mut spans);
             let head = self.buf.split_to(len).freeze();
             // One more for the X-Request-Id that is added on the way out.
-            let mut headers = http1::header_map(&head, &spans[..count], 1)
-                .ok_or(ReadError::Malformed("invalid header field"))?;
+            let mut headers =
+                http1::header_map(&head, &spans[..count], 1).ok_or(ReadError::Malformed("invalid header field"))?;
             let framing = framing(status, version, &headers, head_request)?;
             if headers.contains_key(header::TRANSFER_ENCODING) {
                 // The transfer coding frames this body; a length beside it means nothing

@@ -10,8 +10,8 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use super::log::RequestLog;
-use crate::server::h1::IncomingBody;
 use crate::backend::{ConnBody, InflightGuard};
+use crate::server::h1::IncomingBody;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

@@ -27,13 +27,13 @@ use http::{Method, Request, Response, Version, header};
 use crate::backend::{Backend, Conn, ConnectError, Framing, InflightGuard, RequestFraming, SendError};
 use crate::limit::{self, RateLimiter};
 use crate::runtime::{Runtime, SharedRuntime, Upstream, path};
-use crate::server::{ActivityGuard, ConnActivity};
 use crate::server::h1::PendingUpgrade;
+use crate::server::{ActivityGuard, ConnActivity};
 use body::{BodyTooLarge, BoxError, ClientBody, RequestBody, ResponseBody};
-use upgrade::ClientUpgrade;
 pub use error::ProxyError;
 use headers::Forwarded;
 pub use log::RequestLog;
+use upgrade::ClientUpgrade;
 
 /// What one client connection tells the request path about itself.
 #[derive(Debug)]
@@ -134,7 +134,9 @@ async fn proxy(
         if name == header::HOST {
             host_headers += 1;
         } else if name == header::TRANSFER_ENCODING && !value.as_bytes().eq_ignore_ascii_case(b"chunked") {
-            return Err(ProxyError::BadRequest("unsupported Transfer-Encoding (only a single \"chunked\" is accepted)"));
+            return Err(ProxyError::BadRequest(
+                "unsupported Transfer-Encoding (only a single \"chunked\" is accepted)",
+            ));
         }
     }
     if host_headers > 1 {

@@ -252,7 +252,8 @@ pub async fn serve(
         continue_left: 0,
     }));
     let park = park && PARK_AFTER < limits.idle;
-    let mut session = Session { io, limits, first, park, out: Vec::new(), timer: Box::pin(tokio::time::sleep(limits.idle)) };
+    let mut session =
+        Session { io, limits, first, park, out: Vec::new(), timer: Box::pin(tokio::time::sleep(limits.idle)) };
     loop {
         let (req, exchange) = match session.read_head(guard).await {
             Next::Request(mut req, exchange) => {
@@ -506,11 +507,7 @@ impl Session {
         }
         out.extend_from_slice(b"\r\n");
 
-        let written = if no_body {
-            self.flush().await
-        } else {
-            self.write_body(body.as_mut(), chunked).await
-        };
+        let written = if no_body { self.flush().await } else { self.write_body(body.as_mut(), chunked).await };
         match written {
             Ok(true) if switching => match ex.upgrade.take() {
                 Some(tx) => After::Upgrade(tx),
@@ -729,7 +726,8 @@ fn parse_head(io: &mut Io, scanned: &mut usize, max: usize) -> Result<Option<Nex
     http1::field_spans(base, req.headers, spans);
     let head = io.buf.split_to(end).freeze();
     *scanned = 0;
-    let uri = Uri::from_maybe_shared(head.slice(path_span)).map_err(|_| Reject::BadRequest("invalid request target"))?;
+    let uri =
+        Uri::from_maybe_shared(head.slice(path_span)).map_err(|_| Reject::BadRequest("invalid request target"))?;
     let headers = http1::header_map(&head, spans, 0).ok_or(Reject::BadRequest("invalid header field"))?;
 
     let mut close = false;
@@ -786,5 +784,4 @@ mod tests {
             assert_eq!(format_args_hex(n).as_bytes(), format!("{n:x}\r\n").as_bytes());
         }
     }
-
 }

@@ -21,9 +21,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::conn_guard::{PARK_AFTER, ParkSlot};
 use super::drain::{Drain, DrainGuard};
+use super::h1::{self, Ended};
 use super::workers::Served;
 use super::{ConnActivity, ConnLimits, GuardedIo, Workers};
-use super::h1::{self, Ended};
 use crate::proxy::body::ClientBody;
 use crate::proxy::{self, ConnInfo};
 use crate::runtime::SharedRuntime;
