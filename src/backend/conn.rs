@@ -8,12 +8,14 @@ use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker, ready};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, StatusCode, Version, header};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
 use tokio_rustls::client::TlsStream;
 
 use crate::http1::{self, Decoded, Decoder, FieldSpan, Malformed};
@@ -63,6 +65,9 @@ impl AsyncWrite for BackendIo {
     }
 }
 
+/// A response head and how its body is framed.
+pub type Head = (http::response::Parts, Framing);
+
 /// A connection to one backend, idle in its pool or checked out for one request.
 pub struct Conn {
     io: BackendIo,
@@ -80,6 +85,8 @@ pub struct Conn {
     cut_short: bool,
     /// An interim (1xx) response arrived since the request was sent: a response began.
     interim: bool,
+    /// The response-head timer, made on first use (see `read_head_within`).
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl std::fmt::Debug for Conn {
@@ -164,6 +171,7 @@ impl Conn {
             keep_alive: true,
             cut_short: false,
             interim: false,
+            timer: None,
         }
     }
 
@@ -262,20 +270,52 @@ impl Conn {
     /// Reads the response head, skipping interim 1xx responses other than 101.
     /// `head_request`: the request was HEAD, so no body follows whatever the head says.
     pub async fn read_head(&mut self, head_request: bool) -> Result<(http::response::Parts, Framing), ReadError> {
+        std::future::poll_fn(|cx| self.poll_head(cx, head_request)).await
+    }
+
+    /// [`Conn::read_head`] within `after`; `None` when the time ran out first.
+    ///
+    /// The connection keeps one timer for its whole life and moves it lazily: it is reset
+    /// only when it fires before the current deadline, not on every request (a timer-wheel
+    /// insert and removal per request was a visible cost in the profile).
+    pub async fn read_head_within(&mut self, after: Duration, head_request: bool) -> Option<Result<Head, ReadError>> {
+        let deadline = Instant::now() + after;
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(r) = self.poll_head(cx, head_request) {
+                return Poll::Ready(Some(r));
+            }
+            let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+            if timer.deadline() > deadline {
+                timer.as_mut().reset(deadline);
+            }
+            loop {
+                if timer.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                if timer.deadline() >= deadline {
+                    return Poll::Ready(None);
+                }
+                timer.as_mut().reset(deadline);
+            }
+        })
+        .await
+    }
+
+    fn poll_head(&mut self, cx: &mut Context<'_>, head_request: bool) -> Poll<Result<Head, ReadError>> {
         loop {
             if let Some(parsed) = self.parse_head(head_request)? {
-                return Ok(parsed);
+                return Poll::Ready(Ok(parsed));
             }
             if self.buf.len() > MAX_HEAD_BYTES {
-                return Err(ReadError::Malformed("response head too large"));
+                return Poll::Ready(Err(ReadError::Malformed("response head too large")));
             }
-            let n = std::future::poll_fn(|cx| self.poll_fill(cx)).await?;
+            let n = ready!(self.poll_fill(cx))?;
             if n == 0 {
-                return Err(if self.buf.is_empty() {
+                return Poll::Ready(Err(if self.buf.is_empty() {
                     ReadError::Closed
                 } else {
                     ReadError::Io(io::ErrorKind::UnexpectedEof.into())
-                });
+                }));
             }
         }
     }

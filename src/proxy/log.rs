@@ -22,7 +22,8 @@ pub struct RequestLog {
     pub status: u16,
     pub runtime: Arc<Runtime>,
     pub upstream: Option<usize>,
-    pub backend: Option<Arc<Backend>>,
+    /// The backend tried last, by index in the upstream (no reference count to bump).
+    pub backend: Option<usize>,
     pub bytes: u64,
     /// Set when the backend's body broke off mid-way.
     pub broken: bool,
@@ -30,9 +31,13 @@ pub struct RequestLog {
 }
 
 impl RequestLog {
+    fn backend(&self) -> Option<&Backend> {
+        Some(&*self.runtime.upstreams[self.upstream?].backends[self.backend?])
+    }
+
     pub fn note_broken(&mut self, e: &dyn std::fmt::Display) {
         self.broken = true;
-        if let Some(b) = &self.backend {
+        if let Some(b) = self.backend() {
             tracing::warn!(backend = %b.url, error = %e, request_id = self.request_id.to_str().unwrap_or("-"), "backend response body broke off");
         }
     }
@@ -42,7 +47,7 @@ impl Drop for RequestLog {
     fn drop(&mut self) {
         let elapsed = self.start.elapsed();
         let upstream = self.upstream.map(|i| &self.runtime.upstreams[i]);
-        match (&self.backend, upstream) {
+        match (self.backend(), upstream) {
             (Some(b), _) => b.statuses.inc(self.status),
             (None, Some(u)) => u.stats.unattributed.inc(self.status),
             (None, None) => self.runtime.metrics.unrouted.inc(self.status),
@@ -54,7 +59,7 @@ impl Drop for RequestLog {
             return;
         }
         let upstream = self.upstream.map_or("-", |i| self.runtime.upstreams[i].name.as_str());
-        let backend = self.backend.as_ref().map_or("-", |b| &*b.url);
+        let backend = self.backend().map_or("-", |b| &*b.url);
         let request_id = self.request_id.to_str().unwrap_or("-");
         let duration_ms = elapsed.as_secs_f64() * 1000.0;
         tracing::info!(

@@ -26,7 +26,7 @@ use http::{Method, Request, Response, Version, header};
 
 use crate::backend::{Backend, Conn, ConnectError, Framing, InflightGuard, RequestFraming, SendError};
 use crate::limit::{self, RateLimiter};
-use crate::runtime::{Runtime, SharedRuntime, Upstream, path};
+use crate::runtime::{Runtime, Upstream, path};
 use crate::server::h1::PendingUpgrade;
 use crate::server::{ActivityGuard, ConnActivity};
 use body::{BodyTooLarge, BoxError, ClientBody, RequestBody, ResponseBody};
@@ -45,15 +45,14 @@ pub struct ConnInfo {
     pub activity: Arc<ConnActivity>,
 }
 
-/// Serves one request from a client connection.
-/// `busy` marks the connection busy from the moment hyper hands the request over.
+/// Serves one request from a client connection, on `rt`, the runtime loaded for it.
+/// `busy` marks the connection busy from the moment the server hands the request over.
 pub async fn handle(
-    runtime: SharedRuntime,
+    rt: Arc<Runtime>,
     conn: Arc<ConnInfo>,
     busy: ActivityGuard,
     mut req: Request<ClientBody>,
 ) -> Result<Response<ResponseBody>, Infallible> {
-    let rt = runtime.load_full();
     let request_id = request_id::from_headers(req.headers());
     let client_upgrade = if req.headers().contains_key(header::UPGRADE) {
         Some(match req.extensions_mut().remove::<PendingUpgrade>() {
@@ -206,7 +205,7 @@ async fn proxy(
         let Some((idx, trial)) = picked else { break };
         tried.insert(idx);
         let backend = &upstream.backends[idx];
-        log.backend = Some(backend.clone());
+        log.backend = Some(idx);
         let inflight = backend.begin();
         let fwd = Forwarded {
             client_ip: &conn.peer_ip,
@@ -326,11 +325,11 @@ async fn attempt(
         // The backend's time to answer starts once the whole request is sent: a slow
         // upload is not the backend's delay.
         let after = upstream.timeouts.upstream_header;
-        let read = tokio::time::timeout(after, conn.read_head(req.parts.method == Method::HEAD)).await;
+        let read = conn.read_head_within(after, req.parts.method == Method::HEAD).await;
         let error = match read {
-            Ok(Ok((head, framing))) => return Ok((head, framing, conn)),
-            Ok(Err(e)) => e,
-            Err(_) => {
+            Some(Ok((head, framing))) => return Ok((head, framing, conn)),
+            Some(Err(e)) => e,
+            None => {
                 return Err(Failure {
                     error: ProxyError::UpstreamTimeout { backend: url.clone(), after },
                     retryable: false,

@@ -273,7 +273,7 @@ pub async fn serve(
         };
         let busy = info.activity.begin();
         // Pinned where it is made: the future is large, and each move is a copy.
-        let handled = pin!(proxy::handle(runtime.clone(), info.clone(), busy, req));
+        let handled = pin!(proxy::handle(runtime.load_full(), info.clone(), busy, req));
         let Some(response) = session.run(handled).await else {
             // The client left: dropping the request path's future logs it (499).
             return Ended::Closed;

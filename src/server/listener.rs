@@ -372,7 +372,7 @@ where
     let runtime = runtime.clone();
     let service = service_fn(move |req| {
         let busy = info.activity.begin();
-        proxy::handle(runtime.clone(), info.clone(), busy, req.map(ClientBody::Hyper))
+        proxy::handle(runtime.load_full(), info.clone(), busy, req.map(ClientBody::Hyper))
     });
     // Boxed so that a parked connection's task does not keep room for it.
     let mut conn = Box::pin(builder.serve_connection_with_upgrades(io, service).into_owned());
