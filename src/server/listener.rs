@@ -302,11 +302,14 @@ async fn serve(
             let mut first = true;
             // Parked between sessions while idle: then only the socket is held.
             loop {
-                let parked = match h1::serve(stream, peer, limits, &runtime, &guard, true, first).await {
+                // Boxed so that a parked connection's task does not keep room for a session
+                // (the request path's future inside it is several KiB).
+                let session = Box::pin(h1::serve(stream, peer, limits, &runtime, &guard, true, first));
+                let parked = match session.await {
                     Ended::Parked(parked) => parked,
                     Ended::Closed => break,
                     Ended::Http2(io) => {
-                        serve_http(io, peer, false, limits, &runtime, &guard, false).await;
+                        Box::pin(serve_http(io, peer, false, limits, &runtime, &guard, false)).await;
                         break;
                     }
                 };
@@ -326,14 +329,24 @@ async fn serve(
                 stream = parked;
             }
         }
-        // A handshake must finish within client_header, like a request head.
-        Some(acceptor) => match tokio::time::timeout(limits.client_header, acceptor.accept(stream)).await {
-            Ok(Ok(stream)) => {
-                serve_http(stream, peer, true, limits, &runtime, &guard, false).await;
-            }
-            Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-        },
+        // Boxed: TLS state is large, and plain connections' tasks need no room for it.
+        Some(acceptor) => {
+            Box::pin(async {
+                // A handshake must finish within client_header, like a request head.
+                match tokio::time::timeout(limits.client_header, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => serve_http(stream, peer, true, limits, &runtime, &guard, false).await,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        None
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                        None
+                    }
+                };
+            })
+            .await
+        }
     }
     metrics.client_connections.fetch_sub(1, Relaxed);
 }

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# CPU instructions per proxied request, counted by callgrind: balancer and nginx, one
+# worker each, keep-alive, in front of the same instant backend. Instruction counts do not
+# depend on what else the machine is doing, so small changes to the request path show up
+# here when req/s is lost in the noise. Installs valgrind and nginx if missing.
+#
+#   benches/instructions.sh                  # both, 6 s of wrk -c10 each after a warm-up
+#   TARGETS=balancer benches/instructions.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TARGETS=${TARGETS:-"balancer nginx"}
+DURATION=${DURATION:-6s}
+OUT=${OUT:-target/instructions}
+mkdir -p "$OUT"
+need=()
+command -v valgrind >/dev/null || need+=(valgrind)
+command -v wrk >/dev/null || need+=(wrk)
+command -v nginx >/dev/null || need+=(nginx)
+if [ ${#need[@]} -gt 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}") >/dev/null
+fi
+cargo build --release -q --bin balancer --example demo_backend
+
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+target/release/examples/demo_backend --port 19301 >/dev/null & pids+=($!)
+
+cat > "$OUT/balancer.toml" <<CFG
+[server]
+listen = "127.0.0.1:19302"
+workers = 1
+[log]
+access = false
+[upstreams.app]
+backends = ["http://127.0.0.1:19301"]
+keepalive = 64
+CFG
+mkdir -p "$OUT/nginx"
+cat > "$OUT/nginx/nginx.conf" <<CFG
+worker_processes 1;
+master_process off;
+daemon off;
+pid $PWD/$OUT/nginx/nginx.pid;
+error_log $PWD/$OUT/nginx/error.log warn;
+events { worker_connections 2000; }
+http {
+  access_log off;
+  upstream app { server 127.0.0.1:19301; keepalive 64; }
+  server {
+    listen 127.0.0.1:19303 backlog=1024;
+    keepalive_requests 1000000;
+    location / {
+      proxy_pass http://app;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+    }
+  }
+}
+CFG
+
+measure() { # name port command...
+  local name=$1 port=$2; shift 2
+  rm -f "$OUT/$name.cg"*
+  valgrind --tool=callgrind --callgrind-out-file="$OUT/$name.cg" "$@" >"$OUT/$name.log" 2>&1 & local pid=$!
+  for _ in $(seq 200); do curl -s -o /dev/null "http://127.0.0.1:$port/" && break; sleep 0.1; done
+  wrk -t1 -c10 -d2s "http://127.0.0.1:$port/" >/dev/null          # warm-up, not counted
+  callgrind_control -z "$pid" >/dev/null
+  local n; n=$(wrk -t1 -c10 -d"$DURATION" "http://127.0.0.1:$port/" | awk '/requests in/ {print $1}')
+  callgrind_control -d "$pid" >/dev/null
+  kill -INT "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true
+  local ir; ir=$(callgrind_annotate "$OUT/$name.cg.1" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
+  printf '%-9s %8d requests  %6d instructions per request\n' "$name" "$n" $((ir / n))
+}
+
+for t in $TARGETS; do
+  case $t in
+    balancer) measure balancer 19302 target/release/balancer -c "$OUT/balancer.toml" ;;
+    nginx) measure nginx 19303 nginx -c "$PWD/$OUT/nginx/nginx.conf" -p "$PWD/$OUT/nginx" ;;
+  esac
+done
+echo "(callgrind; profiles in $OUT/*.cg.1, read them with callgrind_annotate --inclusive=yes)"
