@@ -66,9 +66,9 @@ measure() { # name port command...
   valgrind --tool=callgrind --callgrind-out-file="$OUT/$name.cg" "$@" >"$OUT/$name.log" 2>&1 & local pid=$!
   for _ in $(seq 200); do curl -s -o /dev/null "http://127.0.0.1:$port/" && break; sleep 0.1; done
   wrk -t1 -c10 -d2s "http://127.0.0.1:$port/" >/dev/null          # warm-up, not counted
-  callgrind_control -z "$pid" >/dev/null
+  callgrind_control -z "$pid" >/dev/null 2>&1
   local n; n=$(wrk -t1 -c10 -d"$DURATION" "http://127.0.0.1:$port/" | awk '/requests in/ {print $1}')
-  callgrind_control -d "$pid" >/dev/null
+  callgrind_control -d "$pid" >/dev/null 2>&1
   kill -INT "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true
   local ir; ir=$(callgrind_annotate "$OUT/$name.cg.1" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
   printf '%-9s %8d requests  %6d instructions per request\n' "$name" "$n" $((ir / n))

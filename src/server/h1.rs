@@ -264,10 +264,8 @@ pub async fn serve(
                 session.refuse(status, &reason).await;
                 return Ended::Closed;
             }
-            Next::Close => {
-                session.close().await;
-                return Ended::Closed;
-            }
+            // The client closed, or stayed idle: dropping the socket closes it.
+            Next::Close => return Ended::Closed,
             Next::Park => return session.into_parked(),
             Next::Http2 => return session.into_http2(),
         };
@@ -281,7 +279,12 @@ pub async fn serve(
         match session.respond(response, exchange, guard.is_draining()).await {
             After::KeepAlive => {}
             After::Close => {
-                session.close().await;
+                // Part of the request is still unread: the client may still be sending, so
+                // it is told the end first (a plain close could reset the connection
+                // before it reads the answer). Otherwise the close alone says it.
+                if !lock(&session.io).body.is_done() {
+                    session.close().await;
+                }
                 return Ended::Closed;
             }
             After::Upgrade(tx) => {
