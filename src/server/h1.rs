@@ -448,7 +448,9 @@ impl Session {
     /// Writes the response; says what becomes of the connection.
     async fn respond(&mut self, response: Response<ResponseBody>, mut ex: Exchange, draining: bool) -> After {
         let (head, body) = response.into_parts();
-        let mut body = pin!(body);
+        // Dropped as soon as it ends, before its last bytes are written: the in-flight mark
+        // and the access log are done by the time the client has the whole response.
+        let mut body = Some(body);
         let status = head.status;
         let switching = status == StatusCode::SWITCHING_PROTOCOLS;
         let (body_done, body_broken) = {
@@ -459,7 +461,7 @@ impl Session {
             || status.is_informational()
             || status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED;
-        let length = body.size_hint().exact();
+        let length = body.as_ref().and_then(|b| b.size_hint().exact());
         let chunked = !no_body && length.is_none() && ex.version == Version::HTTP_11;
         let out = &mut self.out;
         out.clear();
@@ -510,7 +512,13 @@ impl Session {
         }
         out.extend_from_slice(b"\r\n");
 
-        let written = if no_body { self.flush().await } else { self.write_body(body.as_mut(), chunked).await };
+        let written = if no_body {
+            body = None;
+            self.flush().await
+        } else {
+            self.write_body(&mut body, chunked).await
+        };
+        drop(body);
         match written {
             Ok(true) if switching => match ex.upgrade.take() {
                 Some(tx) => After::Upgrade(tx),
@@ -542,44 +550,62 @@ impl Session {
 
     /// Writes `out` (the head) and the body after it, framed; `Ok(false)` if the body
     /// broke off (the client then cannot tell where it ends, so the connection closes).
-    async fn write_body(&mut self, mut body: Pin<&mut ResponseBody>, chunked: bool) -> io::Result<bool> {
+    async fn write_body(&mut self, body: &mut Option<ResponseBody>, chunked: bool) -> io::Result<bool> {
         let (out, io) = (&mut self.out, &self.io);
         // Written from `out` (head, framing, small data), then `big` (large data).
         let mut at = 0;
         let mut big = Bytes::new();
         let mut ended = false;
         let mut broken = false;
+        // The body ended with a large piece still to write: the last chunk follows it.
+        let mut last_chunk_after_big = false;
+        let last_chunk = |out: &mut Vec<u8>| {
+            if chunked {
+                out.extend_from_slice(b"0\r\n\r\n");
+            }
+        };
         poll_fn(|cx| -> Poll<io::Result<()>> {
             loop {
                 // Take frames while the body has them ready and the buffer is small.
                 while !ended && big.is_empty() && out.len() - at < COPY_UP_TO {
-                    match body.as_mut().poll_frame(cx) {
+                    let Some(b) = body.as_mut() else { break };
+                    match Pin::new(&mut *b).poll_frame(cx) {
                         Poll::Ready(Some(Ok(frame))) => {
-                            let Ok(data) = frame.into_data() else { continue };
-                            if data.is_empty() {
-                                continue;
-                            }
-                            if chunked {
-                                out.extend_from_slice(format_args_hex(data.len()).as_bytes());
-                            }
-                            if data.len() <= COPY_UP_TO {
-                                out.extend_from_slice(&data);
+                            let end = b.is_end_stream();
+                            if let Ok(data) = frame.into_data()
+                                && !data.is_empty()
+                            {
                                 if chunked {
-                                    out.extend_from_slice(b"\r\n");
+                                    out.extend_from_slice(format_args_hex(data.len()).as_bytes());
                                 }
-                            } else {
-                                big = data;
+                                if data.len() <= COPY_UP_TO {
+                                    out.extend_from_slice(&data);
+                                    if chunked {
+                                        out.extend_from_slice(b"\r\n");
+                                    }
+                                } else {
+                                    big = data;
+                                }
+                            }
+                            if end {
+                                *body = None;
+                                ended = true;
+                                if big.is_empty() {
+                                    last_chunk(out);
+                                } else {
+                                    last_chunk_after_big = true;
+                                }
                             }
                         }
                         Poll::Ready(Some(Err(_))) => {
+                            *body = None;
                             ended = true;
                             broken = true;
                         }
                         Poll::Ready(None) => {
+                            *body = None;
                             ended = true;
-                            if chunked {
-                                out.extend_from_slice(b"0\r\n\r\n");
-                            }
+                            last_chunk(out);
                         }
                         Poll::Pending => break,
                     }
@@ -608,9 +634,14 @@ impl Session {
                     out.clear();
                     at = 0;
                 }
-                if chunked && n > from_out && big.is_empty() {
+                if n > from_out && big.is_empty() {
                     // The large piece went out: its chunk ends here.
-                    out.extend_from_slice(b"\r\n");
+                    if chunked {
+                        out.extend_from_slice(b"\r\n");
+                    }
+                    if std::mem::take(&mut last_chunk_after_big) {
+                        last_chunk(out);
+                    }
                 }
             }
         })
