@@ -189,3 +189,33 @@ async fn heads_split_into_single_bytes_are_served() {
     assert_eq!(r.status, 200);
     assert!(String::from_utf8_lossy(&r.body).contains("/slow"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn blank_lines_alone_do_not_keep_a_connection_open() {
+    let up = Upstream::start("a").await;
+    let b = Balancer::start(&config_for(&[up.addr], ""), &["--set", "timeouts.client_header=1s"]);
+    let mut s = TcpStream::connect(b.addr()).await.unwrap();
+    s.write_all(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap().unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    // Empty lines may precede a request line, but they start its clock: after
+    // client_header the connection is answered 408 and closed, however many follow.
+    let started = std::time::Instant::now();
+    let mut out = Vec::new();
+    let closed = loop {
+        if s.write_all(b"\r\n").await.is_err() {
+            break true;
+        }
+        match tokio::time::timeout(Duration::from_millis(300), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break true,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+            Err(_) => {}
+        }
+        if started.elapsed() > Duration::from_secs(4) {
+            break false;
+        }
+    };
+    assert!(closed, "still open after {:?} of blank lines", started.elapsed());
+    assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 408"), "{:?}", String::from_utf8_lossy(&out));
+}

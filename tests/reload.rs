@@ -83,7 +83,10 @@ async fn twenty_edits_under_load_drop_nothing_and_apply_within_a_second() {
                         failed.fetch_add(1, Ordering::SeqCst)
                     }
                     Err(e) => {
+                        // The connection is gone: a new one, so that the failure is counted
+                        // once instead of spinning on a closed connection.
                         eprintln!("error: {e}");
+                        conn = Conn::open(addr).await;
                         failed.fetch_add(1, Ordering::SeqCst)
                     }
                 };

@@ -366,6 +366,14 @@ impl Session {
                     io.buf.advance(blank);
                     scanned = 0;
                 }
+                if blank > 0 || !io.buf.is_empty() {
+                    // Any byte, blank lines included, starts the head's clock (so blank
+                    // lines cannot keep a connection open); a new connection's first head
+                    // keeps the deadline counted from the accept.
+                    head_until.get_or_insert_with(|| {
+                        if fresh { idle_until } else { Instant::now() + self.limits.client_header }
+                    });
+                }
                 if !io.buf.is_empty() {
                     if self.first && io.buf.len() >= 4 {
                         self.first = false;
@@ -385,22 +393,19 @@ impl Session {
                             return Poll::Ready(Next::Refuse(status, reason));
                         }
                     }
-                    if head_until.is_none() {
-                        head_until = Some(Instant::now() + self.limits.client_header);
-                    }
                 }
                 match io.poll_fill(cx) {
                     Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Next::Close),
                     Poll::Ready(Ok(_)) => continue,
                     Poll::Pending => {}
                 }
-                let waiting_head = !io.buf.is_empty();
+                let buffered = !io.buf.is_empty();
                 drop(io);
-                if !waiting_head && guard.poll_draining(cx) {
+                if !buffered && guard.poll_draining(cx) {
                     return Poll::Ready(Next::Close);
                 }
                 return match head_until {
-                    Some(until) if waiting_head => {
+                    Some(until) => {
                         if self.expired(until, cx) {
                             Poll::Ready(Next::Refuse(
                                 StatusCode::REQUEST_TIMEOUT,
@@ -432,15 +437,10 @@ impl Session {
             }
             // While the body is not being read, watch for the client leaving (what arrives
             // meanwhile is a pipelined request, kept for later).
-            let mut io = lock(&self.io);
-            while io.body.is_done() && io.buf.len() < limit {
-                match io.poll_fill(cx) {
-                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(None),
-                    Poll::Ready(Ok(_)) => {}
-                    Poll::Pending => break,
-                }
+            match watch_client(&mut lock(&self.io), limit, cx) {
+                Poll::Ready(_) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
             }
-            Poll::Pending
         })
         .await
     }
@@ -559,6 +559,7 @@ impl Session {
         let mut broken = false;
         // The body ended with a large piece still to write: the last chunk follows it.
         let mut last_chunk_after_big = false;
+        let limit = self.limits.max_header_bytes + READ_SIZE;
         let last_chunk = |out: &mut Vec<u8>| {
             if chunked {
                 out.extend_from_slice(b"0\r\n\r\n");
@@ -614,8 +615,11 @@ impl Session {
                     if ended {
                         return Poll::Ready(Ok(()));
                     }
-                    // Nothing to write: the body is pending, and will wake us.
-                    return Poll::Pending;
+                    // Nothing to write: the body is pending, and will wake us. A client that
+                    // leaves meanwhile ends the response (a quiet backend would otherwise
+                    // hold the connection, its slot and the backend for ever).
+                    return watch_client(&mut lock(io), limit, cx)
+                        .map(|()| Err(io::Error::from(io::ErrorKind::ConnectionAborted)));
                 }
                 let mut io = lock(io);
                 let n = if big.is_empty() {
@@ -686,6 +690,22 @@ impl Session {
     fn into_prefixed(self) -> Option<Prefixed<TcpStream>> {
         self.into_io().map(|io| Prefixed { prefix: io.buf.freeze(), io: io.stream })
     }
+}
+
+/// While the request path or the response body is busy, reads what the client sends
+/// (kept: a pipelined request) up to `limit` bytes, to notice it leaving: `Ready` if it
+/// closed or failed with nothing left to serve. An end behind pipelined requests only
+/// stops the reading; they are served first.
+fn watch_client(io: &mut Io, limit: usize, cx: &mut Context<'_>) -> Poll<()> {
+    while io.body.is_done() && io.buf.len() < limit {
+        match io.poll_fill(cx) {
+            Poll::Ready(Ok(0)) if !io.buf.is_empty() => break,
+            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(()),
+            Poll::Ready(Ok(_)) => {}
+            Poll::Pending => break,
+        }
+    }
+    Poll::Pending
 }
 
 fn put_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
