@@ -125,6 +125,14 @@ fn parse_chunk_size(line: &[u8]) -> Option<u64> {
     u64::from_str_radix(std::str::from_utf8(digits).ok()?, 16).ok()
 }
 
+/// Appends one `name: value` line of a head.
+pub fn put_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
 /// Where one field's name and value sit in a head buffer (start and end offsets).
 pub type FieldSpan = (u32, u32, u32, u32);
 

@@ -8,6 +8,7 @@ use http::{Method, Version};
 
 use super::request_id::X_REQUEST_ID;
 use crate::backend::RequestFraming;
+use crate::http1::put_field;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -141,7 +142,7 @@ pub fn write_request_head(
             }
             continue;
         }
-        field(out, name.as_str(), value.as_bytes());
+        put_field(out, name.as_str().as_bytes(), value.as_bytes());
     }
     out.extend_from_slice(b"x-forwarded-for: ");
     if has_xff {
@@ -154,14 +155,14 @@ pub fn write_request_head(
     }
     out.extend_from_slice(fwd.client_ip.as_bytes());
     out.extend_from_slice(b"\r\n");
-    field(out, "x-forwarded-proto", fwd.proto.as_bytes());
+    put_field(out, b"x-forwarded-proto", fwd.proto.as_bytes());
     if let Some(h) = fwd.host {
-        field(out, "x-forwarded-host", h.as_bytes());
+        put_field(out, b"x-forwarded-host", h.as_bytes());
     }
-    field(out, "x-request-id", fwd.request_id.as_bytes());
+    put_field(out, b"x-request-id", fwd.request_id.as_bytes());
     if let Some(proto) = fwd.upgrade {
         out.extend_from_slice(b"connection: upgrade\r\n");
-        field(out, "upgrade", proto.as_bytes());
+        put_field(out, b"upgrade", proto.as_bytes());
     }
     match framing {
         RequestFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
@@ -182,12 +183,6 @@ pub fn write_request_head(
     out.extend_from_slice(b"\r\n");
 }
 
-fn field(out: &mut Vec<u8>, name: &str, value: &[u8]) {
-    out.extend_from_slice(name.as_bytes());
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
-}
 
 /// Strips hop-by-hop headers from a backend's response (keeping `Upgrade` on a 101) and
 /// sets the request id.

@@ -45,6 +45,12 @@ pub struct ConnInfo {
     pub activity: Arc<ConnActivity>,
 }
 
+impl ConnInfo {
+    pub fn new(peer: SocketAddr, tls: bool, activity: Arc<ConnActivity>) -> ConnInfo {
+        ConnInfo { peer, peer_ip: peer.ip().to_string().into(), tls, activity }
+    }
+}
+
 /// Serves one request from a client connection, on `rt`, the runtime loaded for it.
 /// `busy` marks the connection busy from the moment the server hands the request over.
 pub async fn handle(

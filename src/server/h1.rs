@@ -28,7 +28,7 @@ use super::conn_guard::{ConnLimits, PARK_AFTER, head_timeout_reason, refusal};
 use super::drain::DrainGuard;
 use super::head_check::{self, Reject};
 use super::{ConnActivity, head_check::Body as Framing};
-use crate::http1::{self, Decoded, Decoder, FieldSpan};
+use crate::http1::{self, Decoded, Decoder, FieldSpan, put_field};
 use crate::proxy::body::{BoxError, ClientBody, ResponseBody};
 use crate::proxy::error::raw_response;
 use crate::proxy::{self, ConnInfo, request_id};
@@ -226,9 +226,8 @@ struct Exchange {
     version: Version,
     /// The client asked to keep the connection (or did not ask to close it, on 1.1).
     keep_alive: bool,
-    /// CONNECT or an upgrade: if the connection is not upgraded, it is not trusted further.
+    /// Where the connection goes if the backend agrees to an upgrade the client asked for.
     upgrade: Option<oneshot::Sender<Prefixed<TcpStream>>>,
-    connect: bool,
 }
 
 /// Serves HTTP/1.1 requests on `stream` until it closes, goes idle long enough to park
@@ -243,7 +242,7 @@ pub async fn serve(
     first: bool,
 ) -> Ended {
     let activity = Arc::new(ConnActivity::default());
-    let info = Arc::new(ConnInfo { peer, peer_ip: peer.ip().to_string().into(), tls: false, activity });
+    let info = Arc::new(ConnInfo::new(peer, false, activity));
     let io: SharedIo = Arc::new(Mutex::new(Io {
         stream,
         buf: BytesMut::new(),
@@ -485,7 +484,7 @@ impl Session {
         }
         let keep_alive = ex.keep_alive
             && !draining
-            && !ex.connect
+            && ex.method != Method::CONNECT
             && body_done
             && !body_broken
             && (no_body || length.is_some() || chunked)
@@ -708,13 +707,6 @@ fn watch_client(io: &mut Io, limit: usize, cx: &mut Context<'_>) -> Poll<()> {
     Poll::Pending
 }
 
-fn put_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
-}
-
 /// A chunk-size line: `len` in hex, then CRLF.
 fn format_args_hex(len: usize) -> HexLine {
     let mut line = HexLine { bytes: [0; 18], len: 0 };
@@ -805,10 +797,9 @@ fn parse_head(io: &mut Io, scanned: &mut usize, max: usize) -> Result<Option<Nex
     {
         io.continue_left = CONTINUE.len();
     }
-    let connect = method == Method::CONNECT;
     let mut request = Request::new(ClientBody::Http1(IncomingBody { io: None }));
     let mut pending = None;
-    if upgrade && !connect {
+    if upgrade && method != Method::CONNECT {
         let (tx, rx) = oneshot::channel();
         request.extensions_mut().insert(PendingUpgrade(Arc::new(Mutex::new(Some(rx)))));
         pending = Some(tx);
@@ -817,7 +808,7 @@ fn parse_head(io: &mut Io, scanned: &mut usize, max: usize) -> Result<Option<Nex
     *request.uri_mut() = uri;
     *request.version_mut() = version;
     *request.headers_mut() = headers;
-    let exchange = Exchange { method, version, keep_alive, upgrade: pending, connect };
+    let exchange = Exchange { method, version, keep_alive, upgrade: pending };
     Ok(Some(Next::Request(request, exchange)))
 }
 
