@@ -21,4 +21,5 @@ pub mod proxy;
 pub mod reload;
 pub mod runtime;
 pub mod server;
+pub mod timer;
 pub mod tls;

@@ -219,3 +219,35 @@ async fn blank_lines_alone_do_not_keep_a_connection_open() {
     assert!(closed, "still open after {:?} of blank lines", started.elapsed());
     assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 408"), "{:?}", String::from_utf8_lossy(&out));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_leaves_a_quiet_streamed_response_frees_the_backend() {
+    let (tx, mut closed) = tokio::sync::mpsc::unbounded_channel();
+    // Sends a head and one chunk, then stays quiet until balancer closes the connection.
+    let backend = RawUpstream::start(move |mut s| {
+        let tx = tx.clone();
+        async move {
+            read_head(&mut s).await;
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n").await;
+            let mut buf = [0u8; 64];
+            let ended = tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf)).await;
+            let _ = tx.send(matches!(ended, Ok(Ok(0)) | Ok(Err(_))));
+        }
+    })
+    .await;
+    let b = Balancer::start(&config_with_admin(&[backend.addr], ""), &[]);
+    let mut s = TcpStream::connect(b.addr()).await.unwrap();
+    s.write_all(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !String::from_utf8_lossy(&got).contains("first") {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap().unwrap();
+        assert!(n > 0, "closed early: {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    drop(s);
+    let freed = tokio::time::timeout(Duration::from_secs(3), closed.recv()).await;
+    assert_eq!(freed, Ok(Some(true)), "the backend connection was not closed after the client left");
+    let status = get(b.admin(), "/status").await.json();
+    assert_eq!(status["upstreams"][0]["backends"][0]["inflight"], 0, "{status}");
+}

@@ -15,7 +15,9 @@ use http::{HeaderMap, StatusCode, Version, header};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
+
+use crate::timer::LazyTimer;
 use tokio_rustls::client::TlsStream;
 
 use crate::http1::{self, Decoded, Decoder, FieldSpan, Malformed};
@@ -86,7 +88,7 @@ pub struct Conn {
     /// An interim (1xx) response arrived since the request was sent: a response began.
     interim: bool,
     /// The response-head timer, made on first use (see `read_head_within`).
-    timer: Option<Pin<Box<Sleep>>>,
+    timer: Option<LazyTimer>,
 }
 
 impl std::fmt::Debug for Conn {
@@ -275,28 +277,15 @@ impl Conn {
 
     /// [`Conn::read_head`] within `after`; `None` when the time ran out first.
     ///
-    /// The connection keeps one timer for its whole life and moves it lazily: it is reset
-    /// only when it fires before the current deadline, not on every request (a timer-wheel
-    /// insert and removal per request was a visible cost in the profile).
+    /// The connection keeps one [`LazyTimer`] for its whole life.
     pub async fn read_head_within(&mut self, after: Duration, head_request: bool) -> Option<Result<Head, ReadError>> {
         let deadline = Instant::now() + after;
         std::future::poll_fn(|cx| {
             if let Poll::Ready(r) = self.poll_head(cx, head_request) {
                 return Poll::Ready(Some(r));
             }
-            let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-            if timer.deadline() > deadline {
-                timer.as_mut().reset(deadline);
-            }
-            loop {
-                if timer.as_mut().poll(cx).is_pending() {
-                    return Poll::Pending;
-                }
-                if timer.deadline() >= deadline {
-                    return Poll::Ready(None);
-                }
-                timer.as_mut().reset(deadline);
-            }
+            let timer = self.timer.get_or_insert_with(|| LazyTimer::new(deadline));
+            if timer.expired(deadline, cx) { Poll::Ready(None) } else { Poll::Pending }
         })
         .await
     }

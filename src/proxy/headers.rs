@@ -183,7 +183,6 @@ pub fn write_request_head(
     out.extend_from_slice(b"\r\n");
 }
 
-
 /// Strips hop-by-hop headers from a backend's response (keeping `Upgrade` on a 101) and
 /// sets the request id.
 pub fn rewrite_response(headers: &mut HeaderMap, switching: bool, request_id: &HeaderValue) {

@@ -22,11 +22,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::StatusCode;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 
 use super::ConnActivity;
 use super::head_check;
 use crate::proxy::{error::raw_response, request_id};
+use crate::timer::LazyTimer;
 
 /// How long an HTTP/1 keep-alive connection stays idle before it is parked.
 pub const PARK_AFTER: Duration = Duration::from_millis(500);
@@ -73,7 +74,7 @@ pub struct GuardedIo<T> {
     park: Option<ParkSlot<T>>,
     activity: Arc<ConnActivity>,
     limits: ConnLimits,
-    timer: Pin<Box<Sleep>>,
+    timer: LazyTimer,
     /// When the current phase's time runs out; the timer may be set earlier than this.
     deadline: Instant,
     phase: Phase,
@@ -95,7 +96,7 @@ impl<T> GuardedIo<T> {
             park: park.filter(|_| PARK_AFTER < limits.idle),
             activity,
             limits,
-            timer: Box::pin(tokio::time::sleep(limits.client_header)),
+            timer: LazyTimer::new(Instant::now() + limits.client_header),
             deadline: Instant::now() + limits.client_header,
             phase: Phase::Head { bytes: 0 },
             first_read: true,
@@ -133,28 +134,14 @@ impl<T> GuardedIo<T> {
         true
     }
 
-    /// Moves the deadline. The timer itself is only moved earlier; a later deadline is
-    /// taken up when the timer fires (see `timer_expired`), which spares a timer-wheel
-    /// update on every request.
+    /// Moves the deadline (the timer follows lazily, see [`LazyTimer`]).
     fn rearm(&mut self, after: Duration) {
         self.deadline = Instant::now() + after;
-        if self.timer.deadline() > self.deadline {
-            self.timer.as_mut().reset(self.deadline);
-        }
     }
 
     /// Whether the deadline has passed; if not, the task is woken when it does.
     fn timer_expired(&mut self, cx: &mut Context<'_>) -> bool {
-        loop {
-            if self.timer.as_mut().poll(cx).is_pending() {
-                return false;
-            }
-            if self.timer.deadline() >= self.deadline {
-                return true;
-            }
-            let deadline = self.deadline;
-            self.timer.as_mut().reset(deadline);
-        }
+        self.timer.expired(self.deadline, cx)
     }
 
     fn close_with(&mut self, status: StatusCode, reason: String) {

@@ -22,7 +22,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 
 use super::conn_guard::{ConnLimits, PARK_AFTER, head_timeout_reason, refusal};
 use super::drain::DrainGuard;
@@ -33,6 +33,7 @@ use crate::proxy::body::{BoxError, ClientBody, ResponseBody};
 use crate::proxy::error::raw_response;
 use crate::proxy::{self, ConnInfo, request_id};
 use crate::runtime::SharedRuntime;
+use crate::timer::LazyTimer;
 
 /// How much room each read asks for: heads are small; bodies come in larger reads.
 const READ_SIZE: usize = 8 * 1024;
@@ -252,7 +253,7 @@ pub async fn serve(
     }));
     let park = park && PARK_AFTER < limits.idle;
     let mut session =
-        Session { io, limits, first, park, out: Vec::new(), timer: Box::pin(tokio::time::sleep(limits.idle)) };
+        Session { io, limits, first, park, out: Vec::new(), timer: LazyTimer::new(Instant::now() + limits.idle) };
     loop {
         let (req, exchange) = match session.read_head(guard).await {
             Next::Request(mut req, exchange) => {
@@ -321,29 +322,11 @@ struct Session {
     park: bool,
     /// The response being written; kept to reuse its memory.
     out: Vec<u8>,
-    /// The idle and head timers. Moved lazily: see `expired`.
-    timer: Pin<Box<Sleep>>,
+    /// The idle and head timers.
+    timer: LazyTimer,
 }
 
 impl Session {
-    /// Whether `deadline` has passed; if not, the task is woken when it does. The timer is
-    /// only moved when it fires early or is set too late, which spares a timer-wheel
-    /// update on every request.
-    fn expired(&mut self, deadline: Instant, cx: &mut Context<'_>) -> bool {
-        if self.timer.deadline() > deadline {
-            self.timer.as_mut().reset(deadline);
-        }
-        loop {
-            if self.timer.as_mut().poll(cx).is_pending() {
-                return false;
-            }
-            if self.timer.deadline() >= deadline {
-                return true;
-            }
-            self.timer.as_mut().reset(deadline);
-        }
-    }
-
     /// Reads until a whole request head is in, then parses it.
     async fn read_head(&mut self, guard: &DrainGuard) -> Next {
         // A new connection must send its first head within client_header, like any head.
@@ -405,7 +388,7 @@ impl Session {
                 }
                 return match head_until {
                     Some(until) => {
-                        if self.expired(until, cx) {
+                        if self.timer.expired(until, cx) {
                             Poll::Ready(Next::Refuse(
                                 StatusCode::REQUEST_TIMEOUT,
                                 head_timeout_reason(self.limits.client_header),
@@ -414,7 +397,7 @@ impl Session {
                             Poll::Pending
                         }
                     }
-                    _ if self.expired(idle_until, cx) => {
+                    _ if self.timer.expired(idle_until, cx) => {
                         Poll::Ready(if self.park && !fresh { Next::Park } else { Next::Close })
                     }
                     _ => Poll::Pending,
