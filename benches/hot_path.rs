@@ -35,9 +35,18 @@ fn pickers(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::new("round_robin", n), &n, |b, _| {
             b.iter(|| black_box(rr.pick(&bs, &mut |_, b| b.is_healthy())))
         });
-        let lc = LeastConnections::new(&weights);
+        let lc = LeastConnections::new(&bs, &weights);
         g.bench_with_input(BenchmarkId::new("least_connections", n), &n, |b, _| {
             b.iter(|| black_box(lc.pick(&bs, &mut |_, b| b.is_healthy())))
+        });
+        // What a request pays in all: the pick, and the index updates of `begin` and of
+        // the in-flight guard's drop. Half the backends hold a request, so the keys differ.
+        let _held: Vec<_> = bs.iter().step_by(2).map(|b| b.begin()).collect();
+        g.bench_with_input(BenchmarkId::new("least_connections_pick_begin_end", n), &n, |b, _| {
+            b.iter(|| {
+                let i = lc.pick(&bs, &mut |_, b| b.is_healthy()).unwrap();
+                drop(black_box(bs[i].begin()));
+            })
         });
     }
     g.finish();

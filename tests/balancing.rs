@@ -82,6 +82,43 @@ async fn least_connections_avoids_the_busy_backend() {
     }
 }
 
+/// Twenty backends, so that least-connections' index is a tree of several levels: quick
+/// requests go only to the backends no slow request holds, and reach every one of them.
+#[tokio::test(flavor = "multi_thread")]
+async fn least_connections_over_twenty_backends_uses_only_the_idle_ones() {
+    let mut ups = Vec::new();
+    for i in 0..20 {
+        ups.push(Upstream::start(&i.to_string()).await);
+    }
+    let addrs: Vec<_> = ups.iter().map(|u| u.addr).collect();
+    let b = Balancer::start(&config_for(&addrs, "strategy = \"least-connections\""), &[]);
+    let addr = b.addr();
+    // Seven slow requests, one at a time, so each pick sees the ones before it.
+    let mut slow = Vec::new();
+    for n in 1..=7 {
+        slow.push(tokio::spawn(async move { get(addr, "/sleep/2000").await }));
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while ups.iter().map(|u| u.hits()).sum::<usize>() < n && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let busy: Vec<usize> = (0..20).filter(|&i| ups[i].hits() > 0).collect();
+    assert_eq!(busy.len(), 7, "each slow request on its own backend: {busy:?}");
+    let got = names(&b, 40).await;
+    for i in 0..20 {
+        let name = i.to_string();
+        let n = got.iter().filter(|g| **g == name).count();
+        if busy.contains(&i) {
+            assert_eq!(n, 0, "backend {i} holds a slow request: {got:?}");
+        } else {
+            assert!(n > 0, "idle backend {i} never picked: {got:?}");
+        }
+    }
+    for s in slow {
+        assert_eq!(s.await.unwrap().status, 200);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dead_backend_is_retried_elsewhere_and_without_retries_is_a_502() {
     let up = Upstream::start("live").await;

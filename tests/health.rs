@@ -36,8 +36,20 @@ const ACTIVE: &str = "[upstreams.app.health_check]\npath = \"/healthz\"\ninterva
 
 #[tokio::test(flavor = "multi_thread")]
 async fn active_checks_take_a_failing_backend_out_and_bring_it_back() {
+    active_checks_out_and_back("round-robin").await;
+}
+
+/// Least-connections keeps its own index of backends by load, which health changes
+/// must reach.
+#[tokio::test(flavor = "multi_thread")]
+async fn active_checks_out_and_back_under_least_connections() {
+    active_checks_out_and_back("least-connections").await;
+}
+
+async fn active_checks_out_and_back(strategy: &str) {
     let (a, c) = (Upstream::start("a").await, Upstream::start("b").await);
-    let b = Balancer::start(&config_with_admin(&[a.addr, c.addr], ACTIVE), &[]);
+    let extra = format!("strategy = \"{strategy}\"\n{ACTIVE}");
+    let b = Balancer::start(&config_with_admin(&[a.addr, c.addr], &extra), &[]);
     let url_b = format!("http://{}", c.addr);
 
     c.set_health(500);
@@ -102,12 +114,23 @@ async fn no_healthy_backend_is_a_503_with_retry_after() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn passive_checks_eject_after_max_fails_and_a_trial_brings_it_back() {
+    passive_eject_and_trial("round-robin").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn passive_eject_and_trial_under_least_connections() {
+    passive_eject_and_trial("least-connections").await;
+}
+
+async fn passive_eject_and_trial(strategy: &str) {
     let a = Upstream::start("a").await;
     let victim = Upstream::start("v").await;
     let victim_addr = victim.addr;
     let url_v = format!("http://{victim_addr}");
-    let extra = "retries = 1\n[upstreams.app.passive]\nmax_fails = 2\nfail_timeout = \"1s\"\n";
-    let b = Balancer::start(&config_with_admin(&[a.addr, victim_addr], extra), &[]);
+    let extra = format!(
+        "strategy = \"{strategy}\"\nretries = 1\n[upstreams.app.passive]\nmax_fails = 2\nfail_timeout = \"1s\"\n"
+    );
+    let b = Balancer::start(&config_with_admin(&[a.addr, victim_addr], &extra), &[]);
     victim.kill();
     drop(victim);
     // Every request still succeeds (retried on the live backend) while failures add up.

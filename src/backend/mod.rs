@@ -12,9 +12,12 @@ mod pool;
 
 use std::fmt::Display;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
 
+use arc_swap::ArcSwapOption;
 use http::uri::Authority;
+
+use crate::balance::IndexSlot;
 
 use crate::config::{PassiveConfig, PoolConfig};
 use crate::metrics::StatusCounts;
@@ -37,6 +40,9 @@ pub struct Backend {
     passive: PassiveState,
     /// Requests (and upgraded tunnels) now using this backend.
     inflight: AtomicUsize,
+    /// Where least-connections indexes this backend's load; kept current by every change
+    /// of `inflight` and of health. `None` under round-robin.
+    index: ArcSwapOption<IndexSlot>,
     /// Requests that got a response head from this backend.
     requests: AtomicU64,
     /// Attempts that failed: connect errors, resets, timeouts.
@@ -57,6 +63,7 @@ impl Backend {
             active_up: AtomicBool::new(true),
             passive: PassiveState::default(),
             inflight: AtomicUsize::new(0),
+            index: ArcSwapOption::empty(),
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             statuses: StatusCounts::default(),
@@ -87,6 +94,7 @@ impl Backend {
     /// Sets the active checkers' verdict, logging a change once.
     pub fn set_active_up(&self, up: bool, reason: &str) {
         if self.active_up.swap(up, Relaxed) != up {
+            self.reindex();
             if up {
                 tracing::info!(upstream = %self.upstream, backend = %self.url, reason, "backend up: active checks pass");
             } else {
@@ -98,6 +106,7 @@ impl Backend {
     /// Forgets passive failures (passive checks were turned off).
     pub fn reset_passive(&self) {
         self.passive.reset();
+        self.reindex();
     }
 
     pub fn inflight(&self) -> usize {
@@ -114,8 +123,41 @@ impl Backend {
 
     /// Counts a request as in flight until the returned guard is dropped.
     pub fn begin(self: &Arc<Self>) -> InflightGuard {
-        self.inflight.fetch_add(1, Relaxed);
+        self.inflight.fetch_add(1, SeqCst);
+        self.reindex();
         InflightGuard(self.clone())
+    }
+
+    /// Out on passive checks (and not down by the active ones): due a trial in time.
+    pub fn is_passive_out(&self) -> bool {
+        self.active_up.load(Relaxed) && self.passive.is_out()
+    }
+
+    /// Moves this backend's load into `slot` (`None`: into no index), retiring the index
+    /// it was in before.
+    pub fn set_index(&self, slot: Option<Arc<IndexSlot>>) {
+        if let Some(old) = self.index.swap(slot) {
+            old.index.retire();
+        }
+        self.reindex();
+    }
+
+    /// Writes this backend's load and health into its index. Repeated until a write saw
+    /// the same state before and after, so that of two racing writers the last to finish
+    /// wrote the current state.
+    fn reindex(&self) {
+        let slot = self.index.load();
+        let Some(slot) = slot.as_deref() else { return };
+        loop {
+            let (inflight, pickable) = (self.inflight.load(SeqCst), self.is_healthy());
+            slot.store(inflight, pickable);
+            if !pickable && self.is_passive_out() {
+                slot.index.note_passive_out();
+            }
+            if self.inflight.load(SeqCst) == inflight && self.is_healthy() == pickable {
+                return;
+            }
+        }
     }
 
     /// A response head arrived from this backend.
@@ -154,6 +196,7 @@ impl InflightGuard {
 
 impl Drop for InflightGuard {
     fn drop(&mut self) {
-        self.0.inflight.fetch_sub(1, Relaxed);
+        self.0.inflight.fetch_sub(1, SeqCst);
+        self.0.reindex();
     }
 }

@@ -4,6 +4,7 @@
 //! backend may be used now (healthy, not already tried by this request).
 
 mod least_connections;
+mod load_index;
 mod round_robin;
 
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use std::sync::Arc;
 use crate::backend::Backend;
 use crate::config::StrategyName;
 pub use least_connections::LeastConnections;
+pub use load_index::IndexSlot;
 pub use round_robin::RoundRobin;
 
 pub trait Balancer: Send + Sync + std::fmt::Debug {
@@ -19,11 +21,15 @@ pub trait Balancer: Send + Sync + std::fmt::Debug {
     fn pick(&self, backends: &[Arc<Backend>], accept: &mut dyn FnMut(usize, &Backend) -> bool) -> Option<usize>;
 }
 
-/// The strategy named in the config, for backends with these weights.
-pub fn for_strategy(name: StrategyName, weights: &[u32]) -> Box<dyn Balancer> {
+/// The strategy named in the config, for these backends with these weights. Takes the
+/// backends out of any load index an earlier runtime built, and into this one's.
+pub fn for_strategy(name: StrategyName, backends: &[Arc<Backend>], weights: &[u32]) -> Box<dyn Balancer> {
     match name {
-        StrategyName::RoundRobin => Box::new(RoundRobin::new(weights)),
-        StrategyName::LeastConnections => Box::new(LeastConnections::new(weights)),
+        StrategyName::RoundRobin => {
+            backends.iter().for_each(|b| b.set_index(None));
+            Box::new(RoundRobin::new(weights))
+        }
+        StrategyName::LeastConnections => Box::new(LeastConnections::new(backends, weights)),
     }
 }
 

@@ -18,6 +18,7 @@ use ipnet::IpNet;
 
 pub use raw::{LogFormat, LogLevel, RawConfig, StrategyName};
 pub use source::{Location, Overrides};
+pub use validate::MAX_WEIGHT;
 
 /// Why a config could not be loaded; `Display` is the one line an operator sees.
 #[derive(Debug, thiserror::Error)]

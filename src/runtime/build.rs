@@ -67,7 +67,7 @@ pub fn build(config: Config, previous: Option<&Runtime>, generation: u64) -> Run
             Upstream {
                 name: up.name.clone(),
                 strategy: up.strategy,
-                balancer: balance::for_strategy(up.strategy, &weights),
+                balancer: balance::for_strategy(up.strategy, &backends, &weights),
                 backends,
                 weights,
                 preserve_host: up.preserve_host,
