@@ -43,6 +43,8 @@ pub struct Backend {
     /// Where least-connections indexes this backend's load; kept current by every change
     /// of `inflight` and of health. `None` under round-robin.
     index: ArcSwapOption<IndexSlot>,
+    /// `index` is set: lets round-robin's requests skip loading it.
+    indexed: AtomicBool,
     /// Requests that got a response head from this backend.
     requests: AtomicU64,
     /// Attempts that failed: connect errors, resets, timeouts.
@@ -64,6 +66,7 @@ impl Backend {
             passive: PassiveState::default(),
             inflight: AtomicUsize::new(0),
             index: ArcSwapOption::empty(),
+            indexed: AtomicBool::new(false),
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             statuses: StatusCounts::default(),
@@ -136,6 +139,7 @@ impl Backend {
     /// Moves this backend's load into `slot` (`None`: into no index), retiring the index
     /// it was in before.
     pub fn set_index(&self, slot: Option<Arc<IndexSlot>>) {
+        self.indexed.store(slot.is_some(), SeqCst);
         if let Some(old) = self.index.swap(slot) {
             old.index.retire();
         }
@@ -146,6 +150,9 @@ impl Backend {
     /// the same state before and after, so that of two racing writers the last to finish
     /// wrote the current state.
     fn reindex(&self) {
+        if !self.indexed.load(Relaxed) {
+            return;
+        }
         let slot = self.index.load();
         let Some(slot) = slot.as_deref() else { return };
         loop {
