@@ -1,6 +1,6 @@
 //! HTTP/1.1 wire pieces shared by both sides of the proxy: the message-body decoder
-//! (RFC 9112 section 7), turning a parsed head's fields into a `HeaderMap` that shares the
-//! read buffer, and the cached `Date` value.
+//! (RFC 9112 section 7), a parsed head's fields as a `HeaderMap` that shares the read
+//! buffer or as the raw lines, and the cached `Date` value.
 
 use std::cell::RefCell;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -159,6 +159,55 @@ pub fn header_map(head: &Bytes, spans: &[FieldSpan], extra: usize) -> Option<Hea
     Some(headers)
 }
 
+/// The items of a comma-separated field value (`Connection`, `Transfer-Encoding`),
+/// trimmed, empty ones skipped.
+pub fn tokens(value: &[u8]) -> impl DoubleEndedIterator<Item = &[u8]> {
+    value.split(|b| *b == b',').map(<[u8]>::trim_ascii).filter(|t| !t.is_empty())
+}
+
+/// A response head's fields as the backend sent them, kept as bytes. Passed through to an
+/// HTTP/1 client without building a `HeaderMap` (its server writes them from here); a map
+/// is built only for the clients hyper serves. httparse has accepted every line.
+#[derive(Clone, Debug)]
+pub struct RawFields {
+    /// The field lines, each ending in LF (CRLF, or a bare LF as received).
+    lines: Bytes,
+    count: usize,
+    /// Leave out `Content-Length`: a `Transfer-Encoding` beside it frames the body, and the
+    /// length means nothing (RFC 9112 section 6.3).
+    skip_length: bool,
+}
+
+impl RawFields {
+    pub fn new(lines: Bytes, count: usize, skip_length: bool) -> RawFields {
+        RawFields { lines, count, skip_length }
+    }
+
+    /// Each field's name (as sent) and value (trimmed), in order.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.lines.split(|b| *b == b'\n').filter_map(move |line| {
+            let colon = line.iter().position(|b| *b == b':')?;
+            let name = &line[..colon];
+            if self.skip_length && name.eq_ignore_ascii_case(b"content-length") {
+                return None;
+            }
+            Some((name, line[colon + 1..].trim_ascii()))
+        })
+    }
+
+    /// The fields as a map whose values share the head's memory; `extra` more fit without
+    /// growing. `None` if a name or value is not valid for `http` (httparse's rules are the
+    /// same, so this does not happen for a head it parsed).
+    pub fn to_header_map(&self, extra: usize) -> Option<HeaderMap> {
+        let mut headers = HeaderMap::with_capacity(self.count + extra);
+        for (name, value) in self.iter() {
+            let name = HeaderName::from_bytes(name).ok()?;
+            headers.append(name, HeaderValue::from_maybe_shared(self.lines.slice_ref(value)).ok()?);
+        }
+        Some(headers)
+    }
+}
+
 /// Today's `Date` header value, formatted at most once a second per thread.
 pub fn date() -> HeaderValue {
     thread_local! {
@@ -226,5 +275,29 @@ mod tests {
         let d = date();
         assert_eq!(d.len(), 29);
         assert!(d.to_str().unwrap().ends_with(" GMT"));
+    }
+
+    #[test]
+    fn raw_fields_read_as_sent_and_as_a_map() {
+        let lines = Bytes::from_static(
+            b"Content-Type:  text/plain \r\nX-Empty:\r\nContent-Length: 5\nTransfer-Encoding: chunked\r\n\r\n",
+        );
+        let raw = RawFields::new(lines.clone(), 4, false);
+        let got: Vec<_> = raw.iter().collect();
+        assert_eq!(
+            got,
+            [
+                (&b"Content-Type"[..], &b"text/plain"[..]),
+                (b"X-Empty", b""),
+                (b"Content-Length", b"5"),
+                (b"Transfer-Encoding", b"chunked")
+            ]
+        );
+        let map = RawFields::new(lines, 4, true).to_header_map(0).unwrap();
+        assert_eq!(map.len(), 3, "{map:?}");
+        assert_eq!(map["content-type"], "text/plain");
+        assert_eq!(map["x-empty"], "");
+        assert!(!map.contains_key("content-length"), "a length beside a transfer coding is left out");
+        assert_eq!(tokens(b" close ,, Keep-Alive").collect::<Vec<_>>(), [&b"close"[..], b"Keep-Alive"]);
     }
 }

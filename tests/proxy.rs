@@ -126,6 +126,48 @@ async fn hop_by_hop_response_headers_are_removed() {
     }
 }
 
+/// A backend's fields reach an HTTP/1 client as sent, less the hop-by-hop ones and any it
+/// named in `Connection`, with this request's id and balancer's own framing; the same
+/// whether they are passed through raw (the usual case) or through a header map (when
+/// `Connection` names another field).
+#[tokio::test(flavor = "multi_thread")]
+async fn response_fields_pass_through_less_hop_by_hop_ones() {
+    for (connection, internal) in [("keep-alive", vec!["1"]), ("keep-alive, X-Internal", vec![])] {
+        let backend = RawUpstream::start(move |mut s| async move {
+            read_head(&mut s).await;
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\nConnection: {connection}\r\nX-Internal: 1\r\nKeep-Alive: timeout=5\r\nProxy-Authenticate: Basic\r\nX-Request-Id: the-backends\r\nSet-Cookie: a=1\r\nset-cookie: b=2\r\nX-Empty:\r\nContent-Length: 99\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+            );
+            s.write_all(resp.as_bytes()).await.unwrap();
+            let _ = s.read(&mut [0u8; 1]).await;
+        })
+        .await;
+        let b = Balancer::start(&config_for(&[backend.addr], ""), &[]);
+        let ask = b"GET / HTTP/1.1\r\nHost: x\r\nX-Request-Id: client-7\r\nConnection: close\r\n\r\n";
+        let out = raw(b.addr(), ask, Duration::from_secs(5)).await;
+        let (head, body) = out.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no head in {out:?}"));
+        let fields: Vec<(String, &str)> = head
+            .lines()
+            .skip(1)
+            .map(|l| l.split_once(':').unwrap_or_else(|| panic!("{l:?} in {head}")))
+            .map(|(n, v)| (n.to_ascii_lowercase(), v.trim()))
+            .collect();
+        let values = |name: &str| fields.iter().filter(|(n, _)| n == name).map(|(_, v)| *v).collect::<Vec<_>>();
+        let case = format!("Connection: {connection}\n{head}");
+        assert!(head.starts_with("HTTP/1.1 200 OK"), "{case}");
+        assert_eq!(values("set-cookie"), ["a=1", "b=2"], "{case}");
+        assert_eq!(values("x-empty"), [""], "{case}");
+        assert_eq!(values("x-internal"), internal, "{case}");
+        assert_eq!(values("x-request-id"), ["client-7"], "{case}");
+        assert_eq!(values("transfer-encoding"), ["chunked"], "{case}");
+        assert_eq!(values("content-length"), Vec::<&str>::new(), "{case}");
+        assert_eq!(values("connection"), ["close"], "{case}");
+        assert_eq!(values("date").len(), 1, "{case}");
+        assert!(values("keep-alive").is_empty() && values("proxy-authenticate").is_empty(), "{case}");
+        assert_eq!(body, "2\r\nok\r\n0\r\n\r\n", "{case}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn preserve_host_false_sends_the_backend_authority() {
     let up = Upstream::start("a").await;

@@ -11,7 +11,7 @@ use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, StatusCode, Version, header};
+use http::{StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
@@ -20,9 +20,8 @@ use tokio::time::Instant;
 use crate::timer::LazyTimer;
 use tokio_rustls::client::TlsStream;
 
-use crate::http1::{self, Decoded, Decoder, FieldSpan, Malformed};
+use crate::http1::{self, Decoded, Decoder, Malformed, RawFields};
 use crate::proxy::body::{BoxError, RequestBody};
-use crate::proxy::headers::connection_tokens;
 
 /// The most headers a backend's response head may have (hyper's default too).
 const MAX_HEADERS: usize = 100;
@@ -67,8 +66,18 @@ impl AsyncWrite for BackendIo {
     }
 }
 
-/// A response head and how its body is framed.
-pub type Head = (http::response::Parts, Framing);
+/// A backend's response head, with its fields left as received.
+#[derive(Debug)]
+pub struct Head {
+    pub status: StatusCode,
+    pub version: Version,
+    pub fields: RawFields,
+    /// How the body after it is delimited.
+    pub framing: Framing,
+    /// `Connection` lists a field other than `close` and `keep-alive`, which must not be
+    /// forwarded either: only a `HeaderMap` pass removes it.
+    pub names_fields: bool,
+}
 
 /// A connection to one backend, idle in its pool or checked out for one request.
 pub struct Conn {
@@ -271,7 +280,7 @@ impl Conn {
 
     /// Reads the response head, skipping interim 1xx responses other than 101.
     /// `head_request`: the request was HEAD, so no body follows whatever the head says.
-    pub async fn read_head(&mut self, head_request: bool) -> Result<(http::response::Parts, Framing), ReadError> {
+    pub async fn read_head(&mut self, head_request: bool) -> Result<Head, ReadError> {
         std::future::poll_fn(|cx| self.poll_head(cx, head_request)).await
     }
 
@@ -318,7 +327,7 @@ impl Conn {
 
     /// A complete head at the start of the buffer, consumed; `None` if more is needed.
     /// Interim (1xx) heads other than 101 are consumed and skipped.
-    fn parse_head(&mut self, head_request: bool) -> Result<Option<(http::response::Parts, Framing)>, ReadError> {
+    fn parse_head(&mut self, head_request: bool) -> Result<Option<Head>, ReadError> {
         loop {
             let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
             let mut res = httparse::Response::new(&mut []);
@@ -338,27 +347,17 @@ impl Conn {
                 continue;
             }
             let version = if res.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
-            // Where each name and value sits in the buffer, so that the values can share
-            // its memory once it is frozen.
-            let mut spans: [FieldSpan; MAX_HEADERS] = [(0, 0, 0, 0); MAX_HEADERS];
-            let count = res.headers.len();
-            http1::field_spans(self.buf.as_ptr(), res.headers, &mut spans);
+            let fields = &*res.headers;
+            let framing = framing(status, version, fields, head_request)?;
+            let (close, names_fields) = connection_says(version, fields);
+            let transfer_coded = fields.iter().any(|f| f.name.eq_ignore_ascii_case("transfer-encoding"));
+            let count = fields.len();
+            self.keep_alive = !close && framing != Framing::UntilClose && !self.cut_short;
+            // The fields start after the status line, which httparse found to end in LF.
+            let fields_at = self.buf.iter().position(|b| *b == b'\n').map_or(len, |i| i + 1);
             let head = self.buf.split_to(len).freeze();
-            // One more for the X-Request-Id that is added on the way out.
-            let mut headers =
-                http1::header_map(&head, &spans[..count], 1).ok_or(ReadError::Malformed("invalid header field"))?;
-            let framing = framing(status, version, &headers, head_request)?;
-            if headers.contains_key(header::TRANSFER_ENCODING) {
-                // The transfer coding frames this body; a length beside it means nothing
-                // (RFC 9112 6.3) and must not reach the client.
-                headers.remove(header::CONTENT_LENGTH);
-            }
-            self.keep_alive = keeps_alive(version, &headers) && framing != Framing::UntilClose && !self.cut_short;
-            let mut parts = http::Response::new(()).into_parts().0;
-            parts.status = status;
-            parts.version = version;
-            parts.headers = headers;
-            return Ok(Some((parts, framing)));
+            let fields = RawFields::new(head.slice(fields_at..), count, transfer_coded);
+            return Ok(Some(Head { status, version, fields, framing, names_fields }));
         }
     }
 
@@ -399,24 +398,29 @@ impl AsyncWrite for Conn {
     }
 }
 
-/// Whether the connection may carry another request after this response.
-fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
-    let mut close = version == Version::HTTP_10;
-    connection_tokens(headers, |token| {
-        if token.eq_ignore_ascii_case("close") {
-            close = true;
-        } else if token.eq_ignore_ascii_case("keep-alive") && version == Version::HTTP_10 {
-            close = false;
+/// What the `Connection` fields say: whether the backend closes after this response, and
+/// whether they name any field other than `close` and `keep-alive`.
+fn connection_says(version: Version, fields: &[httparse::Header<'_>]) -> (bool, bool) {
+    let (mut close, mut names_fields) = (version == Version::HTTP_10, false);
+    for f in fields.iter().filter(|f| f.name.eq_ignore_ascii_case("connection")) {
+        for token in http1::tokens(f.value) {
+            if token.eq_ignore_ascii_case(b"close") {
+                close = true;
+            } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                close &= version != Version::HTTP_10;
+            } else {
+                names_fields = true;
+            }
         }
-    });
-    !close
+    }
+    (close, names_fields)
 }
 
 /// How the body after this head is delimited; conflicting lengths are refused.
 fn framing(
     status: StatusCode,
     version: Version,
-    headers: &HeaderMap,
+    fields: &[httparse::Header<'_>],
     head_request: bool,
 ) -> Result<Framing, ReadError> {
     if status == StatusCode::SWITCHING_PROTOCOLS {
@@ -425,20 +429,18 @@ fn framing(
     if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok(Framing::Empty);
     }
-    if headers.contains_key(header::TRANSFER_ENCODING) {
+    let named = |name: &'static str| fields.iter().filter(move |f| f.name.eq_ignore_ascii_case(name));
+    if let Some(last) = named("transfer-encoding").next_back() {
         if version == Version::HTTP_10 {
             return Ok(Framing::UntilClose);
         }
         // Chunked only when it is the final coding; otherwise the body runs to the close.
-        let last = headers.get_all(header::TRANSFER_ENCODING).iter().next_back();
-        let chunked = last
-            .and_then(|v| v.as_bytes().rsplit(|b| *b == b',').next())
-            .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        let chunked = http1::tokens(last.value).next_back().is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"));
         return Ok(if chunked { Framing::Chunked } else { Framing::UntilClose });
     }
     let mut length: Option<u64> = None;
-    for v in headers.get_all(header::CONTENT_LENGTH) {
-        for part in v.as_bytes().split(|b| *b == b',') {
+    for f in named("content-length") {
+        for part in f.value.split(|b| *b == b',') {
             let part = part.trim_ascii();
             let n = std::str::from_utf8(part)
                 .ok()
@@ -533,23 +535,26 @@ impl Body for ConnBody {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::HeaderValue;
 
     #[test]
     fn framing_follows_rfc_9112() {
-        let mut h = HeaderMap::new();
-        let ok = StatusCode::OK;
-        assert_eq!(framing(ok, Version::HTTP_11, &h, false).unwrap(), Framing::UntilClose);
-        assert_eq!(framing(ok, Version::HTTP_11, &h, true).unwrap(), Framing::Empty);
-        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
-        assert_eq!(framing(ok, Version::HTTP_11, &h, false).unwrap(), Framing::Length(5));
-        assert_eq!(framing(StatusCode::NO_CONTENT, Version::HTTP_11, &h, false).unwrap(), Framing::Empty);
-        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("6"));
-        assert!(framing(ok, Version::HTTP_11, &h, false).is_err());
-        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("gzip, chunked"));
-        assert_eq!(framing(ok, Version::HTTP_11, &h, false).unwrap(), Framing::Chunked);
-        assert!(keeps_alive(Version::HTTP_11, &h));
-        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
-        assert!(!keeps_alive(Version::HTTP_11, &h));
+        let f = |name, value: &'static str| httparse::Header { name, value: value.as_bytes() };
+        let (ok, v11) = (StatusCode::OK, Version::HTTP_11);
+        assert_eq!(framing(ok, v11, &[], false).unwrap(), Framing::UntilClose);
+        assert_eq!(framing(ok, v11, &[], true).unwrap(), Framing::Empty);
+        let five = [f("Content-Length", "5")];
+        assert_eq!(framing(ok, v11, &five, false).unwrap(), Framing::Length(5));
+        assert_eq!(framing(StatusCode::NO_CONTENT, v11, &five, false).unwrap(), Framing::Empty);
+        let two = [f("content-length", "5"), f("content-length", "6")];
+        assert!(framing(ok, v11, &two, false).is_err());
+        let coded = [f("content-length", "5"), f("transfer-encoding", "gzip, chunked")];
+        assert_eq!(framing(ok, v11, &coded, false).unwrap(), Framing::Chunked);
+        let gzip_last = [f("transfer-encoding", "chunked"), f("transfer-encoding", "gzip")];
+        assert_eq!(framing(ok, v11, &gzip_last, false).unwrap(), Framing::UntilClose);
+        assert_eq!(connection_says(v11, &coded), (false, false));
+        assert_eq!(connection_says(v11, &[f("Connection", "Close")]), (true, false));
+        assert_eq!(connection_says(Version::HTTP_10, &[]), (true, false));
+        assert_eq!(connection_says(Version::HTTP_10, &[f("connection", "keep-alive")]), (false, false));
+        assert_eq!(connection_says(v11, &[f("connection", "keep-alive, X-Private")]), (false, true));
     }
 }

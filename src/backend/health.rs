@@ -91,7 +91,7 @@ async fn probe(backend: &Backend, hc: &HealthCheckConfig) -> Result<u16, String>
     );
     let failed = |e: &dyn std::fmt::Display| format!("GET {}: {e}", hc.path);
     conn.send(&mut RequestBody::empty(), RequestFraming::Empty).await.map_err(|e| failed(&e))?;
-    let status = conn.read_head(false).await.map_err(|e| failed(&e))?.0.status.as_u16();
+    let status = conn.read_head(false).await.map_err(|e| failed(&e))?.status.as_u16();
     if hc.expect_status.iter().any(|&(lo, hi)| (lo..=hi).contains(&status)) {
         Ok(status)
     } else {

@@ -22,7 +22,7 @@ use crate::balance::IndexSlot;
 use crate::config::{PassiveConfig, PoolConfig};
 use crate::metrics::StatusCounts;
 use crate::tls::BackendTls;
-pub use conn::{BackendIo, BodyError, Conn, ConnBody, Framing, ReadError, RequestFraming, SendError};
+pub use conn::{BackendIo, BodyError, Conn, ConnBody, Framing, Head, ReadError, RequestFraming, SendError};
 pub use passive::Admission;
 use passive::{PassiveState, Transition};
 pub use pool::{ConnectError, Pool};

@@ -11,6 +11,7 @@ use hyper::body::Incoming;
 
 use super::log::RequestLog;
 use crate::backend::{ConnBody, InflightGuard};
+use crate::http1::RawFields;
 use crate::server::h1::IncomingBody;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -136,12 +137,17 @@ impl Body for RequestBody {
 /// What the client receives: a backend's body, or one balancer wrote itself.
 #[derive(Debug)]
 pub struct ResponseBody {
+    /// Keeps the backend's in-flight count until the last byte is sent; its backend's pool
+    /// takes the connection back when the body ends cleanly. Declared first so that it is
+    /// dropped first: a backend sees its connection closed (with `kind`) only once the
+    /// request no longer counts as in flight there.
+    inflight: Option<InflightGuard>,
     kind: Kind,
     /// Written to the access log when the body is done (or dropped, if the client left).
     log: RequestLog,
-    /// Keeps the backend's in-flight count until the last byte is sent; its backend's pool
-    /// takes the connection back when the body ends cleanly.
-    inflight: Option<InflightGuard>,
+    /// The backend's fields, for a server that writes them itself (see
+    /// `ConnInfo::writes_raw_fields`); the response's `HeaderMap` is then empty.
+    fields: Option<RawFields>,
 }
 
 #[derive(Debug)]
@@ -153,7 +159,7 @@ enum Kind {
 
 impl ResponseBody {
     pub fn upstream(body: ConnBody, log: RequestLog, inflight: InflightGuard) -> ResponseBody {
-        let mut b = ResponseBody { kind: Kind::Upstream(body), log, inflight: Some(inflight) };
+        let mut b = ResponseBody { kind: Kind::Upstream(body), log, inflight: Some(inflight), fields: None };
         if http_body::Body::is_end_stream(&b) {
             b.ended();
         }
@@ -161,7 +167,22 @@ impl ResponseBody {
     }
 
     pub fn full(bytes: Bytes, log: RequestLog) -> ResponseBody {
-        ResponseBody { kind: Kind::Full(Some(bytes)), log, inflight: None }
+        ResponseBody { kind: Kind::Full(Some(bytes)), log, inflight: None, fields: None }
+    }
+
+    /// Carries the backend's `fields` to the server, which writes them.
+    pub fn passing(mut self, fields: RawFields) -> ResponseBody {
+        self.fields = Some(fields);
+        self
+    }
+
+    /// The backend's fields, when [`Self::passing`] them; the server writes them.
+    pub fn take_fields(&mut self) -> Option<RawFields> {
+        self.fields.take()
+    }
+
+    pub fn request_id(&self) -> &http::HeaderValue {
+        &self.log.request_id
     }
 
     /// The backend's body ended cleanly: its connection can serve another request.

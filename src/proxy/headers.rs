@@ -8,25 +8,27 @@ use http::{Method, Version};
 
 use super::request_id::X_REQUEST_ID;
 use crate::backend::RequestFraming;
-use crate::http1::put_field;
+use crate::http1::{RawFields, put_field};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Headers that describe one connection, never forwarded.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-authenticate",
+];
+
 fn is_hop_by_hop(name: &HeaderName) -> bool {
-    name == header::CONNECTION
-        || name == KEEP_ALIVE
-        || name == PROXY_CONNECTION
-        || name == header::TE
-        || name == header::TRAILER
-        || name == header::TRANSFER_ENCODING
-        || name == header::UPGRADE
-        || name == header::PROXY_AUTHORIZATION
-        || name == header::PROXY_AUTHENTICATE
+    HOP_BY_HOP.contains(&name.as_str())
 }
 
 /// Calls `f` with each header name listed in `Connection` (lower-cased by `HeaderName`).
@@ -207,23 +209,32 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, switching: bool) {
         }
     }
     let upgrade = if switching { headers.remove(header::UPGRADE) } else { None };
-    for n in [
-        &header::CONNECTION,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &header::TE,
-        &header::TRAILER,
-        &header::TRANSFER_ENCODING,
-        &header::UPGRADE,
-        &header::PROXY_AUTHORIZATION,
-        &header::PROXY_AUTHENTICATE,
-    ] {
+    for n in HOP_BY_HOP {
         headers.remove(n);
     }
     if let Some(u) = upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, u);
     }
+}
+
+/// Writes a backend's fields for an HTTP/1 client, as [`rewrite_response`] would leave
+/// them: hop-by-hop fields out, this request's `X-Request-Id` in place of any the backend
+/// sent. Only for a response that does not switch protocols and whose `Connection` names no
+/// other field (`Head::names_fields`). Says whether `Date` and `Content-Length` were there.
+pub fn write_response_fields(out: &mut Vec<u8>, fields: &RawFields, request_id: &HeaderValue) -> (bool, bool) {
+    let (mut has_date, mut has_length) = (false, false);
+    for (name, value) in fields.iter() {
+        let is = |known: &str| name.eq_ignore_ascii_case(known.as_bytes());
+        if HOP_BY_HOP.iter().any(|h| is(h)) || is(X_REQUEST_ID.as_str()) {
+            continue;
+        }
+        has_date |= is("date");
+        has_length |= is("content-length");
+        put_field(out, name, value);
+    }
+    put_field(out, X_REQUEST_ID.as_str().as_bytes(), request_id.as_bytes());
+    (has_date, has_length)
 }
 
 /// `host` without its port (`[::1]:80` -> `::1`, `example.com:8080` -> `example.com`).

@@ -24,7 +24,7 @@ use http::request::Parts;
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response, Version, header};
 
-use crate::backend::{Backend, Conn, ConnectError, Framing, InflightGuard, RequestFraming, SendError};
+use crate::backend::{Backend, Conn, ConnectError, Framing, Head, InflightGuard, RequestFraming, SendError};
 use crate::limit::{self, RateLimiter};
 use crate::runtime::{Runtime, Upstream, path};
 use crate::server::h1::PendingUpgrade;
@@ -43,11 +43,14 @@ pub struct ConnInfo {
     pub peer_ip: Box<str>,
     pub tls: bool,
     pub activity: Arc<ConnActivity>,
+    /// The server side writes a backend's fields itself from the raw head (the HTTP/1
+    /// server does; hyper needs a `HeaderMap`).
+    pub writes_raw_fields: bool,
 }
 
 impl ConnInfo {
-    pub fn new(peer: SocketAddr, tls: bool, activity: Arc<ConnActivity>) -> ConnInfo {
-        ConnInfo { peer, peer_ip: peer.ip().to_string().into(), tls, activity }
+    pub fn new(peer: SocketAddr, tls: bool, activity: Arc<ConnActivity>, writes_raw_fields: bool) -> ConnInfo {
+        ConnInfo { peer, peer_ip: peer.ip().to_string().into(), tls, activity, writes_raw_fields }
     }
 }
 
@@ -86,15 +89,32 @@ pub async fn handle(
     let (parts, body) = req.into_parts();
     let outcome = proxy(&rt, &conn, &parts, body, &mut log).await;
     Ok(match outcome {
-        Ok(Proxied { mut head, framing, inflight, conn: backend_conn }) => {
-            let switching = framing == Framing::Upgrade;
-            headers::rewrite_response(&mut head.headers, switching, &log.request_id);
+        Ok(Proxied { head, inflight, conn: backend_conn }) => {
             log.status = head.status.as_u16();
+            let switching = head.framing == Framing::Upgrade;
+            if conn.writes_raw_fields && !switching && !head.names_fields {
+                // The fields go to the client as the backend sent them, less the hop-by-hop
+                // ones (`headers::write_response_fields`): no map is built.
+                let body = ResponseBody::upstream(backend_conn.into_body(head.framing), log, inflight);
+                let mut response = Response::new(body.passing(head.fields));
+                *response.status_mut() = head.status;
+                return Ok(response);
+            }
+            let Some(mut headers) = head.fields.to_header_map(1) else {
+                let backend = inflight.backend().url.clone();
+                return Ok(ProxyError::BrokeOff { backend, source: "invalid header field".into() }.into_response(log));
+            };
+            headers::rewrite_response(&mut headers, switching, &log.request_id);
+            let mut response = Response::new(());
+            *response.status_mut() = head.status;
+            *response.version_mut() = head.version;
+            *response.headers_mut() = headers;
+            let (parts, ()) = response.into_parts();
             if switching {
                 match client_upgrade {
                     Some(client) => {
                         upgrade::tunnel(client, backend_conn, inflight, conn.activity.begin());
-                        Response::from_parts(head, ResponseBody::full(Bytes::new(), log))
+                        Response::from_parts(parts, ResponseBody::full(Bytes::new(), log))
                     }
                     None => ProxyError::BrokeOff {
                         backend: inflight.backend().url.clone(),
@@ -103,7 +123,7 @@ pub async fn handle(
                     .into_response(log),
                 }
             } else {
-                Response::from_parts(head, ResponseBody::upstream(backend_conn.into_body(framing), log, inflight))
+                Response::from_parts(parts, ResponseBody::upstream(backend_conn.into_body(head.framing), log, inflight))
             }
         }
         Err(e) => e.into_response(log),
@@ -113,8 +133,7 @@ pub async fn handle(
 /// A backend's response head, with the in-flight mark that must live as long as its body
 /// and the connection its body is read from (or that becomes the tunnel, on a 101).
 struct Proxied {
-    head: http::response::Parts,
-    framing: Framing,
+    head: Head,
     inflight: InflightGuard,
     conn: Conn,
 }
@@ -224,9 +243,9 @@ async fn proxy(
         };
         let request = Outgoing { parts, target, framing, fwd: &fwd };
         match attempt(upstream, backend, &request, &mut body).await {
-            Ok((head, framing, conn)) => {
+            Ok((head, conn)) => {
                 backend.record_response(trial);
-                return Ok(Proxied { head, framing, inflight, conn });
+                return Ok(Proxied { head, inflight, conn });
             }
             Err(Failure { error, retryable }) => {
                 if error.is_backend_failure() {
@@ -286,7 +305,7 @@ async fn attempt(
     backend: &Arc<Backend>,
     req: &Outgoing<'_>,
     body: &mut RequestBody,
-) -> Result<(http::response::Parts, Framing, Conn), Failure> {
+) -> Result<(Head, Conn), Failure> {
     let url = &backend.url;
     let pool = &backend.pool;
     let mut fresh_only = false;
@@ -333,7 +352,7 @@ async fn attempt(
         let after = upstream.timeouts.upstream_header;
         let read = conn.read_head_within(after, req.parts.method == Method::HEAD).await;
         let error = match read {
-            Some(Ok((head, framing))) => return Ok((head, framing, conn)),
+            Some(Ok(head)) => return Ok((head, conn)),
             Some(Err(e)) => e,
             None => {
                 return Err(Failure {

@@ -31,7 +31,7 @@ use super::{ConnActivity, head_check::Body as Framing};
 use crate::http1::{self, Decoded, Decoder, FieldSpan, put_field};
 use crate::proxy::body::{BoxError, ClientBody, ResponseBody};
 use crate::proxy::error::raw_response;
-use crate::proxy::{self, ConnInfo, request_id};
+use crate::proxy::{self, ConnInfo, headers, request_id};
 use crate::runtime::SharedRuntime;
 use crate::timer::LazyTimer;
 
@@ -243,7 +243,7 @@ pub async fn serve(
     first: bool,
 ) -> Ended {
     let activity = Arc::new(ConnActivity::default());
-    let info = Arc::new(ConnInfo::new(peer, false, activity));
+    let info = Arc::new(ConnInfo::new(peer, false, activity, true));
     let io: SharedIo = Arc::new(Mutex::new(Io {
         stream,
         buf: BytesMut::new(),
@@ -455,15 +455,24 @@ impl Session {
         out.extend_from_slice(b"\r\n");
         // One pass: the fields, and which of those the framing depends on are there.
         let (mut has_date, mut has_length, mut connection) = (false, false, None);
-        for (name, value) in &head.headers {
-            if name == header::DATE {
-                has_date = true;
-            } else if name == header::CONTENT_LENGTH {
-                has_length = true;
-            } else if name == header::CONNECTION {
-                connection = Some(value);
+        match body.as_mut().and_then(ResponseBody::take_fields) {
+            // A backend's, as it sent them (no `Connection` is left among them).
+            Some(fields) => {
+                let request_id = body.as_ref().map(ResponseBody::request_id).expect("fields come with a body");
+                (has_date, has_length) = headers::write_response_fields(out, &fields, request_id);
             }
-            put_field(out, name.as_str().as_bytes(), value.as_bytes());
+            None => {
+                for (name, value) in &head.headers {
+                    if name == header::DATE {
+                        has_date = true;
+                    } else if name == header::CONTENT_LENGTH {
+                        has_length = true;
+                    } else if name == header::CONNECTION {
+                        connection = Some(value);
+                    }
+                    put_field(out, name.as_str().as_bytes(), value.as_bytes());
+                }
+            }
         }
         let keep_alive = ex.keep_alive
             && !draining

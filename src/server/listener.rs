@@ -366,7 +366,7 @@ where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let activity = Arc::new(ConnActivity::default());
-    let info = Arc::new(ConnInfo::new(peer, tls, activity.clone()));
+    let info = Arc::new(ConnInfo::new(peer, tls, activity.clone(), false));
     let slot: Option<ParkSlot<T>> = park.then(Default::default);
     let io = TokioIo::new(GuardedIo::new(io, activity, limits, slot.clone()));
 
