@@ -47,6 +47,8 @@ events { worker_connections 2000; }
 http {
   access_log off;
   upstream app { server 127.0.0.1:19301; keepalive 64; }
+  # The header work balancer does, as in load.sh.
+  map \$http_x_request_id \$rid { default \$http_x_request_id; "" \$request_id; }
   server {
     listen 127.0.0.1:19303 backlog=1024;
     keepalive_requests 1000000;
@@ -54,7 +56,12 @@ http {
       proxy_pass http://app;
       proxy_http_version 1.1;
       proxy_set_header Connection "";
+      proxy_set_header Host \$http_host;
       proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto \$scheme;
+      proxy_set_header X-Forwarded-Host \$http_host;
+      proxy_set_header X-Request-Id \$rid;
+      add_header X-Request-Id \$rid always;
     }
   }
 }

@@ -72,6 +72,9 @@ events { worker_connections 20000; }
 http {
   access_log off;
   upstream app { server 127.0.0.1:$3; keepalive 256; }
+  # The header work balancer does (SPEC): the client's Host, X-Forwarded-*, and a request
+  # id kept from the client or made, sent to the backend and returned to the client.
+  map \$http_x_request_id \$rid { default \$http_x_request_id; "" \$request_id; }
   server {
     listen 127.0.0.1:$2 backlog=1024;
     keepalive_requests 1000000;
@@ -79,7 +82,12 @@ http {
       proxy_pass http://app;
       proxy_http_version 1.1;
       proxy_set_header Connection "";
+      proxy_set_header Host \$http_host;
       proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto \$scheme;
+      proxy_set_header X-Forwarded-Host \$http_host;
+      proxy_set_header X-Request-Id \$rid;
+      add_header X-Request-Id \$rid always;
     }
   }
 }
@@ -103,6 +111,13 @@ defaults
   http-reuse always
 frontend fe
   bind 127.0.0.1:$2
+  # The same header work as balancer's and nginx's (see start_nginx).
+  unique-id-format %{+X}o\ %ci:%cp_%fi:%fp_%Ts_%rt:%pid
+  http-request set-header X-Request-Id %[unique-id] unless { req.hdr(x-request-id) -m found }
+  http-request set-var(txn.rid) req.hdr(x-request-id)
+  http-request set-header X-Forwarded-Proto http
+  http-request set-header X-Forwarded-Host %[req.hdr(host)]
+  http-response set-header X-Request-Id %[var(txn.rid)]
   default_backend be
 backend be
   server s1 127.0.0.1:$3
