@@ -153,6 +153,12 @@ async fn passive_eject_and_trial(strategy: &str) {
     );
     b.wait_for_log(Duration::from_secs(1), |l| l["message"] == "backend up: back in after passive ejection");
     assert!(back.hits() >= 1);
+    // Back in rotation for good, not only for its trial.
+    let before = back.hits();
+    for _ in 0..6 {
+        assert_eq!(get(b.addr(), "/").await.status, 200);
+    }
+    assert!(back.hits() >= before + 2, "{} of 6 requests after its recovery", back.hits() - before);
 }
 
 #[tokio::test(flavor = "multi_thread")]

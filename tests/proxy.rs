@@ -168,6 +168,25 @@ async fn response_fields_pass_through_less_hop_by_hop_ones() {
     }
 }
 
+/// Empty lines before a backend's status line are skipped, as before a request line; the
+/// status line (here with a colon in its reason) is never taken for a field.
+#[tokio::test(flavor = "multi_thread")]
+async fn empty_lines_before_a_backends_status_line_are_skipped() {
+    let backend = RawUpstream::start(|mut s| async move {
+        read_head(&mut s).await;
+        s.write_all(b"\r\n\nHTTP/1.1 200 OK: fine\r\nX-App: yes\r\nContent-Length: 2\r\n\r\nok").await.unwrap();
+        let _ = s.read(&mut [0u8; 1]).await;
+    })
+    .await;
+    let b = Balancer::start(&config_for(&[backend.addr], ""), &[]);
+    let out = raw(b.addr(), b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", Duration::from_secs(5)).await;
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no head in {out:?}"));
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    assert!(head.lines().skip(1).all(|l| !l.starts_with("HTTP/")), "the status line came through as a field: {head}");
+    assert!(head.to_ascii_lowercase().contains("\r\nx-app: yes\r\n"), "{head}");
+    assert_eq!(body, "ok");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn preserve_host_false_sends_the_backend_authority() {
     let up = Upstream::start("a").await;

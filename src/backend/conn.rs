@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use http::{StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -329,6 +329,10 @@ impl Conn {
     /// Interim (1xx) heads other than 101 are consumed and skipped.
     fn parse_head(&mut self, head_request: bool) -> Result<Option<Head>, ReadError> {
         loop {
+            // Empty lines before a status line are skipped (as httparse would), so that the
+            // head starts at the status line and the fields right after its line end.
+            let blank = self.buf.iter().take_while(|b| matches!(b, b'\r' | b'\n')).count();
+            self.buf.advance(blank);
             let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
             let mut res = httparse::Response::new(&mut []);
             let len = match httparse::ParserConfig::default()

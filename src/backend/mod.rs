@@ -167,11 +167,13 @@ impl Backend {
         }
     }
 
-    /// A response head arrived from this backend.
     /// A response head arrived; `trial`: this request was the passive trial.
     pub fn record_response(&self, trial: bool) {
         self.requests.fetch_add(1, Relaxed);
         if self.passive.on_success(trial) == Some(Transition::Recovered) {
+            // Back in the index now, not when the trial's response (perhaps a long stream
+            // or a tunnel) ends.
+            self.reindex();
             tracing::info!(upstream = %self.upstream, backend = %self.url, reason = "a trial request succeeded", "backend up: back in after passive ejection");
         }
     }
@@ -180,6 +182,7 @@ impl Backend {
     pub fn record_failure(&self, passive: &PassiveConfig, trial: bool, error: &dyn Display) {
         self.failures.fetch_add(1, Relaxed);
         if let Some(Transition::Ejected { failures }) = self.passive.on_failure(passive, trial) {
+            self.reindex();
             tracing::warn!(
                 upstream = %self.upstream,
                 backend = %self.url,

@@ -173,6 +173,27 @@ mod tests {
         assert_eq!(lc.pick(&bs, &mut offered), Some(1), "due its trial: the least loaded");
     }
 
+    /// The trial's response may last (a stream, a tunnel): the backend is back in the
+    /// index when its head arrives, not when it ends.
+    #[test]
+    fn a_backend_is_back_in_the_index_once_its_trial_answers() {
+        use crate::backend::Admission;
+        use crate::config::PassiveConfig;
+        let passive = PassiveConfig { max_fails: 1, fail_timeout: std::time::Duration::from_millis(20) };
+        let bs = backends(3);
+        let lc = LeastConnections::new(&bs, &[1, 1, 1]);
+        let _busy = [bs[0].begin(), bs[0].begin(), bs[2].begin(), bs[2].begin()];
+        bs[1].begin();
+        bs[1].record_failure(&passive, false, &"refused");
+        std::thread::sleep(std::time::Duration::from_millis(60));
+        let Admission::Trial(seen) = bs[1].admission(&passive) else { panic!("no trial offered") };
+        assert!(bs[1].claim_trial(seen));
+        let _trial = bs[1].begin();
+        bs[1].record_response(true);
+        // Loads 2, 1 (the trial, still streaming), 2.
+        assert_eq!(lc.index.least_from(1), Some(1));
+    }
+
     #[test]
     fn an_index_replaced_by_a_reload_still_picks_right() {
         let bs = backends(3);

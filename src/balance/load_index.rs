@@ -152,6 +152,9 @@ impl LoadIndex {
             return false;
         }
         self.passive_out.store(false, SeqCst);
+        // The scan's reads of the backends' state must not move before this clear, or a
+        // backend ejected meanwhile could set the flag just before it is cleared, unseen.
+        std::sync::atomic::fence(SeqCst);
         true
     }
 }
