@@ -43,7 +43,8 @@ pub struct Backend {
     /// Where least-connections indexes this backend's load; kept current by every change
     /// of `inflight` and of health. `None` under round-robin.
     index: ArcSwapOption<IndexSlot>,
-    /// `index` is set: lets round-robin's requests skip loading it.
+    /// `index` is set. Round-robin's requests read this flag instead of loading `index`,
+    /// which costs about 130 instructions a request (callgrind).
     indexed: AtomicBool,
     /// Requests that got a response head from this backend.
     requests: AtomicU64,

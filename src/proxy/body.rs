@@ -176,13 +176,10 @@ impl ResponseBody {
         self
     }
 
-    /// The backend's fields, when [`Self::passing`] them; the server writes them.
-    pub fn take_fields(&mut self) -> Option<RawFields> {
-        self.fields.take()
-    }
-
-    pub fn request_id(&self) -> &http::HeaderValue {
-        &self.log.request_id
+    /// The backend's fields, when [`Self::passing`] them, and the request id that goes
+    /// with them; the server writes both.
+    pub fn take_fields(&mut self) -> Option<(RawFields, &http::HeaderValue)> {
+        Some((self.fields.take()?, &self.log.request_id))
     }
 
     /// The backend's body ended cleanly: its connection can serve another request.

@@ -90,14 +90,15 @@ pub struct GuardedIo<T> {
 
 impl<T> GuardedIo<T> {
     pub fn new(inner: T, activity: Arc<ConnActivity>, limits: ConnLimits, park: Option<ParkSlot<T>>) -> Self {
+        let deadline = Instant::now() + limits.client_header;
         GuardedIo {
             inner: Some(inner),
             // Parking after the idle timeout would only delay the close.
             park: park.filter(|_| PARK_AFTER < limits.idle),
             activity,
             limits,
-            timer: LazyTimer::new(Instant::now() + limits.client_header),
-            deadline: Instant::now() + limits.client_header,
+            timer: LazyTimer::new(deadline),
+            deadline,
             phase: Phase::Head { bytes: 0 },
             first_read: true,
             framing: head_check::Framing::new(limits.max_header_bytes),

@@ -457,8 +457,7 @@ impl Session {
         let (mut has_date, mut has_length, mut connection) = (false, false, None);
         match body.as_mut().and_then(ResponseBody::take_fields) {
             // A backend's, as it sent them (no `Connection` is left among them).
-            Some(fields) => {
-                let request_id = body.as_ref().map(ResponseBody::request_id).expect("fields come with a body");
+            Some((fields, request_id)) => {
                 (has_date, has_length) = headers::write_response_fields(out, &fields, request_id);
             }
             None => {

@@ -334,16 +334,13 @@ async fn serve(
             Box::pin(async {
                 // A handshake must finish within client_header, like a request head.
                 match tokio::time::timeout(limits.client_header, acceptor.accept(stream)).await {
-                    Ok(Ok(stream)) => serve_http(stream, peer, true, limits, &runtime, &guard, false).await,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                        None
+                    Ok(Ok(stream)) => {
+                        // Not parked (`park` false), so nothing comes back.
+                        serve_http(stream, peer, true, limits, &runtime, &guard, false).await;
                     }
-                    Err(_) => {
-                        tracing::debug!(%peer, "TLS handshake timed out");
-                        None
-                    }
-                };
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                }
             })
             .await
         }
