@@ -8,6 +8,7 @@
 #   TARGETS=balancer benches/instructions.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benches/nginx_conf.sh
 TARGETS=${TARGETS:-"balancer nginx"}
 DURATION=${DURATION:-6s}
 OUT=${OUT:-target/instructions}
@@ -36,36 +37,7 @@ access = false
 backends = ["http://127.0.0.1:19301"]
 keepalive = 64
 CFG
-mkdir -p "$OUT/nginx"
-cat > "$OUT/nginx/nginx.conf" <<CFG
-worker_processes 1;
-master_process off;
-daemon off;
-pid $PWD/$OUT/nginx/nginx.pid;
-error_log $PWD/$OUT/nginx/error.log warn;
-events { worker_connections 2000; }
-http {
-  access_log off;
-  upstream app { server 127.0.0.1:19301; keepalive 64; }
-  # The header work balancer does, as in load.sh.
-  map \$http_x_request_id \$rid { default \$http_x_request_id; "" \$request_id; }
-  server {
-    listen 127.0.0.1:19303 backlog=1024;
-    keepalive_requests 1000000;
-    location / {
-      proxy_pass http://app;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Host \$http_host;
-      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-      proxy_set_header X-Forwarded-Proto \$scheme;
-      proxy_set_header X-Forwarded-Host \$http_host;
-      proxy_set_header X-Request-Id \$rid;
-      add_header X-Request-Id \$rid always;
-    }
-  }
-}
-CFG
+nginx_conf "$PWD/$OUT/nginx" 1 19303 19301 "master_process off; daemon off;"
 
 measure() { # name port command...
   local name=$1 port=$2; shift 2

@@ -9,6 +9,7 @@
 #   BACKENDS=fast MODES=keepalive TARGETS="balancer nginx" IDLE_CONNS=0 benches/load.sh  # a quick A/B
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benches/nginx_conf.sh
 DURATION=${DURATION:-5s}
 REPEAT=${REPEAT:-3}
 CONNS=${CONNS:-50}
@@ -63,35 +64,7 @@ CFG
 }
 
 start_nginx() { # workers port backend_port
-  mkdir -p "$OUT/nginx"
-  cat > "$OUT/nginx/nginx.conf" <<CFG
-worker_processes $1;
-pid $PWD/$OUT/nginx/nginx.pid;
-error_log $PWD/$OUT/nginx/error.log warn;
-events { worker_connections 20000; }
-http {
-  access_log off;
-  upstream app { server 127.0.0.1:$3; keepalive 256; }
-  # The header work balancer does (SPEC): the client's Host, X-Forwarded-*, and a request
-  # id kept from the client or made, sent to the backend and returned to the client.
-  map \$http_x_request_id \$rid { default \$http_x_request_id; "" \$request_id; }
-  server {
-    listen 127.0.0.1:$2 backlog=1024;
-    keepalive_requests 1000000;
-    location / {
-      proxy_pass http://app;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Host \$http_host;
-      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-      proxy_set_header X-Forwarded-Proto \$scheme;
-      proxy_set_header X-Forwarded-Host \$http_host;
-      proxy_set_header X-Request-Id \$rid;
-      add_header X-Request-Id \$rid always;
-    }
-  }
-}
-CFG
+  nginx_conf "$PWD/$OUT/nginx" "$1" "$2" "$3"
   nginx -c "$PWD/$OUT/nginx/nginx.conf" -p "$PWD/$OUT/nginx" -g "daemon off;" 2>>"$OUT/nginx/stderr" & pids+=($!); NGINX_PID=$!
   wait_port "$2"
 }
@@ -111,7 +84,7 @@ defaults
   http-reuse always
 frontend fe
   bind 127.0.0.1:$2
-  # The same header work as balancer's and nginx's (see start_nginx).
+  # The same header work as balancer's and nginx's (see benches/nginx_conf.sh).
   unique-id-format %{+X}o\ %ci:%cp_%fi:%fp_%Ts_%rt:%pid
   http-request set-header X-Request-Id %[unique-id] unless { req.hdr(x-request-id) -m found }
   http-request set-var(txn.rid) req.hdr(x-request-id)
