@@ -10,63 +10,6 @@ use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// One response parsed off the front of `raw`: status, lower-cased fields, decoded body,
-/// and what follows it. A response without a length runs to the end (`close_delimited`).
-struct Parsed {
-    status: u16,
-    fields: Vec<(String, String)>,
-    body: Vec<u8>,
-    rest: Vec<u8>,
-}
-
-impl Parsed {
-    fn field(&self, name: &str) -> Option<&str> {
-        self.fields.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
-    }
-}
-
-fn parse(raw: &[u8], head_request: bool) -> Parsed {
-    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or_else(|| panic!("no head end in {raw:?}")) + 4;
-    let head = std::str::from_utf8(&raw[..end]).unwrap();
-    let mut lines = head.split("\r\n");
-    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
-    let fields: Vec<(String, String)> = lines
-        .filter(|l| !l.is_empty())
-        .map(|l| {
-            let (n, v) = l.split_once(':').unwrap();
-            (n.trim().to_ascii_lowercase(), v.trim().to_owned())
-        })
-        .collect();
-    let mut p = Parsed { status, fields, body: Vec::new(), rest: Vec::new() };
-    let after = &raw[end..];
-    if head_request || status == 204 || status == 304 || status / 100 == 1 {
-        p.rest = after.to_vec();
-    } else if p.field("transfer-encoding") == Some("chunked") {
-        let mut at = 0;
-        loop {
-            let line_end = at + after[at..].windows(2).position(|w| w == b"\r\n").expect("chunk size line");
-            let size = usize::from_str_radix(std::str::from_utf8(&after[at..line_end]).unwrap(), 16).unwrap();
-            at = line_end + 2;
-            if size == 0 {
-                assert_eq!(&after[at..at + 2], b"\r\n", "no trailers expected");
-                at += 2;
-                break;
-            }
-            p.body.extend_from_slice(&after[at..at + size]);
-            assert_eq!(&after[at + size..at + size + 2], b"\r\n");
-            at += size + 2;
-        }
-        p.rest = after[at..].to_vec();
-    } else if let Some(len) = p.field("content-length") {
-        let len: usize = len.parse().unwrap();
-        p.body = after[..len].to_vec();
-        p.rest = after[len..].to_vec();
-    } else {
-        p.body = after.to_vec();
-    }
-    p
-}
-
 async fn read_all(s: &mut TcpStream) -> Vec<u8> {
     let mut out = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await.expect("not closed").unwrap();
@@ -85,12 +28,12 @@ async fn expect_100_continue_is_answered_before_the_body_is_sent() {
     s.write_all(b"hello").await.unwrap();
     s.write_all(b"GET /next HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
     let out = read_all(&mut s).await;
-    let first = parse(&out, false);
+    let first = parse_response(&out, false);
     assert_eq!(first.status, 200);
     let echo: serde_json::Value = serde_json::from_slice(&first.body).unwrap();
     assert_eq!(echo["body_len"], 5);
     assert!(echo["headers"].get("expect").is_none(), "Expect is not forwarded: {echo}");
-    let second = parse(&first.rest, false);
+    let second = parse_response(&first.rest, false);
     assert_eq!(second.status, 200);
     assert!(String::from_utf8_lossy(&second.body).contains("/next"));
 }
@@ -107,12 +50,12 @@ async fn chunked_bodies_cross_both_ways_with_a_request_pipelined_behind() {
     .await
     .unwrap();
     let out = read_all(&mut s).await;
-    let first = parse(&out, false);
+    let first = parse_response(&out, false);
     assert_eq!(first.status, 200);
     let echo: serde_json::Value = serde_json::from_slice(&first.body).unwrap();
     assert_eq!(echo["body_len"], 11);
     assert_eq!(echo["headers"]["transfer-encoding"], "chunked");
-    let second = parse(&first.rest, false);
+    let second = parse_response(&first.rest, false);
     assert_eq!(second.status, 200);
     assert_eq!(second.field("transfer-encoding"), Some("chunked"), "{:?}", second.fields);
     assert_eq!(second.body.len(), 100_000);
@@ -129,7 +72,7 @@ async fn an_http10_client_gets_a_body_delimited_by_the_close() {
     s.write_all(b"GET /bytes/70000 HTTP/1.0\r\n\r\n").await.unwrap();
     let out = read_all(&mut s).await;
     assert!(out.starts_with(b"HTTP/1.0 200 OK\r\n"), "{:?}", String::from_utf8_lossy(&out[..40]));
-    let r = parse(&out, false);
+    let r = parse_response(&out, false);
     assert_eq!(r.field("transfer-encoding"), None, "no chunked framing for HTTP/1.0");
     assert_eq!(r.body.len(), 70_000);
 
@@ -137,9 +80,9 @@ async fn an_http10_client_gets_a_body_delimited_by_the_close() {
     let mut s = TcpStream::connect(b.addr()).await.unwrap();
     s.write_all(b"GET /ka HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /last HTTP/1.0\r\n\r\n").await.unwrap();
     let out = read_all(&mut s).await;
-    let first = parse(&out, false);
+    let first = parse_response(&out, false);
     assert_eq!(first.field("connection"), Some("keep-alive"));
-    let second = parse(&first.rest, false);
+    let second = parse_response(&first.rest, false);
     assert!(String::from_utf8_lossy(&second.body).contains("/last"));
 }
 
@@ -152,10 +95,10 @@ async fn head_answers_keep_the_length_and_carry_no_body() {
         .await
         .unwrap();
     let out = read_all(&mut s).await;
-    let head = parse(&out, true);
+    let head = parse_response(&out, true);
     assert_eq!(head.status, 200);
     assert!(head.field("content-length").is_some(), "{:?}", head.fields);
-    let next = parse(&head.rest, false);
+    let next = parse_response(&head.rest, false);
     assert_eq!(next.status, 200, "the next response follows the head at once");
     assert!(String::from_utf8_lossy(&next.body).contains("/after"));
 }
@@ -166,7 +109,7 @@ async fn balancer_made_answers_carry_date_length_and_request_id() {
     let mut s = TcpStream::connect(b.addr()).await.unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
     let out = read_all(&mut s).await;
-    let r = parse(&out, false);
+    let r = parse_response(&out, false);
     assert!(r.status == 502 || r.status == 503, "{}", r.status);
     let date = r.field("date").expect("a Date field");
     assert!(date.ends_with(" GMT") && date.len() == 29, "{date}");
@@ -185,7 +128,7 @@ async fn heads_split_into_single_bytes_are_served() {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let out = read_all(&mut s).await;
-    let r = parse(&out, false);
+    let r = parse_response(&out, false);
     assert_eq!(r.status, 200);
     assert!(String::from_utf8_lossy(&r.body).contains("/slow"));
 }

@@ -131,3 +131,66 @@ pub async fn read_to_close(s: &mut TcpStream, timeout: Duration) -> (Vec<u8>, bo
         }
     }
 }
+
+/// One HTTP/1 response parsed off the front of `raw`: status, fields (names as sent),
+/// decoded body, and what follows it. A response without a length runs to the end (`close_delimited`).
+pub struct RawResponse {
+    pub status: u16,
+    pub fields: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub rest: Vec<u8>,
+}
+
+impl RawResponse {
+    /// The first value of field `name` (any case).
+    pub fn field(&self, name: &str) -> Option<&str> {
+        self.values(name).into_iter().next()
+    }
+
+    /// Every value of field `name` (any case), in order.
+    pub fn values(&self, name: &str) -> Vec<&str> {
+        self.fields.iter().filter(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str()).collect()
+    }
+}
+
+pub fn parse_response(raw: &[u8], head_request: bool) -> RawResponse {
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or_else(|| panic!("no head end in {raw:?}")) + 4;
+    let head = std::str::from_utf8(&raw[..end]).unwrap();
+    let mut lines = head.split("\r\n");
+    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+    let fields: Vec<(String, String)> = lines
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let (n, v) = l.split_once(':').unwrap();
+            (n.trim().to_owned(), v.trim().to_owned())
+        })
+        .collect();
+    let mut p = RawResponse { status, fields, body: Vec::new(), rest: Vec::new() };
+    let after = &raw[end..];
+    if head_request || status == 204 || status == 304 || status / 100 == 1 {
+        p.rest = after.to_vec();
+    } else if p.field("transfer-encoding") == Some("chunked") {
+        let mut at = 0;
+        loop {
+            let line_end = at + after[at..].windows(2).position(|w| w == b"\r\n").expect("chunk size line");
+            let size = usize::from_str_radix(std::str::from_utf8(&after[at..line_end]).unwrap(), 16).unwrap();
+            at = line_end + 2;
+            if size == 0 {
+                assert_eq!(&after[at..at + 2], b"\r\n", "no trailers expected");
+                at += 2;
+                break;
+            }
+            p.body.extend_from_slice(&after[at..at + size]);
+            assert_eq!(&after[at + size..at + size + 2], b"\r\n");
+            at += size + 2;
+        }
+        p.rest = after[at..].to_vec();
+    } else if let Some(len) = p.field("content-length") {
+        let len: usize = len.parse().unwrap();
+        p.body = after[..len].to_vec();
+        p.rest = after[len..].to_vec();
+    } else {
+        p.body = after.to_vec();
+    }
+    p
+}
