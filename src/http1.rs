@@ -172,6 +172,7 @@ pub fn tokens(value: &[u8]) -> impl DoubleEndedIterator<Item = &[u8]> {
 pub struct RawFields {
     /// The field lines, each ending in LF (CRLF, or a bare LF as received).
     lines: Bytes,
+    /// How many fields: room to reserve in a map.
     count: usize,
     /// Leave out `Content-Length`: a `Transfer-Encoding` beside it frames the body, and the
     /// length means nothing (RFC 9112 section 6.3).

@@ -42,10 +42,7 @@ impl LeastConnections {
         if self.index.is_retired() {
             return self.scan(start, backends, accept);
         }
-        if self.index.trial_scan_due() {
-            if backends.iter().any(|b| b.is_passive_out()) {
-                self.index.note_passive_out();
-            }
+        if self.index.trial_scan_due(|| backends.iter().any(|b| b.is_passive_out())) {
             return self.scan(start, backends, accept);
         }
         match self.index.least_from(start) {

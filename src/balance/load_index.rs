@@ -138,9 +138,9 @@ impl LoadIndex {
     }
 
     /// True for one pick at most every [`TRIAL_SCAN_EVERY_MS`] while a backend may be out
-    /// on passive checks. That pick must scan, and call [`Self::note_passive_out`] for
-    /// each backend it finds still out.
-    pub fn trial_scan_due(&self) -> bool {
+    /// on passive checks; that pick must scan. `still_out` says whether any backend is
+    /// out now: if none is, scans stop until one goes out again.
+    pub fn trial_scan_due(&self, still_out: impl FnOnce() -> bool) -> bool {
         if !self.passive_out.load(Relaxed) {
             return false;
         }
@@ -152,9 +152,12 @@ impl LoadIndex {
             return false;
         }
         self.passive_out.store(false, SeqCst);
-        // The scan's reads of the backends' state must not move before this clear, or a
-        // backend ejected meanwhile could set the flag just before it is cleared, unseen.
+        // The reads of the backends' state must not move before this clear, or a backend
+        // ejected meanwhile could set the flag just before it is cleared, unseen.
         std::sync::atomic::fence(SeqCst);
+        if still_out() {
+            self.note_passive_out();
+        }
         true
     }
 }
@@ -243,14 +246,13 @@ mod tests {
     #[test]
     fn trial_scans_are_spaced_and_stop_when_nothing_is_out() {
         let index = LoadIndex::new(2);
-        assert!(!index.trial_scan_due(), "nothing out");
+        assert!(!index.trial_scan_due(|| true), "nothing went out");
         index.note_passive_out();
-        assert!(index.trial_scan_due());
-        index.note_passive_out(); // the scan found it still out
-        assert!(!index.trial_scan_due(), "too soon after the last");
+        assert!(index.trial_scan_due(|| true), "one went out, and is still out");
+        assert!(!index.trial_scan_due(|| true), "too soon after the last");
         std::thread::sleep(std::time::Duration::from_millis(TRIAL_SCAN_EVERY_MS + 10));
-        assert!(index.trial_scan_due());
+        assert!(index.trial_scan_due(|| false), "due again; this time none is still out");
         std::thread::sleep(std::time::Duration::from_millis(TRIAL_SCAN_EVERY_MS + 10));
-        assert!(!index.trial_scan_due(), "the last scan found nothing out");
+        assert!(!index.trial_scan_due(|| true), "the last scan found nothing out");
     }
 }
