@@ -8,6 +8,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
+/// Any body's error, boxed: bodies of different sources meet in one type.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// The longest chunk-size or trailer line accepted in a chunked body.
 pub const MAX_LINE: usize = 4096;
 
@@ -301,4 +304,51 @@ mod tests {
         assert!(!map.contains_key("content-length"), "a length beside a transfer coding is left out");
         assert_eq!(tokens(b" close ,, Keep-Alive").collect::<Vec<_>>(), [&b"close"[..], b"Keep-Alive"]);
     }
+}
+
+/// A chunk-size line: `len` in hex, then CRLF, without formatting machinery.
+pub fn chunk_size_line(len: usize) -> ChunkSizeLine {
+    let mut line = ChunkSizeLine { bytes: [0; 18], len: 0 };
+    let digits = (usize::BITS - (len | 1).leading_zeros()).div_ceil(4) as usize;
+    for i in 0..digits {
+        line.bytes[digits - 1 - i] = b"0123456789abcdef"[(len >> (4 * i)) & 0xf];
+    }
+    line.bytes[digits] = b'\r';
+    line.bytes[digits + 1] = b'\n';
+    line.len = digits + 2;
+    line
+}
+
+/// See [`chunk_size_line`].
+pub struct ChunkSizeLine {
+    bytes: [u8; 18],
+    len: usize,
+}
+
+impl ChunkSizeLine {
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
+/// A request target as the client sent it, when it had bytes above 0x7F: forwarded
+/// unchanged, while the request's `Uri` (for routing) has them percent-encoded.
+#[derive(Clone, Debug)]
+pub struct RawTarget(pub Bytes);
+
+/// `raw` with every byte above 0x7F percent-encoded.
+pub fn percent_encode_non_ascii(raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(raw.len() + 16);
+    for &b in raw {
+        if b.is_ascii() {
+            out.push(b);
+        } else {
+            out.extend_from_slice(&[
+                b'%',
+                b"0123456789ABCDEF"[usize::from(b >> 4)],
+                b"0123456789ABCDEF"[usize::from(b & 15)],
+            ]);
+        }
+    }
+    out
 }

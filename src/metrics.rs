@@ -246,7 +246,7 @@ impl prometheus_client::collector::Collector for RuntimeCollector {
         }
 
         // One family per backend property, each labelled by upstream and backend.
-        let per_backend: [BackendFamily; 4] = [
+        let per_backend: [BackendFamily; 5] = [
             (
                 "balancer_backend_up",
                 "1 when the backend receives traffic: active checks pass and passive checks have not taken it out.",
@@ -261,6 +261,12 @@ impl prometheus_client::collector::Collector for RuntimeCollector {
                 "Failed attempts on the backend: connect errors, resets, timeouts.",
                 MetricType::Counter,
                 |b| b.failures() as i64,
+            ),
+            (
+                "balancer_passive_ejections_refused",
+                "Passive ejections that were due but refused: they would have taken out more than max_ejected_percent of the upstream, or its last backend up.",
+                MetricType::Counter,
+                |b| b.ejections_refused() as i64,
             ),
             (
                 "balancer_backend_connections_opened",

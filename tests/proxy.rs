@@ -25,7 +25,7 @@ async fn http10_keepalive_and_pipelining_are_served() {
     // HTTP/1.0: answered, then closed.
     let out = raw(b.addr(), b"GET /ten HTTP/1.0\r\n\r\n", Duration::from_secs(5)).await;
     assert_eq!(status_of(&out), 200, "{out}");
-    assert!(out.starts_with("HTTP/1.0 200"), "{out}");
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
     assert!(out.contains("\"path\":\"/ten\""), "{out}");
 
     // Keep-alive: three requests on one connection.

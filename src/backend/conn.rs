@@ -1,6 +1,8 @@
 //! One keep-alive HTTP/1.1 connection to a backend, driven from the request's own task:
-//! the request is written, then the response head is read, then the response body is read
-//! as the client takes it. There is no connection task and no channel between the two
+//! the request head is written, then the request body is sent while the response head and
+//! then the response body are read as the client takes them. The two directions flow at
+//! once (SPEC 3): whatever waits on one side, the other keeps moving, so a backend that
+//! streams its answer while the upload still arrives is never stalled. There is no connection task and no channel between the two
 //! sides, so a request never changes task on its way to the backend and back (the
 //! profile's largest user-space cost with hyper's client).
 
@@ -20,8 +22,7 @@ use tokio::time::Instant;
 use crate::timer::LazyTimer;
 use tokio_rustls::client::TlsStream;
 
-use crate::http1::{self, Decoded, Decoder, Malformed, RawFields};
-use crate::proxy::body::{BoxError, RequestBody};
+use crate::http1::{self, BoxError, Decoded, Decoder, Malformed, RawFields};
 
 /// The most headers a backend's response head may have (hyper's default too).
 const MAX_HEADERS: usize = 100;
@@ -91,9 +92,9 @@ pub struct Conn {
     pub reused: bool,
     /// The last response allows another request on this connection.
     keep_alive: bool,
-    /// The backend answered before the whole request body was sent: the connection cannot
-    /// carry another request.
-    cut_short: bool,
+    /// The request body still being sent; `None` once it is all out. A connection whose
+    /// upload did not finish cannot carry another request.
+    upload: Option<Upload>,
     /// An interim (1xx) response arrived since the request was sent: a response began.
     interim: bool,
     /// The response-head timer, made on first use (see `read_head_within`).
@@ -115,10 +116,25 @@ pub enum SendError {
     /// The client's body failed (it broke off, or grew past the limit).
     #[error("{0}")]
     ClientBody(BoxError),
-    /// Writing the body to the backend failed.
-    #[error("writing the request body: {0}")]
-    Body(io::Error),
 }
+
+/// What is left to send of a request body: the pieces of the frame being written
+/// (chunk-size line, data, CRLF), and whether the body has ended.
+#[derive(Debug)]
+struct Upload {
+    framing: RequestFraming,
+    pieces: [Bytes; 3],
+    ended: bool,
+    /// Writing to the backend failed (it closed, or reset): nothing more is sent, and
+    /// its response, if one comes, is still read.
+    dead: bool,
+}
+
+/// A request without a body (health checks).
+pub type NoBody = http_body_util::Empty<Bytes>;
+
+/// The client's body as the response body carries it while it is still being sent.
+pub type PendingUpload = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
 
 /// Why reading a response failed.
 #[derive(Debug, thiserror::Error)]
@@ -129,6 +145,9 @@ pub enum ReadError {
     Io(#[from] io::Error),
     #[error("malformed response: {0}")]
     Malformed(&'static str),
+    /// The client's body failed while the response head was awaited.
+    #[error("{0}")]
+    ClientBody(BoxError),
 }
 
 impl ReadError {
@@ -143,7 +162,7 @@ impl ReadError {
                         io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionAborted
                     )
             }
-            ReadError::Malformed(_) => false,
+            ReadError::Malformed(_) | ReadError::ClientBody(_) => false,
         }
     }
 }
@@ -180,7 +199,7 @@ impl Conn {
             head: Vec::new(),
             reused: false,
             keep_alive: true,
-            cut_short: false,
+            upload: None,
             interim: false,
             timer: None,
         }
@@ -204,73 +223,115 @@ impl Conn {
         &mut self.head
     }
 
-    /// Writes the head in [`Conn::head_buf`], then streams `body` with `framing`. While the
-    /// body goes out, the backend may already answer (a 413 or 401 to an upload, say):
-    /// then sending stops and the answer is read; the connection is not reused.
-    pub async fn send(&mut self, body: &mut RequestBody, framing: RequestFraming) -> Result<(), SendError> {
-        self.cut_short = false;
+    /// Writes the head in [`Conn::head_buf`], then streams `body` with `framing` until it
+    /// is all out or the backend starts answering (a streaming echo, or a 413 or 401 to an
+    /// upload): the rest then goes out while the response is read
+    /// ([`Conn::read_head_within`], [`ConnBody`]).
+    pub async fn send<B>(&mut self, body: &mut B, framing: RequestFraming) -> Result<(), SendError>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: Into<BoxError>,
+    {
         self.interim = false;
         self.io.write_all(&self.head).await.map_err(SendError::Head)?;
-        if framing != RequestFraming::Empty {
-            // What is left to write of the current frame: chunk-size line, data, CRLF.
-            let mut pieces: [Bytes; 3] = Default::default();
-            let mut ended = false;
-            let mut read_closed = false;
-            std::future::poll_fn(|cx| {
-                loop {
-                    if !read_closed {
-                        match self.poll_fill(cx) {
-                            Poll::Ready(Ok(0)) => read_closed = true,
-                            Poll::Ready(Ok(_)) => {
-                                self.cut_short = true;
-                                return Poll::Ready(Ok(()));
-                            }
-                            Poll::Ready(Err(e)) => return Poll::Ready(Err(SendError::Body(e))),
-                            Poll::Pending => {}
-                        }
+        self.upload = (framing != RequestFraming::Empty).then(|| Upload {
+            framing,
+            pieces: Default::default(),
+            ended: false,
+            dead: false,
+        });
+        let mut read_closed = false;
+        std::future::poll_fn(|cx| {
+            if self.poll_upload(cx, body).map_err(SendError::ClientBody)?.is_ready() {
+                return Poll::Ready(Ok(()));
+            }
+            if !read_closed {
+                match self.poll_fill(cx) {
+                    Poll::Ready(Ok(0)) => read_closed = true,
+                    // An answer began: it is read while the upload goes on.
+                    Poll::Ready(Ok(_)) | Poll::Ready(Err(_)) => return Poll::Ready(Ok(())),
+                    Poll::Pending => {}
+                }
+            }
+            Poll::Pending
+        })
+        .await?;
+        if self.upload.is_none() {
+            // The whole request is out; a failed flush shows as a failed response read.
+            let _ = self.io.flush().await;
+        }
+        Ok(())
+    }
+
+    /// Sends what it can of the request body: `Ready(Ok)` when nothing is left to send
+    /// (all of it is out, or the backend stopped taking it), `Pending` while the body or
+    /// the socket must be waited for.
+    /// An error is the client body's own.
+    fn poll_upload<B>(&mut self, cx: &mut Context<'_>, body: &mut B) -> Poll<Result<(), BoxError>>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: Into<BoxError>,
+    {
+        let Some(up) = self.upload.as_mut() else { return Poll::Ready(Ok(())) };
+        loop {
+            if up.dead {
+                return Poll::Ready(Ok(()));
+            }
+            if let Some(piece) = up.pieces.iter_mut().find(|p| !p.is_empty()) {
+                match Pin::new(&mut self.io).poll_write(cx, piece) {
+                    Poll::Ready(Ok(n)) if n > 0 => piece.advance(n),
+                    Poll::Ready(_) => up.dead = true,
+                    Poll::Pending => return Poll::Pending,
+                }
+                continue;
+            }
+            if up.ended {
+                if ready!(Pin::new(&mut self.io).poll_flush(cx)).is_err() {
+                    up.dead = true;
+                    continue;
+                }
+                self.upload = None;
+                return Poll::Ready(Ok(()));
+            }
+            match Pin::new(&mut *body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    let Ok(data) = frame.into_data() else { continue };
+                    if data.is_empty() {
+                        continue;
                     }
-                    if let Some(piece) = pieces.iter_mut().find(|p| !p.is_empty()) {
-                        match Pin::new(&mut self.io).poll_write(cx, piece) {
-                            Poll::Ready(Ok(0)) => {
-                                return Poll::Ready(Err(SendError::Body(io::ErrorKind::WriteZero.into())));
-                            }
-                            Poll::Ready(Ok(n)) => {
-                                let _ = piece.split_to(n);
-                                continue;
-                            }
-                            Poll::Ready(Err(e)) => return Poll::Ready(Err(SendError::Body(e))),
-                            Poll::Pending => return Poll::Pending,
-                        }
-                    }
-                    if ended {
-                        return Poll::Ready(Ok(()));
-                    }
-                    match ready!(Pin::new(&mut *body).poll_frame(cx)) {
-                        Some(Ok(frame)) => {
-                            let Ok(data) = frame.into_data() else { continue };
-                            if data.is_empty() {
-                                continue;
-                            }
-                            if framing == RequestFraming::Chunked {
-                                pieces =
-                                    [Bytes::from(format!("{:x}\r\n", data.len())), data, Bytes::from_static(b"\r\n")];
-                            } else {
-                                pieces[1] = data;
-                            }
-                        }
-                        Some(Err(e)) => return Poll::Ready(Err(SendError::ClientBody(e))),
-                        None => {
-                            ended = true;
-                            if framing == RequestFraming::Chunked {
-                                pieces[2] = Bytes::from_static(b"0\r\n\r\n");
-                            }
-                        }
+                    if up.framing == RequestFraming::Chunked {
+                        up.pieces = [
+                            Bytes::copy_from_slice(http1::chunk_size_line(data.len()).as_bytes()),
+                            data,
+                            Bytes::from_static(b"\r\n"),
+                        ];
+                    } else {
+                        up.pieces[1] = data;
                     }
                 }
-            })
-            .await?;
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e.into())),
+                Poll::Ready(None) => {
+                    up.ended = true;
+                    if up.framing == RequestFraming::Chunked {
+                        up.pieces[2] = Bytes::from_static(b"0\r\n\r\n");
+                    }
+                }
+                Poll::Pending => {
+                    // Nothing more to write for now: what was written must reach the
+                    // backend (TLS keeps records until flushed).
+                    if let Poll::Ready(Err(_)) = Pin::new(&mut self.io).poll_flush(cx) {
+                        up.dead = true;
+                        continue;
+                    }
+                    return Poll::Pending;
+                }
+            }
         }
-        self.io.flush().await.map_err(SendError::Body)
+    }
+
+    /// Whether part of the request body is still to be sent.
+    pub fn uploading(&self) -> bool {
+        self.upload.is_some()
     }
 
     /// Whether any byte of a response has arrived since the request was sent.
@@ -284,12 +345,25 @@ impl Conn {
         std::future::poll_fn(|cx| self.poll_head(cx, head_request)).await
     }
 
-    /// [`Conn::read_head`] within `after`; `None` when the time ran out first.
+    /// [`Conn::read_head`] within `after`, sending what is left of `body` meanwhile;
+    /// `None` when the time ran out first.
     ///
     /// The connection keeps one [`LazyTimer`] for its whole life.
-    pub async fn read_head_within(&mut self, after: Duration, head_request: bool) -> Option<Result<Head, ReadError>> {
+    pub async fn read_head_within<B>(
+        &mut self,
+        after: Duration,
+        head_request: bool,
+        body: &mut B,
+    ) -> Option<Result<Head, ReadError>>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: Into<BoxError>,
+    {
         let deadline = Instant::now() + after;
         std::future::poll_fn(|cx| {
+            if let Poll::Ready(Err(e)) = self.poll_upload(cx, body) {
+                return Poll::Ready(Some(Err(ReadError::ClientBody(e))));
+            }
             if let Poll::Ready(r) = self.poll_head(cx, head_request) {
                 return Poll::Ready(Some(r));
             }
@@ -356,7 +430,7 @@ impl Conn {
             let (close, names_fields) = connection_says(version, fields);
             let transfer_coded = fields.iter().any(|f| f.name.eq_ignore_ascii_case("transfer-encoding"));
             let count = fields.len();
-            self.keep_alive = !close && framing != Framing::UntilClose && !self.cut_short;
+            self.keep_alive = !close && framing != Framing::UntilClose;
             // The fields start after the status line, which httparse found to end in LF.
             let fields_at = self.buf.iter().position(|b| *b == b'\n').map_or(len, |i| i + 1);
             let head = self.buf.split_to(len).freeze();
@@ -365,15 +439,17 @@ impl Conn {
         }
     }
 
-    /// The response body that follows a head with `framing`; it owns the connection.
-    pub fn into_body(self, framing: Framing) -> ConnBody {
+    /// The response body that follows a head with `framing`; it owns the connection, and
+    /// `upload`, the rest of the request body when [`Conn::uploading`], which it sends as
+    /// it is read.
+    pub fn into_body(self, framing: Framing, upload: Option<PendingUpload>) -> ConnBody {
         let state = match framing {
             Framing::Empty | Framing::Upgrade | Framing::Length(0) => Decoder::Done,
             Framing::Length(n) => Decoder::Length(n),
             Framing::Chunked => Decoder::ChunkSize,
             Framing::UntilClose => Decoder::UntilClose,
         };
-        ConnBody { conn: Some(self), state }
+        ConnBody { upload: upload.filter(|_| self.uploading()), conn: Some(self), state }
     }
 }
 
@@ -466,6 +542,8 @@ pub struct ConnBody {
     /// `None` once the body failed: the connection is closed with it.
     conn: Option<Conn>,
     state: Decoder,
+    /// The client's body, while part of it is still to be sent.
+    upload: Option<PendingUpload>,
 }
 
 /// The backend's body broke off or was malformed.
@@ -477,6 +555,10 @@ pub enum BodyError {
     Malformed,
     #[error("{0}")]
     Io(#[from] io::Error),
+    /// The client's request body broke off (or grew past the limit) while the response
+    /// streamed: the exchange cannot complete.
+    #[error("{0}")]
+    ClientBody(BoxError),
 }
 
 impl ConnBody {
@@ -486,7 +568,7 @@ impl ConnBody {
             return None;
         }
         let mut conn = self.conn.take()?;
-        if !conn.keep_alive || !conn.buf.is_empty() {
+        if !conn.keep_alive || !conn.buf.is_empty() || conn.uploading() {
             return None;
         }
         conn.reused = true;
@@ -495,6 +577,7 @@ impl ConnBody {
 
     fn fail(&mut self, e: BodyError) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         self.conn = None;
+        self.upload = None;
         self.state = Decoder::Done;
         Poll::Ready(Some(Err(e)))
     }
@@ -508,6 +591,13 @@ impl Body for ConnBody {
         let this = self.get_mut();
         loop {
             let Some(conn) = this.conn.as_mut() else { return Poll::Ready(None) };
+            if let Some(upload) = this.upload.as_mut() {
+                match conn.poll_upload(cx, upload) {
+                    Poll::Ready(Ok(())) => this.upload = None,
+                    Poll::Ready(Err(e)) => return this.fail(BodyError::ClientBody(e)),
+                    Poll::Pending => {}
+                }
+            }
             match this.state.decode(&mut conn.buf) {
                 Ok(Decoded::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
                 Ok(Decoded::End) => return Poll::Ready(None),

@@ -14,9 +14,8 @@ use http::uri::PathAndQuery;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
-use super::{Backend, RequestFraming};
+use super::{Backend, NoBody, RequestFraming};
 use crate::config::HealthCheckConfig;
-use crate::proxy::body::RequestBody;
 use crate::runtime::Runtime;
 
 /// Starts the checkers of every upstream that has `[health_check]`; marks the backends of
@@ -90,7 +89,7 @@ async fn probe(backend: &Backend, hc: &HealthCheckConfig) -> Result<u16, String>
         backend.authority
     );
     let failed = |e: &dyn std::fmt::Display| format!("GET {}: {e}", hc.path);
-    conn.send(&mut RequestBody::empty(), RequestFraming::Empty).await.map_err(|e| failed(&e))?;
+    conn.send(&mut NoBody::new(), RequestFraming::Empty).await.map_err(|e| failed(&e))?;
     let status = conn.read_head(false).await.map_err(|e| failed(&e))?.status.as_u16();
     if hc.expect_status.iter().any(|&(lo, hi)| (lo..=hi).contains(&status)) {
         Ok(status)

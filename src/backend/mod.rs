@@ -22,7 +22,9 @@ use crate::balance::IndexSlot;
 use crate::config::{PassiveConfig, PoolConfig};
 use crate::metrics::StatusCounts;
 use crate::tls::BackendTls;
-pub use conn::{BackendIo, BodyError, Conn, ConnBody, Framing, Head, ReadError, RequestFraming, SendError};
+pub use conn::{
+    BackendIo, BodyError, Conn, ConnBody, Framing, Head, NoBody, PendingUpload, ReadError, RequestFraming, SendError,
+};
 pub use passive::Admission;
 use passive::{PassiveState, Transition};
 pub use pool::{ConnectError, Pool};
@@ -50,6 +52,8 @@ pub struct Backend {
     requests: AtomicU64,
     /// Attempts that failed: connect errors, resets, timeouts.
     failures: AtomicU64,
+    /// Passive ejections that were due but refused by `max_ejected_percent`.
+    ejections_refused: AtomicU64,
     /// Final statuses of the requests this backend served or failed.
     pub statuses: StatusCounts,
     pub pool: Arc<Pool>,
@@ -70,6 +74,7 @@ impl Backend {
             indexed: AtomicBool::new(false),
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            ejections_refused: AtomicU64::new(0),
             statuses: StatusCounts::default(),
         }
     }
@@ -125,6 +130,15 @@ impl Backend {
         self.failures.load(Relaxed)
     }
 
+    pub fn ejections_refused(&self) -> u64 {
+        self.ejections_refused.load(Relaxed)
+    }
+
+    /// Out on passive checks, whatever the active ones say.
+    pub fn is_ejected(&self) -> bool {
+        self.passive.is_out()
+    }
+
     /// Counts a request as in flight until the returned guard is dropped.
     pub fn begin(self: &Arc<Self>) -> InflightGuard {
         self.inflight.fetch_add(1, SeqCst);
@@ -168,9 +182,13 @@ impl Backend {
         }
     }
 
+    /// An attempt is being sent here (retries and resends included).
+    pub fn record_attempt(&self) {
+        self.requests.fetch_add(1, Relaxed);
+    }
+
     /// A response head arrived; `trial`: this request was the passive trial.
     pub fn record_response(&self, trial: bool) {
-        self.requests.fetch_add(1, Relaxed);
         if self.passive.on_success(trial) == Some(Transition::Recovered) {
             // Back in the index now, not when the trial's response (perhaps a long stream
             // or a tunnel) ends.
@@ -179,17 +197,44 @@ impl Backend {
         }
     }
 
-    /// An attempt failed: connect error, reset, or timeout.
-    pub fn record_failure(&self, passive: &PassiveConfig, trial: bool, error: &dyn Display) {
+    /// An attempt failed: connect error, reset, or timeout. `may_eject` is the upstream's
+    /// say on an ejection that is due (`max_ejected_percent`); it is asked again once the
+    /// backend is out, and the ejection undone if another backend went out meanwhile.
+    pub fn record_failure(
+        &self,
+        passive: &PassiveConfig,
+        trial: bool,
+        error: &dyn Display,
+        may_eject: impl Fn() -> bool,
+    ) {
         self.failures.fetch_add(1, Relaxed);
-        if let Some(Transition::Ejected { failures }) = self.passive.on_failure(passive, trial) {
-            self.reindex();
+        let Some(Transition::EjectionDue { failures }) = self.passive.on_failure(passive, trial) else { return };
+        let reason = format_args!("{failures} consecutive failures on real traffic, the last: {error}");
+        if may_eject() {
+            if !self.passive.eject(passive) {
+                return;
+            }
+            if may_eject() {
+                self.reindex();
+                tracing::warn!(
+                    upstream = %self.upstream,
+                    backend = %self.url,
+                    %reason,
+                    out_for = %humantime::format_duration(passive.fail_timeout),
+                    "backend down: passive checks",
+                );
+                return;
+            }
+            self.passive.reset_out();
+        }
+        self.ejections_refused.fetch_add(1, Relaxed);
+        if self.passive.note_refused() {
             tracing::warn!(
                 upstream = %self.upstream,
                 backend = %self.url,
-                reason = %format_args!("{failures} consecutive failures on real traffic, the last: {error}"),
-                out_for = %humantime::format_duration(passive.fail_timeout),
-                "backend down: passive checks",
+                %reason,
+                max_ejected_percent = passive.max_ejected_percent,
+                "passive ejection refused: it would take out more than max_ejected_percent of the upstream, or its last backend up",
             );
         }
     }

@@ -1,10 +1,11 @@
 //! Passive checks: consecutive failures on real traffic take a backend out for
-//! `fail_timeout`; then one trial request is let through, and its outcome decides.
+//! `fail_timeout`; then one trial request is let through, and its outcome decides. Whether
+//! an ejection that is due may happen is the upstream's call (`max_ejected_percent`).
 //!
 //! All state is atomics on the backend; times are milliseconds since the backend was
 //! created, so they fit an `AtomicU64` (0 means "not set").
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::time::Instant;
 
 use crate::config::PassiveConfig;
@@ -17,6 +18,8 @@ pub struct PassiveState {
     out_until: AtomicU64,
     /// When the current trial request started; 0 when none is in flight.
     trial_since: AtomicU64,
+    /// An ejection was refused since the last success (so it is logged once per streak).
+    refused: AtomicBool,
 }
 
 /// Whether a request may use the backend now, as far as passive checks go.
@@ -32,7 +35,11 @@ pub enum Admission {
 /// A change of state that must be logged.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Transition {
-    Ejected { failures: u32 },
+    /// `max_fails` reached: the backend is due out, if the upstream allows it
+    /// ([`PassiveState::eject`]).
+    EjectionDue {
+        failures: u32,
+    },
     Recovered,
 }
 
@@ -43,6 +50,7 @@ impl Default for PassiveState {
             consecutive_failures: AtomicU32::new(0),
             out_until: AtomicU64::new(0),
             trial_since: AtomicU64::new(0),
+            refused: AtomicBool::new(false),
         }
     }
 }
@@ -86,6 +94,7 @@ impl PassiveState {
     /// happens to finish well does not).
     pub fn on_success(&self, trial: bool) -> Option<Transition> {
         self.consecutive_failures.store(0, Relaxed);
+        self.refused.store(false, Relaxed);
         if trial && self.out_until.swap(0, Relaxed) != 0 {
             self.trial_since.store(0, Relaxed);
             return Some(Transition::Recovered);
@@ -100,18 +109,30 @@ impl PassiveState {
             return None;
         }
         let failures = self.consecutive_failures.fetch_add(1, Relaxed) + 1;
-        let until = self.now() + cfg.fail_timeout.as_millis() as u64;
         if self.is_out() {
             if trial {
                 self.trial_since.store(0, Relaxed);
-                self.out_until.store(until, Relaxed);
+                self.out_until.store(self.now() + cfg.fail_timeout.as_millis() as u64, Relaxed);
             }
             return None;
         }
-        if failures >= cfg.max_fails && self.out_until.compare_exchange(0, until, Relaxed, Relaxed).is_ok() {
-            return Some(Transition::Ejected { failures });
-        }
-        None
+        (failures >= cfg.max_fails).then_some(Transition::EjectionDue { failures })
+    }
+
+    /// Takes the backend out for `fail_timeout`; false if it already was.
+    pub fn eject(&self, cfg: &PassiveConfig) -> bool {
+        let until = self.now() + cfg.fail_timeout.as_millis() as u64;
+        self.out_until.compare_exchange(0, until, Relaxed, Relaxed).is_ok()
+    }
+
+    /// An ejection was refused; true the first time since the last success.
+    pub fn note_refused(&self) -> bool {
+        !self.refused.swap(true, Relaxed)
+    }
+
+    /// Undoes an ejection that raced another (see `Backend::record_failure`).
+    pub fn reset_out(&self) {
+        self.out_until.store(0, Relaxed);
     }
 
     /// Puts the backend back in (its passive checks were turned off by a reload).
@@ -128,7 +149,7 @@ mod tests {
     use std::time::Duration;
 
     fn cfg(ms: u64) -> PassiveConfig {
-        PassiveConfig { max_fails: 2, fail_timeout: Duration::from_millis(ms) }
+        PassiveConfig { max_fails: 2, fail_timeout: Duration::from_millis(ms), max_ejected_percent: 100 }
     }
 
     #[test]
@@ -138,7 +159,9 @@ mod tests {
         assert_eq!(s.on_failure(&c, false), None);
         assert_eq!(s.on_success(false), None, "a success resets the streak");
         assert_eq!(s.on_failure(&c, false), None);
-        assert_eq!(s.on_failure(&c, false), Some(Transition::Ejected { failures: 2 }));
+        assert_eq!(s.on_failure(&c, false), Some(Transition::EjectionDue { failures: 2 }));
+        assert!(s.eject(&c));
+        assert!(!s.eject(&c), "already out");
         assert_eq!(s.on_success(false), None, "an older request's success does not end the ejection");
         assert_eq!(s.on_failure(&c, false), None, "nor does an older request's failure extend it");
         assert_eq!(s.admission(&c), Admission::Closed);
@@ -160,7 +183,7 @@ mod tests {
     #[test]
     fn max_fails_zero_never_ejects() {
         let s = PassiveState::default();
-        let c = PassiveConfig { max_fails: 0, fail_timeout: Duration::from_secs(1) };
+        let c = PassiveConfig { max_fails: 0, fail_timeout: Duration::from_secs(1), max_ejected_percent: 100 };
         for _ in 0..10 {
             assert_eq!(s.on_failure(&c, false), None);
         }

@@ -139,7 +139,8 @@ impl Pool {
     }
 
     async fn open(&self, tls: Option<BackendTls>) -> Result<Conn, ConnectError> {
-        let host = self.authority.host();
+        // An IPv6 literal comes bracketed in a URL; the resolver wants the address alone.
+        let host = self.authority.host().trim_start_matches('[').trim_end_matches(']');
         let port = self.authority.port_u16().unwrap_or(if tls.is_some() { 443 } else { 80 });
         let stream = TcpStream::connect((host, port))
             .await
@@ -151,7 +152,7 @@ impl Pool {
             Some(tls) => {
                 let name = match tls.server_name {
                     Some(n) => n,
-                    None => ServerName::try_from(host.trim_start_matches('[').trim_end_matches(']').to_owned())
+                    None => ServerName::try_from(host.to_owned())
                         .map_err(|e| ConnectError::Tls(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?,
                 };
                 let stream = tls.connector.connect(name, stream).await.map_err(ConnectError::Tls)?;

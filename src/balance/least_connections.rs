@@ -156,14 +156,18 @@ mod tests {
     fn a_backend_out_on_passive_checks_is_offered_its_trial() {
         use crate::backend::Admission;
         use crate::config::PassiveConfig;
-        let passive = PassiveConfig { max_fails: 1, fail_timeout: std::time::Duration::from_millis(30) };
+        let passive = PassiveConfig {
+            max_fails: 1,
+            fail_timeout: std::time::Duration::from_millis(30),
+            max_ejected_percent: 100,
+        };
         let bs = backends(3);
         let lc = LeastConnections::new(&bs, &[1, 1, 1]);
         let _busy = [bs[0].begin(), bs[2].begin()];
         let mut offered = |_: usize, b: &Backend| b.admission(&passive) != Admission::Closed;
         {
             let _attempt = bs[1].begin();
-            bs[1].record_failure(&passive, false, &"refused");
+            bs[1].record_failure(&passive, false, &"refused", || true);
         }
         assert_ne!(lc.pick(&bs, &mut offered), Some(1), "out");
         std::thread::sleep(std::time::Duration::from_millis(100));
@@ -176,12 +180,16 @@ mod tests {
     fn a_backend_is_back_in_the_index_once_its_trial_answers() {
         use crate::backend::Admission;
         use crate::config::PassiveConfig;
-        let passive = PassiveConfig { max_fails: 1, fail_timeout: std::time::Duration::from_millis(20) };
+        let passive = PassiveConfig {
+            max_fails: 1,
+            fail_timeout: std::time::Duration::from_millis(20),
+            max_ejected_percent: 100,
+        };
         let bs = backends(3);
         let lc = LeastConnections::new(&bs, &[1, 1, 1]);
         let _busy = [bs[0].begin(), bs[0].begin(), bs[2].begin(), bs[2].begin()];
         bs[1].begin();
-        bs[1].record_failure(&passive, false, &"refused");
+        bs[1].record_failure(&passive, false, &"refused", || true);
         std::thread::sleep(std::time::Duration::from_millis(60));
         let Admission::Trial(seen) = bs[1].admission(&passive) else { panic!("no trial offered") };
         assert!(bs[1].claim_trial(seen));

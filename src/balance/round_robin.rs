@@ -3,8 +3,10 @@
 //! The schedule of one period (sum of weights / their gcd) is computed when the upstream is
 //! built, so a pick is one `fetch_add` and a table read. Because the schedule is periodic,
 //! any run of sum-of-weights consecutive picks gives each backend exactly its weight, and
-//! equal weights alternate strictly. A refused backend's slot is consumed and the next
-//! slot tried, so the others keep their relative shares.
+//! equal weights alternate strictly. A pick takes one start slot from the shared cursor
+//! and walks the schedule from there on its own, so it considers every backend once
+//! whatever other pickers do (SPEC 4: no 503 while a backend would accept); the cursor is
+//! then moved past the slots it skipped, so the others keep their relative shares.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
@@ -47,10 +49,13 @@ fn gcd(a: u32, b: u32) -> u32 {
 impl Balancer for RoundRobin {
     fn pick(&self, backends: &[Arc<Backend>], accept: &mut dyn FnMut(usize, &Backend) -> bool) -> Option<usize> {
         let len = self.schedule.len();
-        for _ in 0..len {
-            let slot = self.cursor.fetch_add(1, Relaxed) % len;
-            let idx = self.schedule[slot] as usize;
+        let start = self.cursor.fetch_add(1, Relaxed);
+        for skipped in 0..len {
+            let idx = self.schedule[start.wrapping_add(skipped) % len] as usize;
             if accept(idx, &backends[idx]) {
+                if skipped > 0 {
+                    self.cursor.fetch_add(skipped, Relaxed);
+                }
                 return Some(idx);
             }
         }
@@ -95,5 +100,30 @@ mod tests {
         assert_eq!(picks.iter().filter(|&&p| p == 0).count(), 15);
         assert_eq!(picks.iter().filter(|&&p| p == 2).count(), 15);
         assert_eq!(rr.pick(&bs, &mut |_, _| false), None);
+    }
+
+    #[test]
+    fn a_pick_tries_every_backend_however_pickers_interleave() {
+        // Two backends, the first refused. Each pick's refusal lets another picker advance
+        // the cursor in between: with a shared cursor walked per try, a pick could land on
+        // the refused slot every time and give up.
+        let rr = Arc::new(RoundRobin::new(&[1, 1]));
+        let bs = Arc::new(backends(2));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let (rr, bs) = (rr.clone(), bs.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..20_000 {
+                        let picked = rr.pick(&bs, &mut |i, _| {
+                            // Another picker moves the cursor while this one decides.
+                            rr.cursor.fetch_add(1, Relaxed);
+                            i == 1
+                        });
+                        assert_eq!(picked, Some(1));
+                    }
+                })
+            })
+            .collect();
+        threads.into_iter().for_each(|t| t.join().unwrap());
     }
 }

@@ -83,6 +83,9 @@ pub struct ServerConfig {
     pub max_header_bytes: usize,
     pub shutdown_grace: Duration,
     pub trusted_proxies: Vec<IpNet>,
+    /// Forward header fields whose names contain `_` (a WSGI app reads `X_Forwarded_For`
+    /// as `X-Forwarded-For`, so they are dropped unless this is set).
+    pub underscores_in_headers: bool,
     pub rate_limit: Vec<String>,
     /// Timeouts that apply to client connections (`[timeouts]`).
     pub timeouts: Timeouts,
@@ -161,6 +164,9 @@ pub struct PassiveConfig {
     /// 0: passive checks off.
     pub max_fails: u32,
     pub fail_timeout: Duration,
+    /// Passive checks never have more than this share (percent, 0 to 100) of the
+    /// upstream's backends out at once.
+    pub max_ejected_percent: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

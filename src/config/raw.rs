@@ -34,6 +34,8 @@ pub struct RawServer {
     pub max_header_bytes: ByteSize,
     pub shutdown_grace: HumanDuration,
     pub trusted_proxies: Vec<String>,
+    /// Forward header fields whose names contain `_` (dropped by default).
+    pub underscores_in_headers: bool,
     pub rate_limit: OneOrMany,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<RawTls>,
@@ -49,6 +51,7 @@ impl Default for RawServer {
             max_header_bytes: ByteSize::kib(64),
             shutdown_grace: HumanDuration::secs(30),
             trusted_proxies: Vec::new(),
+            underscores_in_headers: false,
             rate_limit: OneOrMany(Vec::new()),
             tls: None,
         }
@@ -317,11 +320,13 @@ pub struct RawPassive {
     /// 0 turns passive checks off.
     pub max_fails: u32,
     pub fail_timeout: HumanDuration,
+    /// The most of the upstream's backends (in percent) passive checks may take out.
+    pub max_ejected_percent: u32,
 }
 
 impl Default for RawPassive {
     fn default() -> Self {
-        RawPassive { max_fails: 3, fail_timeout: HumanDuration::secs(10) }
+        RawPassive { max_fails: 3, fail_timeout: HumanDuration::secs(10), max_ejected_percent: 50 }
     }
 }
 

@@ -165,6 +165,7 @@ pub fn validate(raw: &RawConfig, base: &Path) -> Result<Config, KeyError> {
             max_header_bytes: max_header_bytes as usize,
             shutdown_grace: s.shutdown_grace.0,
             trusted_proxies,
+            underscores_in_headers: s.underscores_in_headers,
             rate_limit: server_limits,
             timeouts,
             tls,
@@ -290,6 +291,9 @@ fn upstream(
         }
         backends.push(BackendConfig { url: b.url.trim_end_matches('/').to_owned(), scheme, authority, weight });
     }
+    if up.passive.max_ejected_percent > 100 {
+        return err(format!("{key}.passive.max_ejected_percent"), "must be a percentage, 0 to 100");
+    }
     let timeouts = upstream_timeouts(base, up.timeouts.as_ref(), &key)?;
     let health_check = match &up.health_check {
         None => None,
@@ -323,7 +327,11 @@ fn upstream(
         },
         timeouts,
         health_check,
-        passive: PassiveConfig { max_fails: up.passive.max_fails, fail_timeout: up.passive.fail_timeout.0 },
+        passive: PassiveConfig {
+            max_fails: up.passive.max_fails,
+            fail_timeout: up.passive.fail_timeout.0,
+            max_ejected_percent: up.passive.max_ejected_percent,
+        },
         tls,
     })
 }

@@ -14,7 +14,7 @@ use crate::backend::{ConnBody, InflightGuard};
 use crate::http1::RawFields;
 use crate::server::h1::IncomingBody;
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub use crate::http1::BoxError;
 
 /// The client's request body failed while streaming (the client went away or broke the
 /// framing): the client's fault, never the backend's.

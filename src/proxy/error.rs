@@ -17,8 +17,9 @@ pub enum ProxyError {
     BadRequest(&'static str),
     #[error("no route matches this host and path")]
     NoRoute,
-    #[error("CONNECT is not supported by this proxy")]
-    Connect,
+    /// CONNECT and TRACE: never forwarded.
+    #[error("method not allowed: {0} is not forwarded by this proxy")]
+    MethodNotAllowed(http::Method),
     #[error("bad request: the request body broke off before its end")]
     ClientBodyBroken,
     #[error("request body is larger than the limit of {limit} bytes")]
@@ -42,7 +43,7 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(_) | ProxyError::ClientBodyBroken => StatusCode::BAD_REQUEST,
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
-            ProxyError::Connect => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::NoHealthyBackend { .. } => StatusCode::SERVICE_UNAVAILABLE,

@@ -88,6 +88,53 @@ pub struct Forwarded<'a> {
     pub preserve_host: bool,
     pub backend: &'a Authority,
     pub upgrade: Option<&'a HeaderValue>,
+    /// `server.underscores_in_headers`: forward fields whose names contain `_`.
+    pub underscores: bool,
+}
+
+/// Whether a `Host` value is `host[:port]` (RFC 9110 7.2, RFC 3986 3.2.2): a reg-name or
+/// IPv4 address, or an IP literal in brackets, then an optional port of digits.
+pub fn valid_host(value: &[u8]) -> bool {
+    let (host, port) = if value.first() == Some(&b'[') {
+        let Some(close) = value.iter().position(|&b| b == b']') else { return false };
+        let literal = &value[1..close];
+        if literal.is_empty() || !literal.iter().all(|&b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.')) {
+            return false;
+        }
+        match &value[close + 1..] {
+            [] => return true,
+            [b':', port @ ..] => (&value[..0], port),
+            _ => return false,
+        }
+    } else {
+        match value.iter().position(|&b| b == b':') {
+            Some(colon) => (&value[..colon], &value[colon + 1..]),
+            None => (value, &value[..0]),
+        }
+    };
+    let host_ok = host.iter().all(|&b| {
+        b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'%'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+            )
+    });
+    let empty_host = host.is_empty() && value.first() != Some(&b'[');
+    host_ok && !empty_host && port.iter().all(u8::is_ascii_digit) && port.len() <= 5
 }
 
 /// Writes the HTTP/1.1 head sent to a backend for `parts` into `out`, with `target` as
@@ -95,14 +142,14 @@ pub struct Forwarded<'a> {
 pub fn write_request_head(
     out: &mut Vec<u8>,
     parts: &Parts,
-    target: &str,
+    target: &[u8],
     framing: RequestFraming,
     fwd: &Forwarded<'_>,
 ) {
     out.reserve(256);
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
-    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(target);
     out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
     match (fwd.preserve_host, fwd.host) {
         (true, Some(h)) => out.extend_from_slice(h.as_bytes()),
@@ -128,6 +175,8 @@ pub fn write_request_head(
             || name == X_FORWARDED_HOST
             || name == X_REQUEST_ID
             || is_connection_specific(name, src, has_connection)
+            // A WSGI app reads `X_Forwarded_Host` as `X-Forwarded-Host` (nginx drops them too).
+            || (!fwd.underscores && name.as_str().contains('_'))
         {
             continue;
         }
@@ -252,6 +301,24 @@ pub fn host_without_port(host: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_values_are_host_and_optional_port() {
+        for ok in [
+            "example.com",
+            "example.com:8080",
+            "127.0.0.1:80",
+            "[::1]",
+            "[::1]:80",
+            "a_b.example",
+            "xn--bcher-kva.example",
+        ] {
+            assert!(valid_host(ok.as_bytes()), "{ok}");
+        }
+        for bad in ["", "a b", "a\tb", "evil.example/x", "a:b", "[::1", "[]:80", ":80", "a:123456", "x@y", "[::1]x"] {
+            assert!(!valid_host(bad.as_bytes()), "{bad:?}");
+        }
+    }
     use http::Request;
 
     #[test]
@@ -279,9 +346,10 @@ mod tests {
             preserve_host: false,
             backend: &backend,
             upgrade: None,
+            underscores: false,
         };
         let mut out = Vec::new();
-        write_request_head(&mut out, &parts, "/x?y=1", RequestFraming::Empty, &fwd);
+        write_request_head(&mut out, &parts, b"/x?y=1", RequestFraming::Empty, &fwd);
         let mut slots = [httparse::EMPTY_HEADER; 32];
         let mut parsed = httparse::Request::new(&mut slots);
         assert!(parsed.parse(&out).unwrap().is_complete());

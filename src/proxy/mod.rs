@@ -24,7 +24,10 @@ use http::request::Parts;
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response, Version, header};
 
-use crate::backend::{Backend, Conn, ConnectError, Framing, Head, InflightGuard, RequestFraming, SendError};
+use crate::backend::{
+    Backend, Conn, ConnectError, Framing, Head, InflightGuard, PendingUpload, ReadError, RequestFraming, SendError,
+};
+use crate::http1::RawTarget;
 use crate::limit::{self, RateLimiter};
 use crate::runtime::{Runtime, Upstream, path};
 use crate::server::h1::PendingUpgrade;
@@ -89,13 +92,13 @@ pub async fn handle(
     let (parts, body) = req.into_parts();
     let outcome = proxy(&rt, &conn, &parts, body, &mut log).await;
     Ok(match outcome {
-        Ok(Proxied { head, inflight, conn: backend_conn }) => {
+        Ok(Proxied { head, inflight, conn: backend_conn, upload }) => {
             log.status = head.status.as_u16();
             let switching = head.framing == Framing::Upgrade;
             if conn.writes_raw_fields && !switching && !head.names_fields {
                 // The fields go to the client as the backend sent them, less the hop-by-hop
                 // ones (`headers::write_response_fields`): no map is built.
-                let body = ResponseBody::upstream(backend_conn.into_body(head.framing), log, inflight);
+                let body = ResponseBody::upstream(backend_conn.into_body(head.framing, upload), log, inflight);
                 let mut response = Response::new(body.passing(head.fields));
                 *response.status_mut() = head.status;
                 return Ok(response);
@@ -123,7 +126,10 @@ pub async fn handle(
                     .into_response(log),
                 }
             } else {
-                Response::from_parts(parts, ResponseBody::upstream(backend_conn.into_body(head.framing), log, inflight))
+                Response::from_parts(
+                    parts,
+                    ResponseBody::upstream(backend_conn.into_body(head.framing, upload), log, inflight),
+                )
             }
         }
         Err(e) => e.into_response(log),
@@ -136,6 +142,8 @@ struct Proxied {
     head: Head,
     inflight: InflightGuard,
     conn: Conn,
+    /// The rest of the request body, when the backend answered before it was all sent.
+    upload: Option<PendingUpload>,
 }
 
 async fn proxy(
@@ -146,8 +154,8 @@ async fn proxy(
     log: &mut RequestLog,
 ) -> Result<Proxied, ProxyError> {
     // check
-    if parts.method == Method::CONNECT {
-        return Err(ProxyError::Connect);
+    if parts.method == Method::CONNECT || parts.method == Method::TRACE {
+        return Err(ProxyError::MethodNotAllowed(parts.method.clone()));
     }
     // The connection guard checks framing on the raw head; this catches what it cannot
     // see (heads pipelined behind another): hyper accepts "gzip, chunked", and only the
@@ -157,6 +165,9 @@ async fn proxy(
     for (name, value) in &parts.headers {
         if name == header::HOST {
             host_headers += 1;
+            if !headers::valid_host(value.as_bytes()) {
+                return Err(ProxyError::BadRequest("invalid Host header"));
+            }
         } else if name == header::TRANSFER_ENCODING && !value.as_bytes().eq_ignore_ascii_case(b"chunked") {
             return Err(ProxyError::BadRequest(
                 "unsupported Transfer-Encoding (only a single \"chunked\" is accepted)",
@@ -207,7 +218,9 @@ async fn proxy(
     } else {
         parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"))
     };
-    let target = target.as_str();
+    // Bytes above 0x7F in the target go to the backend as the client sent them.
+    let raw = parts.extensions.get::<RawTarget>().filter(|_| !route.strip_prefix);
+    let target = raw.map_or(target.as_str().as_bytes(), |r| &r.0[..]);
     let upgrade = headers::requested_upgrade(parts);
 
     // pick + forward (retry)
@@ -240,16 +253,21 @@ async fn proxy(
             preserve_host: upstream.preserve_host,
             backend: &backend.authority,
             upgrade: upgrade.as_ref(),
+            underscores: rt.config.server.underscores_in_headers,
         };
         let request = Outgoing { parts, target, framing, fwd: &fwd };
         match attempt(upstream, backend, &request, &mut body).await {
             Ok((head, conn)) => {
                 backend.record_response(trial);
-                return Ok(Proxied { head, inflight, conn });
+                // The backend answered before the whole body was sent: the rest goes with
+                // the response body, which sends it as the response is read.
+                let upload =
+                    conn.uploading().then(|| PendingUpload::new(std::mem::replace(&mut body, RequestBody::empty())));
+                return Ok(Proxied { head, inflight, conn, upload });
             }
             Err(Failure { error, retryable }) => {
                 if error.is_backend_failure() {
-                    backend.record_failure(&upstream.passive, trial, &error);
+                    upstream.record_failure(idx, trial, &error);
                 }
                 tracing::debug!(backend = %backend.url, error = %error, retryable, "attempt failed");
                 if !retryable {
@@ -260,6 +278,14 @@ async fn proxy(
         }
     }
     Err(last_error.unwrap_or_else(|| ProxyError::NoHealthyBackend { upstream: upstream.name.clone() }))
+}
+
+/// What a failure of the client's own body is answered with.
+fn client_body_error(e: &BoxError) -> ProxyError {
+    match e.downcast_ref::<BodyTooLarge>() {
+        Some(too_large) => ProxyError::BodyTooLarge { limit: too_large.limit },
+        None => ProxyError::ClientBodyBroken,
+    }
 }
 
 struct Failure {
@@ -293,7 +319,7 @@ impl Tried {
 /// What is sent to each backend tried.
 struct Outgoing<'a> {
     parts: &'a Parts,
-    target: &'a str,
+    target: &'a [u8],
     framing: RequestFraming,
     fwd: &'a Forwarded<'a>,
 }
@@ -310,6 +336,7 @@ async fn attempt(
     let pool = &backend.pool;
     let mut fresh_only = false;
     loop {
+        backend.record_attempt();
         let checked_out = if fresh_only { pool.connect().await } else { pool.checkout().await };
         let mut conn = match checked_out {
             Ok(c) => c,
@@ -338,21 +365,17 @@ async fn attempt(
                 }
                 return Err(Failure { error: broke_off(Box::new(e)), retryable: true });
             }
-            Err(SendError::ClientBody(e)) => {
-                let error = match e.downcast_ref::<BodyTooLarge>() {
-                    Some(too_large) => ProxyError::BodyTooLarge { limit: too_large.limit },
-                    None => ProxyError::ClientBodyBroken,
-                };
-                return Err(Failure { error, retryable: false });
-            }
-            Err(SendError::Body(e)) => return Err(Failure { error: broke_off(Box::new(e)), retryable: false }),
+            Err(SendError::ClientBody(e)) => return Err(Failure { error: client_body_error(&e), retryable: false }),
         }
         // The backend's time to answer starts once the whole request is sent: a slow
         // upload is not the backend's delay.
         let after = upstream.timeouts.upstream_header;
-        let read = conn.read_head_within(after, req.parts.method == Method::HEAD).await;
+        let read = conn.read_head_within(after, req.parts.method == Method::HEAD, body).await;
         let error = match read {
             Some(Ok(head)) => return Ok((head, conn)),
+            Some(Err(ReadError::ClientBody(e))) => {
+                return Err(Failure { error: client_body_error(&e), retryable: false });
+            }
             Some(Err(e)) => e,
             None => {
                 return Err(Failure {

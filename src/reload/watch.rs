@@ -2,8 +2,12 @@
 //! config, or a Kubernetes `..data` symlink swap, is seen), events are debounced, and a
 //! slow periodic check catches changes no event reports (a single file bind-mounted into
 //! a container). The reloader compares contents, so a check that finds nothing new is free.
+//! Only events that name a watched file (or the symlink it is reached through) wake it:
+//! balancer's own log file beside the config must not make it re-read the config.
 
-use std::path::{Path, PathBuf};
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
 use notify::event::{AccessKind, AccessMode};
@@ -28,19 +32,40 @@ fn may_change_content(kind: &EventKind) -> bool {
     }
 }
 
+/// The names in its directory whose change can change what `path` reads: its own, and
+/// for a symlink (a Kubernetes ConfigMap's `balancer.toml -> ..data/balancer.toml`) the
+/// first component of each hop that stays in the directory (`..data`).
+fn names_behind(path: &Path) -> Vec<OsString> {
+    let mut names: Vec<OsString> = path.file_name().map(OsString::from).into_iter().collect();
+    let mut at = path.to_owned();
+    for _ in 0..8 {
+        let Ok(target) = std::fs::read_link(&at) else { break };
+        if let Some(Component::Normal(first)) = target.components().next()
+            && target.is_relative()
+        {
+            names.push(first.to_owned());
+        }
+        at = at.parent().map_or_else(|| target.clone(), |dir| dir.join(&target));
+    }
+    names
+}
+
 /// Watches the directories of `config` and of `others` (certificates, keys, CAs).
 pub fn spawn(config: &Path, others: &[PathBuf], handle: ReloadHandle, stop: CancellationToken) {
     let dir_of = |path: &Path| match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
         _ => Path::new(".").to_owned(),
     };
-    let mut dirs: Vec<PathBuf> =
-        std::iter::once(config).chain(others.iter().map(PathBuf::as_path)).map(dir_of).collect();
+    let files = || std::iter::once(config).chain(others.iter().map(PathBuf::as_path));
+    let mut dirs: Vec<PathBuf> = files().map(dir_of).collect();
     dirs.sort();
     dirs.dedup();
+    let watched: HashSet<OsString> = files().flat_map(names_behind).collect();
+    let concerns_us =
+        move |e: &notify::Event| e.paths.iter().any(|p| p.file_name().is_some_and(|n| watched.contains(n)));
     let (tx, mut events) = mpsc::channel::<()>(1);
     let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok_and(|e| may_change_content(&e.kind)) {
+        if event.is_ok_and(|e| may_change_content(&e.kind) && concerns_us(&e)) {
             let _ = tx.try_send(());
         }
     })
@@ -87,5 +112,18 @@ mod tests {
         assert!(may_change_content(&EventKind::Access(AccessKind::Close(AccessMode::Write))));
         assert!(may_change_content(&EventKind::Modify(ModifyKind::Any)));
         assert!(may_change_content(&EventKind::Create(CreateKind::File)));
+    }
+
+    #[test]
+    fn a_symlinked_file_is_watched_through_its_links() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("..v1")).unwrap();
+        std::fs::write(dir.path().join("..v1/balancer.toml"), "").unwrap();
+        std::os::unix::fs::symlink("..v1", dir.path().join("..data")).unwrap();
+        let link = dir.path().join("balancer.toml");
+        std::os::unix::fs::symlink("..data/balancer.toml", &link).unwrap();
+        let names = names_behind(&link);
+        assert!(names.contains(&"balancer.toml".into()) && names.contains(&"..data".into()), "{names:?}");
+        assert!(!names.contains(&"balancer.log".into()));
     }
 }

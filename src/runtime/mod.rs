@@ -55,6 +55,21 @@ pub struct Upstream {
 }
 
 impl Upstream {
+    /// An attempt on backend `idx` failed: counts it, and takes the backend out on
+    /// passive checks when due and the cap allows.
+    pub fn record_failure(&self, idx: usize, trial: bool, error: &dyn std::fmt::Display) {
+        self.backends[idx].record_failure(&self.passive, trial, error, || self.may_eject(idx));
+    }
+
+    /// Whether passive checks may have backend `idx` out: another backend is still up, and
+    /// with it out no more than `max_ejected_percent` of the backends are.
+    fn may_eject(&self, idx: usize) -> bool {
+        let others = self.backends.iter().enumerate().filter(|&(i, _)| i != idx);
+        let ejected = others.clone().filter(|(_, b)| b.is_ejected()).count();
+        let another_up = others.clone().any(|(_, b)| b.is_healthy());
+        another_up && (ejected + 1) * 100 <= self.passive.max_ejected_percent as usize * self.backends.len()
+    }
+
     /// A backend that `accept` allows and health admits, by this upstream's strategy. A
     /// backend that is out but due a trial is only returned to the request that claims it.
     /// Returns the backend's index, and whether this request is its passive trial.

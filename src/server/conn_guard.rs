@@ -247,6 +247,13 @@ pub fn refusal(reject: head_check::Reject, max_header_bytes: usize) -> (StatusCo
                 head_check::MAX_HEADERS
             ),
         ),
+        head_check::Reject::UriTooLong => {
+            (StatusCode::URI_TOO_LONG, format!("request line longer than the limit of {max_header_bytes} bytes"))
+        }
+        head_check::Reject::VersionNotSupported => (
+            StatusCode::HTTP_VERSION_NOT_SUPPORTED,
+            "HTTP version not supported: only HTTP/1.x on an HTTP/1 connection".to_owned(),
+        ),
     }
 }
 

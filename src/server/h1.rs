@@ -28,8 +28,9 @@ use super::conn_guard::{ConnLimits, PARK_AFTER, head_timeout_reason, refusal};
 use super::drain::DrainGuard;
 use super::head_check::{self, Reject};
 use super::{ConnActivity, head_check::Body as Framing};
-use crate::http1::{self, Decoded, Decoder, FieldSpan, put_field};
-use crate::proxy::body::{BoxError, ClientBody, ResponseBody};
+use crate::http1::BoxError;
+use crate::http1::{self, Decoded, Decoder, FieldSpan, RawTarget, put_field};
+use crate::proxy::body::{ClientBody, ResponseBody};
 use crate::proxy::error::raw_response;
 use crate::proxy::{self, ConnInfo, headers, request_id};
 use crate::runtime::SharedRuntime;
@@ -447,8 +448,9 @@ impl Session {
         let chunked = !no_body && length.is_none() && ex.version == Version::HTTP_11;
         let out = &mut self.out;
         out.clear();
-        // An HTTP/1.0 client is answered in its version, as hyper and nginx do.
-        out.extend_from_slice(if ex.version == Version::HTTP_10 { b"HTTP/1.0 " } else { b"HTTP/1.1 " });
+        // An HTTP/1.0 client gets HTTP/1.0 semantics under the highest version balancer
+        // speaks (RFC 9110 2.5).
+        out.extend_from_slice(b"HTTP/1.1 ");
         out.extend_from_slice(status.as_str().as_bytes());
         out.push(b' ');
         out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
@@ -567,7 +569,7 @@ impl Session {
                                 && !data.is_empty()
                             {
                                 if chunked {
-                                    out.extend_from_slice(format_args_hex(data.len()).as_bytes());
+                                    out.extend_from_slice(http1::chunk_size_line(data.len()).as_bytes());
                                 }
                                 if data.len() <= COPY_UP_TO {
                                     out.extend_from_slice(&data);
@@ -698,54 +700,85 @@ fn watch_client(io: &mut Io, limit: usize, cx: &mut Context<'_>) -> Poll<()> {
     Poll::Pending
 }
 
-/// A chunk-size line: `len` in hex, then CRLF.
-fn format_args_hex(len: usize) -> HexLine {
-    let mut line = HexLine { bytes: [0; 18], len: 0 };
-    let digits = (usize::BITS - (len | 1).leading_zeros()).div_ceil(4) as usize;
-    for i in 0..digits {
-        line.bytes[digits - 1 - i] = b"0123456789abcdef"[(len >> (4 * i)) & 0xf];
-    }
-    line.bytes[digits] = b'\r';
-    line.bytes[digits + 1] = b'\n';
-    line.len = digits + 2;
-    line
-}
-
-struct HexLine {
-    bytes: [u8; 18],
-    len: usize,
-}
-
-impl HexLine {
-    fn as_bytes(&self) -> &[u8] {
-        &self.bytes[..self.len]
-    }
-}
-
 /// Parses the request head at the front of `io.buf` once it is complete; `scanned` is how
 /// far earlier calls looked for its end.
 fn parse_head(io: &mut Io, scanned: &mut usize, max: usize) -> Result<Option<Next>, Reject> {
     let Some(end) = head_check::head_end(&io.buf, *scanned) else {
         if io.buf.len() > max {
-            return Err(Reject::TooLarge);
+            return Err(head_check::oversized(&io.buf, max));
         }
         *scanned = io.buf.len();
         return Ok(None);
     };
     if end > max {
-        return Err(Reject::TooLarge);
+        return Err(head_check::oversized(&io.buf[..end], max));
     }
     head_check::check_line_ends(&io.buf[..end])?;
+    *scanned = 0;
+    // What httparse refuses but clients send is mended in place and parsed again (a cold
+    // path): a later HTTP/1 minor version, raw bytes above 0x7F in the target.
+    let mut raw_target = None;
+    for _ in 0..3 {
+        match parse_at(io, end, &mut raw_target) {
+            Err(Unparsed::Version) => head_check::settle_version(&mut io.buf[..end])?,
+            Err(Unparsed::Token) if raw_target.is_none() => {
+                raw_target = Some(mask_raw_target(&mut io.buf[..end]).ok_or(MALFORMED)?);
+            }
+            Err(Unparsed::Token) => return Err(MALFORMED),
+            Err(Unparsed::Refused(reject)) => return Err(reject),
+            Ok(next) => return Ok(Some(next)),
+        }
+    }
+    Err(MALFORMED)
+}
+
+const MALFORMED: Reject = Reject::BadRequest("malformed request head");
+
+/// Why [`parse_at`] did not make a request of a head.
+enum Unparsed {
+    /// httparse refused the version: maybe one to serve as HTTP/1.1.
+    Version,
+    /// httparse refused a byte: maybe one above 0x7F in the target.
+    Token,
+    Refused(Reject),
+}
+
+impl From<Reject> for Unparsed {
+    fn from(r: Reject) -> Self {
+        Unparsed::Refused(r)
+    }
+}
+
+/// Replaces the bytes above 0x7F in the request line's target with `x`, so that httparse
+/// reads it, and returns the target as sent. `None` if the target has no such byte.
+fn mask_raw_target(head: &mut [u8]) -> Option<Bytes> {
+    let line_end = head.iter().position(|&b| b == b'\r')?;
+    let line = &mut head[..line_end];
+    let from = line.iter().position(|&b| b == b' ')? + 1;
+    let to = line.iter().rposition(|&b| b == b' ')?;
+    let target = line.get_mut(from..to)?;
+    if target.is_ascii() {
+        return None;
+    }
+    let raw = Bytes::copy_from_slice(target);
+    target.iter_mut().filter(|b| !b.is_ascii()).for_each(|b| *b = b'x');
+    Some(raw)
+}
+
+/// Parses the complete head of `end` bytes at the front of `io.buf` into a request; the
+/// target is `raw_target` when one was masked.
+fn parse_at(io: &mut Io, end: usize, raw_target: &mut Option<Bytes>) -> Result<Next, Unparsed> {
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; head_check::MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
     match req.parse_with_uninit_headers(&io.buf[..end], &mut slots) {
         Ok(httparse::Status::Complete(_)) => {}
-        Err(httparse::Error::TooManyHeaders) => return Err(Reject::TooLarge),
-        Ok(httparse::Status::Partial) | Err(_) => return Err(Reject::BadRequest("malformed request head")),
+        Err(httparse::Error::TooManyHeaders) => return Err(Reject::TooLarge.into()),
+        Err(httparse::Error::Version) => return Err(Unparsed::Version),
+        Err(httparse::Error::Token) => return Err(Unparsed::Token),
+        Ok(httparse::Status::Partial) | Err(_) => return Err(MALFORMED.into()),
     }
     let (framing, upgrade) = head_check::framing_of(&req)?;
-    let method = Method::from_bytes(req.method.unwrap_or("").as_bytes())
-        .map_err(|_| Reject::BadRequest("malformed request head"))?;
+    let method = Method::from_bytes(req.method.unwrap_or("").as_bytes()).map_err(|_| MALFORMED)?;
     let version = if req.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
     let base = io.buf.as_ptr();
     let path = req.path.unwrap_or("");
@@ -762,9 +795,11 @@ fn parse_head(io: &mut Io, scanned: &mut usize, max: usize) -> Result<Option<Nex
     };
     http1::field_spans(base, req.headers, spans);
     let head = io.buf.split_to(end).freeze();
-    *scanned = 0;
-    let uri =
-        Uri::from_maybe_shared(head.slice(path_span)).map_err(|_| Reject::BadRequest("invalid request target"))?;
+    let target = match raw_target {
+        None => head.slice(path_span),
+        Some(raw) => Bytes::from(http1::percent_encode_non_ascii(raw)),
+    };
+    let uri = Uri::from_maybe_shared(target).map_err(|_| Reject::BadRequest("invalid request target"))?;
     let headers = http1::header_map(&head, spans, 0).ok_or(Reject::BadRequest("invalid header field"))?;
 
     let mut close = false;
@@ -799,8 +834,11 @@ fn parse_head(io: &mut Io, scanned: &mut usize, max: usize) -> Result<Option<Nex
     *request.uri_mut() = uri;
     *request.version_mut() = version;
     *request.headers_mut() = headers;
+    if let Some(raw) = raw_target.take() {
+        request.extensions_mut().insert(RawTarget(raw));
+    }
     let exchange = Exchange { method, version, keep_alive, upgrade: pending };
-    Ok(Some(Next::Request(request, exchange)))
+    Ok(Next::Request(request, exchange))
 }
 
 /// Gives a parsed request its body reader (which needs the shared connection).
@@ -817,7 +855,7 @@ mod tests {
     #[test]
     fn chunk_size_lines_are_hex() {
         for n in [1usize, 9, 10, 15, 16, 255, 4096, 65535, 1 << 20] {
-            assert_eq!(format_args_hex(n).as_bytes(), format!("{n:x}\r\n").as_bytes());
+            assert_eq!(http1::chunk_size_line(n).as_bytes(), format!("{n:x}\r\n").as_bytes());
         }
     }
 }

@@ -41,6 +41,43 @@ pub enum Reject {
     BadRequest(&'static str),
     /// 431: more than [`MAX_HEADERS`] headers, or more bytes than the limit.
     TooLarge,
+    /// 414: the request line alone is longer than the limit.
+    UriTooLong,
+    /// 505: an HTTP major version other than 1.
+    VersionNotSupported,
+}
+
+/// Why a head of more than `max` bytes is refused: 414 when its request line alone is
+/// that long (RFC 9110 15.5.15, as nginx answers), else 431.
+pub fn oversized(head: &[u8], max: usize) -> Reject {
+    let start = head.iter().take_while(|b| matches!(b, b'\r' | b'\n')).count();
+    match head[start..].iter().position(|&b| b == b'\n') {
+        Some(line) if line <= max => Reject::TooLarge,
+        _ => Reject::UriTooLong,
+    }
+}
+
+/// Makes a request line's version one httparse reads, in place: `HTTP/1.x` with x above 1
+/// is served as HTTP/1.1 (RFC 9110 2.5); another major version is a 505. Called only
+/// when httparse refused the version.
+pub fn settle_version(head: &mut [u8]) -> Result<(), Reject> {
+    let start = head.iter().take_while(|b| matches!(b, b'\r' | b'\n')).count();
+    let end = head[start..].iter().position(|&b| b == b'\r' || b == b'\n').map_or(head.len(), |e| start + e);
+    let line = &mut head[start..end];
+    let Some(at) = line.iter().rposition(|&b| b == b' ') else {
+        return Err(Reject::BadRequest("malformed request line"));
+    };
+    match &mut line[at + 1..] {
+        [b'H', b'T', b'T', b'P', b'/', b'1', b'.', minor] if minor.is_ascii_digit() => {
+            *minor = b'1';
+            Ok(())
+        }
+        [b'H', b'T', b'T', b'P', b'/', major, b'.', minor] if major.is_ascii_digit() && minor.is_ascii_digit() => {
+            Err(Reject::VersionNotSupported)
+        }
+        [b'H', b'T', b'T', b'P', b'/', major] if major.is_ascii_digit() => Err(Reject::VersionNotSupported),
+        _ => Err(Reject::BadRequest("malformed request line")),
+    }
 }
 
 /// How the body after an accepted head is framed.
@@ -196,13 +233,13 @@ impl Framing {
                     match head_end(&self.head, from) {
                         None => {
                             if self.head.len() > self.max_head {
-                                return Err((at, Reject::TooLarge));
+                                return Err((at, oversized(&self.head, self.max_head)));
                             }
                             return Ok(());
                         }
                         Some(end) => {
                             if end > self.max_head {
-                                return Err((at, Reject::TooLarge));
+                                return Err((at, oversized(&self.head, self.max_head)));
                             }
                             let verdict = check(&self.head[..end]);
                             i += end - from;
@@ -279,6 +316,29 @@ fn trim(v: &[u8]) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn later_minor_versions_are_served_as_1_1_and_other_majors_refused() {
+        let mut head = b"GET / HTTP/1.2\r\nHost: a\r\n\r\n".to_vec();
+        assert_eq!(settle_version(&mut head), Ok(()));
+        assert!(head.starts_with(b"GET / HTTP/1.1\r\n"));
+        for line in [&b"GET / HTTP/2.0\r\n\r\n"[..], b"GET / HTTP/3\r\n\r\n", b"GET / HTTP/0.9\r\n\r\n"] {
+            assert_eq!(settle_version(&mut line.to_vec()), Err(Reject::VersionNotSupported), "{line:?}");
+        }
+        assert!(matches!(settle_version(&mut b"GET / HTTX/1.1\r\n\r\n".to_vec()), Err(Reject::BadRequest(_))));
+    }
+
+    #[test]
+    fn an_oversized_request_line_is_414_and_an_oversized_head_431() {
+        let long_line = format!("GET /{} HTTP/1.1\r\nHost: a\r\n", "a".repeat(100));
+        assert_eq!(oversized(long_line.as_bytes(), 64), Reject::UriTooLong);
+        assert_eq!(
+            oversized(b"GET /aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", 64),
+            Reject::UriTooLong
+        );
+        let big_field = format!("GET / HTTP/1.1\r\nX: {}\r\n", "a".repeat(100));
+        assert_eq!(oversized(big_field.as_bytes(), 64), Reject::TooLarge);
+    }
 
     fn verdict(head: &str) -> Result<Body, Reject> {
         check(head.as_bytes())
