@@ -285,3 +285,49 @@ pub fn dead_addr() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap()
 }
+
+/// Reads one request head from `s` as raw bytes, through its blank line (empty at EOF).
+pub async fn read_head_bytes(s: &mut tokio::net::TcpStream) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut b).await {
+            Ok(1) => head.push(b[0]),
+            _ => break,
+        }
+    }
+    head
+}
+
+/// The request heads a [`head_echo`] backend received, as raw bytes, in arrival order.
+pub type Heads = Arc<std::sync::Mutex<Vec<Vec<u8>>>>;
+
+/// A backend that answers every request `200` with the exact request head it received
+/// (request line and fields, as bytes) as its body, with `connection: close`, and records
+/// each head: what balancer forwarded, byte for byte.
+pub async fn head_echo() -> (RawUpstream, Heads) {
+    use tokio::io::AsyncWriteExt;
+    let heads: Heads = Arc::default();
+    let h = heads.clone();
+    let up = RawUpstream::start(move |mut s| {
+        let h = h.clone();
+        async move {
+            let head = read_head_bytes(&mut s).await;
+            if head.is_empty() {
+                return;
+            }
+            h.lock().unwrap().push(head.clone());
+            let mut resp = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                head.len()
+            )
+            .into_bytes();
+            resp.extend_from_slice(&head);
+            let _ = s.write_all(&resp).await;
+            let _ = s.shutdown().await;
+        }
+    })
+    .await;
+    (up, heads)
+}
