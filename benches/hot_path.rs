@@ -10,7 +10,7 @@ use balancer::backend::Backend;
 use balancer::balance::{Balancer, LeastConnections, RoundRobin};
 use balancer::config::{HostMatch, LimitKey, PoolConfig, RateLimitConfig};
 use balancer::limit::{Key, RateLimiter, admit};
-use balancer::runtime::path::normalise;
+use balancer::path::normalise;
 use balancer::runtime::router::{Route, Router};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 

@@ -1,27 +1,17 @@
 //! Wiring: config -> runtime -> listeners, admin, checkers, reloader; then wait for a
 //! signal and drain.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::health;
-use crate::config::{Loaded, Overrides};
+use crate::config::{ConfigSource, Loaded};
 use crate::logging::LogHandle;
 use crate::metrics::LastReload;
-use crate::reload::{self, Reloader, Trigger};
+use crate::reload::{self, AdminListener, Reloader, Trigger};
 use crate::runtime::{self, Runtime, SharedRuntime};
 use crate::server::{BindError, Listeners, Workers};
-
-/// Where the config came from, so it can be read again the same way.
-#[derive(Clone, Debug)]
-pub struct ConfigSource {
-    pub path: PathBuf,
-    pub required: bool,
-    pub overrides: Overrides,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -50,7 +40,7 @@ pub async fn run(loaded: Loaded, source: ConfigSource, log: LogHandle, workers: 
 
     let stop = CancellationToken::new();
     let checks = CancellationToken::new();
-    health::spawn_all(&runtime.load(), &checks);
+    runtime.load().spawn_health_checks(&checks);
     let (handle, requests) = reload::channel();
     let admin_stop = CancellationToken::new();
     if let Some(l) = admin_listener {
@@ -60,8 +50,15 @@ pub async fn run(loaded: Loaded, source: ConfigSource, log: LogHandle, workers: 
     tokio::spawn(sweep_rate_limits(runtime.clone(), stop.clone()));
     tokio::spawn(release_parked_memory(runtime.clone(), stop.clone()));
     reload::watch::spawn(&source.path, &runtime.load().config.files, handle.clone(), stop.clone());
-    let reloader =
-        Reloader::new(source, runtime.clone(), listeners, checks, (admin_addr, admin_stop), log, handle.clone());
+    let reloader = Reloader::new(
+        source,
+        runtime.clone(),
+        listeners,
+        checks,
+        AdminListener { addr: admin_addr, stop: admin_stop, spawn: crate::admin::spawn },
+        log,
+        handle.clone(),
+    );
     let reloader = tokio::spawn(reloader.run(requests, stop.clone()));
 
     wait_for_stop(&handle).await.map_err(AppError::Signals)?;
@@ -74,7 +71,7 @@ pub async fn run(loaded: Loaded, source: ConfigSource, log: LogHandle, workers: 
     } else {
         tracing::warn!(grace = %humantime::format_duration(grace), "shutdown grace ran out; closing the remaining connections");
     }
-    reloader.admin.1.cancel();
+    reloader.admin.stop.cancel();
     Ok(())
 }
 

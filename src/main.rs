@@ -2,9 +2,9 @@
 
 use std::process::ExitCode;
 
-use balancer::app::{self, ConfigSource};
+use balancer::app;
 use balancer::cli::Cli;
-use balancer::config::{self, Loaded};
+use balancer::config::{self, ConfigSource, Loaded};
 use balancer::server::Workers;
 
 fn main() -> ExitCode {

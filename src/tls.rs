@@ -12,11 +12,10 @@ use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::server::ResolvesServerCert;
 use rustls::sign::CertifiedKey;
 
-use crate::config::HostMatch;
-use crate::runtime::SharedRuntime;
+use crate::host::HostMatch;
 
 /// The one crypto provider balancer uses (ring), passed explicitly everywhere.
 pub fn provider() -> Arc<CryptoProvider> {
@@ -55,32 +54,22 @@ pub struct ServerCerts {
 }
 
 impl ServerCerts {
-    fn choose(&self, server_name: Option<&str>) -> Arc<CertifiedKey> {
+    /// The certificate for a handshake that named `server_name`.
+    pub fn choose(&self, server_name: Option<&str>) -> Arc<CertifiedKey> {
         server_name
             .and_then(|name| self.sni.iter().find(|(m, _)| m.matches(name)))
             .map_or_else(|| self.default.clone(), |(_, ck)| ck.clone())
     }
 }
 
-/// Picks the certificate for each handshake from the live runtime.
-#[derive(Debug)]
-struct LiveCerts(SharedRuntime);
-
-impl ResolvesServerCert for LiveCerts {
-    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let rt = self.0.load();
-        let certs = &rt.config.server.tls.as_ref()?.certs;
-        Some(certs.choose(hello.server_name()))
-    }
-}
-
-/// The rustls config of every HTTPS listener: TLS 1.2/1.3, ALPN `h2` then `http/1.1`.
-pub fn server_config(runtime: SharedRuntime) -> Arc<rustls::ServerConfig> {
+/// The rustls config of every HTTPS listener: TLS 1.2/1.3, ALPN `h2` then `http/1.1`;
+/// `certs` picks each handshake's certificate (from the live runtime, so a reload renews).
+pub fn server_config(certs: Arc<dyn ResolvesServerCert>) -> Arc<rustls::ServerConfig> {
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(VERSIONS)
         .expect("ring supports TLS 1.2 and 1.3")
         .with_no_client_auth()
-        .with_cert_resolver(Arc::new(LiveCerts(runtime)));
+        .with_cert_resolver(certs);
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Arc::new(cfg)
 }

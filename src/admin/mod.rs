@@ -4,6 +4,8 @@
 //! Everything is read at request time from the live runtime; the admin listener keeps no
 //! state of its own beyond the metrics registry.
 
+mod metrics;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,9 +22,10 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::{LastReload, RuntimeCollector};
+use crate::metrics::LastReload;
 use crate::reload::{ReloadHandle, Trigger};
 use crate::runtime::SharedRuntime;
+use metrics::RuntimeCollector;
 
 /// What the admin endpoints read: the runtime, the registry that exposes it, and the
 /// reloader they can ask for a reload.

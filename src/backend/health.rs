@@ -16,24 +16,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Backend, NoBody, RequestFraming};
 use crate::config::HealthCheckConfig;
-use crate::runtime::Runtime;
 
-/// Starts the checkers of every upstream that has `[health_check]`; marks the backends of
-/// the others up (their checks may have been removed by a reload).
-pub fn spawn_all(rt: &Runtime, stop: &CancellationToken) {
-    for up in &rt.upstreams {
-        let Some(hc) = &up.health_check else {
-            for b in &up.backends {
-                b.set_active_up(true, "active health checks are no longer configured");
-            }
-            continue;
-        };
-        let n = up.backends.len() as u32;
-        for (i, backend) in up.backends.iter().enumerate() {
-            let offset = hc.interval * i as u32 / n;
-            tokio::spawn(check_loop(backend.clone(), hc.clone(), offset, stop.clone()));
-        }
-    }
+/// Starts the checker of one backend, its first check `offset` into the interval; it
+/// runs until `stop`.
+pub fn spawn(backend: Arc<Backend>, hc: HealthCheckConfig, offset: Duration, stop: CancellationToken) {
+    tokio::spawn(check_loop(backend, hc, offset, stop));
 }
 
 async fn check_loop(backend: Arc<Backend>, hc: HealthCheckConfig, offset: Duration, stop: CancellationToken) {

@@ -7,6 +7,7 @@
 
 mod conn;
 pub mod health;
+mod load_index;
 mod passive;
 mod pool;
 
@@ -17,14 +18,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed, O
 use arc_swap::ArcSwapOption;
 use http::uri::Authority;
 
-use crate::balance::IndexSlot;
-
 use crate::config::{PassiveConfig, PoolConfig};
 use crate::metrics::StatusCounts;
 use crate::tls::BackendTls;
 pub use conn::{
     BackendIo, BodyError, Conn, ConnBody, Framing, Head, NoBody, PendingUpload, ReadError, RequestFraming, SendError,
 };
+pub use load_index::{IndexSlot, LoadIndex};
 pub use passive::Admission;
 use passive::{PassiveState, Transition};
 pub use pool::{ConnectError, Pool};

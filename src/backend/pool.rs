@@ -40,7 +40,7 @@ struct PoolInner {
 impl PoolInner {
     /// The calling worker thread's idle list.
     fn idle(&mut self) -> &mut VecDeque<Idle> {
-        let w = crate::server::workers::current();
+        let w = crate::worker::current();
         if self.idle.len() <= w {
             self.idle.resize_with(w + 1, VecDeque::new);
         }

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 use super::Balancer;
-use super::load_index::{IndexSlot, LoadIndex};
 use crate::backend::Backend;
+use crate::backend::{IndexSlot, LoadIndex};
 
 #[derive(Debug)]
 pub struct LeastConnections {

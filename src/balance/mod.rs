@@ -4,7 +4,6 @@
 //! backend may be used now (healthy, not already tried by this request).
 
 mod least_connections;
-mod load_index;
 mod round_robin;
 
 use std::sync::Arc;
@@ -12,7 +11,6 @@ use std::sync::Arc;
 use crate::backend::Backend;
 use crate::config::StrategyName;
 pub use least_connections::LeastConnections;
-pub use load_index::IndexSlot;
 pub use round_robin::RoundRobin;
 
 pub trait Balancer: Send + Sync + std::fmt::Debug {

@@ -16,6 +16,7 @@ use std::time::Duration;
 use http::uri::{Authority, Scheme};
 use ipnet::IpNet;
 
+pub use crate::host::HostMatch;
 pub use raw::{LogFormat, LogLevel, RawConfig, StrategyName};
 pub use source::{Location, Overrides};
 pub use validate::MAX_WEIGHT;
@@ -194,33 +195,10 @@ pub struct RouteConfig {
     pub strip_prefix: bool,
 }
 
-/// A route's host: exact (`api.example.com`) or a wildcard suffix (`*.example.com`
-/// matches `a.example.com` and `a.b.example.com`, not `example.com`). Lower-case.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum HostMatch {
-    Exact(String),
-    Suffix(String),
-}
-
-impl std::fmt::Display for HostMatch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            HostMatch::Exact(h) => f.write_str(h),
-            HostMatch::Suffix(s) => write!(f, "*.{s}"),
-        }
-    }
-}
-
-impl HostMatch {
-    pub fn matches(&self, host: &str) -> bool {
-        match self {
-            HostMatch::Exact(h) => h.eq_ignore_ascii_case(host),
-            HostMatch::Suffix(s) => {
-                host.len() > s.len() && host[host.len() - s.len()..].eq_ignore_ascii_case(s) && {
-                    let cut = host.len() - s.len();
-                    host.as_bytes()[cut - 1] == b'.' && cut > 1
-                }
-            }
-        }
-    }
+/// Where the config came from, so it can be read again the same way.
+#[derive(Clone, Debug)]
+pub struct ConfigSource {
+    pub path: std::path::PathBuf,
+    pub required: bool,
+    pub overrides: Overrides,
 }

@@ -138,7 +138,7 @@ pub fn validate(raw: &RawConfig, base: &Path) -> Result<Config, KeyError> {
                 message: format!(r#""{h}" is not a host name or "*.domain" pattern"#),
             })?),
         };
-        let normalised = crate::runtime::path::normalise(&r.path_prefix);
+        let normalised = crate::path::normalise(&r.path_prefix);
         let path_prefix = match normalised.trim_end_matches('/') {
             "" => "/".to_owned(),
             p => p.to_owned(),

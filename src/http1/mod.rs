@@ -2,6 +2,8 @@
 //! (RFC 9112 section 7), a parsed head's fields as a `HeaderMap` that shares the read
 //! buffer or as the raw lines, and the cached `Date` value.
 
+pub mod server;
+
 use std::cell::RefCell;
 use std::time::{SystemTime, UNIX_EPOCH};
 

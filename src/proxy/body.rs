@@ -12,7 +12,7 @@ use hyper::body::Incoming;
 use super::log::RequestLog;
 use crate::backend::{ConnBody, InflightGuard};
 use crate::http1::RawFields;
-use crate::server::h1::IncomingBody;
+use crate::http1::server::IncomingBody;
 
 pub use crate::http1::BoxError;
 
@@ -150,6 +150,8 @@ pub struct ResponseBody {
     fields: Option<RawFields>,
 }
 
+/// Not boxed: made once per request, and a box would be an allocation per request.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 enum Kind {
     /// Read from the backend's connection, which it owns (and closes if cut short).

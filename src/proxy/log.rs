@@ -6,9 +6,9 @@ use std::time::Instant;
 
 use http::{HeaderValue, Method, Uri};
 
+use super::ActivityGuard;
 use crate::backend::Backend;
 use crate::runtime::Runtime;
-use crate::server::ActivityGuard;
 
 /// Everything the access-log line needs, gathered along the request path. Also holds the
 /// request's runtime snapshot and the connection's activity mark until the response ends.

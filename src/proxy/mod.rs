@@ -8,6 +8,7 @@
 //! The runtime snapshot is loaded once per request and held to its end (in [`RequestLog`]).
 
 pub mod body;
+mod conn;
 pub mod error;
 pub mod headers;
 mod log;
@@ -15,7 +16,6 @@ pub mod request_id;
 mod upgrade;
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -28,34 +28,16 @@ use crate::backend::{
     Backend, Conn, ConnectError, Framing, Head, InflightGuard, PendingUpload, ReadError, RequestFraming, SendError,
 };
 use crate::http1::RawTarget;
+use crate::http1::server::PendingUpgrade;
 use crate::limit::{self, RateLimiter};
-use crate::runtime::{Runtime, Upstream, path};
-use crate::server::h1::PendingUpgrade;
-use crate::server::{ActivityGuard, ConnActivity};
+use crate::path;
+use crate::runtime::{Runtime, Upstream};
 use body::{BodyTooLarge, BoxError, ClientBody, RequestBody, ResponseBody};
+pub use conn::{ActivityGuard, ConnActivity, ConnInfo};
 pub use error::ProxyError;
 use headers::Forwarded;
 pub use log::RequestLog;
 use upgrade::ClientUpgrade;
-
-/// What one client connection tells the request path about itself.
-#[derive(Debug)]
-pub struct ConnInfo {
-    pub peer: SocketAddr,
-    /// The peer's IP address as text, for `X-Forwarded-For`.
-    pub peer_ip: Box<str>,
-    pub tls: bool,
-    pub activity: Arc<ConnActivity>,
-    /// The server side writes a backend's fields itself from the raw head (the HTTP/1
-    /// server does; hyper needs a `HeaderMap`).
-    pub writes_raw_fields: bool,
-}
-
-impl ConnInfo {
-    pub fn new(peer: SocketAddr, tls: bool, activity: Arc<ConnActivity>, writes_raw_fields: bool) -> ConnInfo {
-        ConnInfo { peer, peer_ip: peer.ip().to_string().into(), tls, activity, writes_raw_fields }
-    }
-}
 
 /// Serves one request from a client connection, on `rt`, the runtime loaded for it.
 /// `busy` marks the connection busy from the moment the server hands the request over.

@@ -10,9 +10,9 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
+use super::ActivityGuard;
 use crate::backend::{Conn, InflightGuard};
-use crate::server::ActivityGuard;
-use crate::server::h1::Prefixed;
+use crate::http1::server::Prefixed;
 
 /// After one side closes, how long the other direction may still finish sending.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);

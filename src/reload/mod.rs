@@ -16,9 +16,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::app::ConfigSource;
-use crate::backend::health;
-use crate::config;
+use crate::config::{self, ConfigSource};
 use crate::logging::LogHandle;
 use crate::metrics::LastReload;
 use crate::runtime::{self, SharedRuntime};
@@ -115,6 +113,20 @@ impl FileState {
     }
 }
 
+/// Starts serving the admin endpoints on a bound listener, until the token is cancelled.
+pub type SpawnAdmin = fn(tokio::net::TcpListener, SharedRuntime, ReloadHandle, CancellationToken);
+
+/// The admin listener as a reload sees it.
+pub struct AdminListener {
+    /// The address as configured.
+    pub addr: Option<SocketAddr>,
+    /// Stops the one serving now.
+    pub stop: CancellationToken,
+    /// Serves it when a reload moves it (the admin module, handed in by the app: the
+    /// admin listener triggers reloads, so reload does not name it).
+    pub spawn: SpawnAdmin,
+}
+
 /// The state a reload changes, owned by the reload task.
 pub struct Reloader {
     pub source: ConfigSource,
@@ -122,8 +134,7 @@ pub struct Reloader {
     pub listeners: Listeners,
     /// Cancels the current generation's health checkers.
     pub checks: CancellationToken,
-    /// The admin listener as configured, and what stops it.
-    pub admin: (Option<SocketAddr>, CancellationToken),
+    pub admin: AdminListener,
     pub log: LogHandle,
     pub handle: ReloadHandle,
     last_seen: FileState,
@@ -137,7 +148,7 @@ impl Reloader {
         runtime: SharedRuntime,
         listeners: Listeners,
         checks: CancellationToken,
-        admin: (Option<SocketAddr>, CancellationToken),
+        admin: AdminListener,
         log: LogHandle,
         handle: ReloadHandle,
     ) -> Reloader {
@@ -221,7 +232,7 @@ impl Reloader {
         // Everything that can fail happens before the swap.
         let listen = crate::server::listen_set(&config.server);
         let fresh = self.listeners.prepare(&listen).map_err(|e| e.to_string())?;
-        let admin_listener = if config.admin != self.admin.0 {
+        let admin_listener = if config.admin != self.admin.addr {
             Some(crate::server::bind(config.admin.as_slice()).map_err(|e| e.to_string())?)
         } else {
             None
@@ -238,17 +249,18 @@ impl Reloader {
         self.listeners.set_max_connections(server.max_connections);
         self.checks.cancel();
         self.checks = CancellationToken::new();
-        health::spawn_all(&next, &self.checks);
+        next.spawn_health_checks(&self.checks);
         self.log.apply(&next.config.log);
         if let Some(mut bound) = admin_listener {
-            self.admin.1.cancel();
+            self.admin.stop.cancel();
             let stop = CancellationToken::new();
             if let Some(l) = bound.pop() {
-                crate::admin::spawn(l, self.runtime.clone(), self.handle.clone(), stop.clone());
+                (self.admin.spawn)(l, self.runtime.clone(), self.handle.clone(), stop.clone());
             } else {
                 tracing::info!("admin listener turned off");
             }
-            self.admin = (next.config.admin, stop);
+            self.admin.addr = next.config.admin;
+            self.admin.stop = stop;
         }
         Ok(next.generation)
     }

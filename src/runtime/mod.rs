@@ -5,7 +5,7 @@
 //! next by (upstream name, backend URL).
 
 mod build;
-pub mod path;
+
 pub mod router;
 
 use std::sync::Arc;
@@ -52,6 +52,26 @@ pub struct Upstream {
     pub health_check: Option<HealthCheckConfig>,
     /// Kept across reloads by upstream name.
     pub stats: Arc<UpstreamStats>,
+}
+
+impl Runtime {
+    /// Starts the active checkers of every upstream that has `[health_check]`, spread over
+    /// one interval, until `stop`; marks the backends of the others up (their checks may
+    /// have been removed by a reload).
+    pub fn spawn_health_checks(&self, stop: &tokio_util::sync::CancellationToken) {
+        for up in &self.upstreams {
+            let Some(hc) = &up.health_check else {
+                for b in &up.backends {
+                    b.set_active_up(true, "active health checks are no longer configured");
+                }
+                continue;
+            };
+            let n = up.backends.len() as u32;
+            for (i, backend) in up.backends.iter().enumerate() {
+                crate::backend::health::spawn(backend.clone(), hc.clone(), hc.interval * i as u32 / n, stop.clone());
+            }
+        }
+    }
 }
 
 impl Upstream {

@@ -13,13 +13,13 @@ use std::io;
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{Method, Request, Response, StatusCode, Uri, Version, header};
-use http_body::{Body, Frame, SizeHint};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use http_body::Body;
+use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -28,23 +28,21 @@ use super::conn_guard::{ConnLimits, PARK_AFTER, head_timeout_reason, refusal};
 use super::drain::DrainGuard;
 use super::head_check::{self, Reject};
 use super::{ConnActivity, head_check::Body as Framing};
-use crate::http1::BoxError;
-use crate::http1::{self, Decoded, Decoder, FieldSpan, RawTarget, put_field};
+use crate::http1::server::{
+    CONTINUE, IncomingBody, Io, PendingUpgrade, Prefixed, READ_SIZE, SharedIo, SharedIoHandle, lock,
+};
+use crate::http1::{self, Decoder, FieldSpan, RawTarget, put_field};
 use crate::proxy::body::{ClientBody, ResponseBody};
 use crate::proxy::error::raw_response;
 use crate::proxy::{self, ConnInfo, headers, request_id};
 use crate::runtime::SharedRuntime;
 use crate::timer::LazyTimer;
 
-/// How much room each read asks for: heads are small; bodies come in larger reads.
-const READ_SIZE: usize = 8 * 1024;
-const BODY_READ_SIZE: usize = 64 * 1024;
 /// Response body pieces up to this size are copied next to their framing and written in
 /// one go; larger ones are written from where they are.
 const COPY_UP_TO: usize = 16 * 1024;
 /// The HTTP/2 connection preface starts with this.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
 /// How a session on a connection ended.
 pub enum Ended {
@@ -53,173 +51,6 @@ pub enum Ended {
     Parked(TcpStream),
     /// The client spoke HTTP/2 (prior knowledge): the socket and what was read of it.
     Http2(Prefixed<TcpStream>),
-}
-
-/// A stream some of whose first bytes were already read: those come first.
-#[derive(Debug)]
-pub struct Prefixed<T> {
-    prefix: Bytes,
-    io: T,
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if !this.prefix.is_empty() {
-            let n = this.prefix.len().min(out.remaining());
-            out.put_slice(&this.prefix.split_to(n));
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.io).poll_read(cx, out)
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
-}
-
-/// The client connection as both the session and the request body being read use it.
-/// Locked only inside `poll` functions, never across an await.
-struct Io {
-    stream: TcpStream,
-    /// Bytes read from the client and not consumed yet.
-    buf: BytesMut,
-    /// The current request's body: what is left of it.
-    body: Decoder,
-    /// The body broke (the client closed, or sent a malformed chunk): the connection ends.
-    body_broken: bool,
-    /// How much of a `100 Continue` is still to be written before the body is read.
-    continue_left: usize,
-}
-
-impl Io {
-    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        self.poll_fill_by(cx, READ_SIZE)
-    }
-
-    fn poll_fill_by(&mut self, cx: &mut Context<'_>, room: usize) -> Poll<io::Result<usize>> {
-        if self.buf.capacity() - self.buf.len() < 1024 {
-            self.buf.reserve(room);
-        }
-        tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.buf)
-    }
-
-    /// Writes a pending `100 Continue`; ready when none is left.
-    fn poll_continue(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while self.continue_left > 0 {
-            let from = CONTINUE.len() - self.continue_left;
-            match ready!(Pin::new(&mut self.stream).poll_write(cx, &CONTINUE[from..]))? {
-                0 => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                n => self.continue_left -= n,
-            }
-        }
-        Poll::Ready(Ok(()))
-    }
-}
-
-type SharedIo = Arc<Mutex<Io>>;
-
-fn lock(io: &SharedIo) -> MutexGuard<'_, Io> {
-    io.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// A request body read from the client connection as the request path takes it.
-#[derive(Debug, Default)]
-pub struct IncomingBody {
-    /// `None` for a request without a body.
-    io: Option<SharedIoHandle>,
-}
-
-/// `Arc<Mutex<Io>>` with a `Debug` that says nothing of the socket.
-struct SharedIoHandle(SharedIo);
-
-impl std::fmt::Debug for SharedIoHandle {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("SharedIo")
-    }
-}
-
-/// The client's body broke off: it closed the connection or broke the chunked framing.
-#[derive(Debug, thiserror::Error)]
-pub enum IncomingBodyError {
-    #[error("the client closed the connection before the end of the body")]
-    Incomplete,
-    #[error(transparent)]
-    Malformed(#[from] http1::Malformed),
-    #[error(transparent)]
-    Io(#[from] io::Error),
-}
-
-impl Body for IncomingBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let Some(shared) = &self.io else { return Poll::Ready(None) };
-        let mut io = lock(&shared.0);
-        let fail = |io: &mut Io, e: IncomingBodyError| {
-            io.body_broken = true;
-            io.body = Decoder::Done;
-            Poll::Ready(Some(Err(Box::new(e) as BoxError)))
-        };
-        if let Err(e) = ready!(io.poll_continue(cx)) {
-            return fail(&mut io, e.into());
-        }
-        loop {
-            let io = &mut *io;
-            match io.body.decode(&mut io.buf) {
-                Ok(Decoded::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
-                Ok(Decoded::End) => return Poll::Ready(None),
-                Ok(Decoded::More) => {}
-                Err(e) => return fail(io, e.into()),
-            }
-            match ready!(io.poll_fill_by(cx, BODY_READ_SIZE)) {
-                Ok(0) => return fail(io, IncomingBodyError::Incomplete),
-                Ok(_) => {}
-                Err(e) => return fail(io, e.into()),
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.io.as_ref().is_none_or(|io| lock(&io.0).body.is_done())
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.io {
-            None => SizeHint::with_exact(0),
-            Some(io) => lock(&io.0).body.remaining().map_or_else(SizeHint::default, SizeHint::with_exact),
-        }
-    }
-}
-
-/// Where the client connection goes once a `101` has been written: set on a request that
-/// asks for an upgrade, taken by the request path when the backend agrees.
-#[derive(Clone, Debug)]
-pub struct PendingUpgrade(Arc<Mutex<Option<oneshot::Receiver<Prefixed<TcpStream>>>>>);
-
-impl PendingUpgrade {
-    pub fn take(&self) -> Option<oneshot::Receiver<Prefixed<TcpStream>>> {
-        self.0.lock().ok()?.take()
-    }
 }
 
 /// What the session knows of the request in progress, beyond what the request path gets.

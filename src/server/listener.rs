@@ -90,7 +90,7 @@ struct Entry {
 impl Listeners {
     pub fn new(runtime: SharedRuntime, workers: Arc<Workers>) -> Listeners {
         let max_connections = runtime.load().config.server.max_connections;
-        let tls = TlsAcceptor::from(crate::tls::server_config(runtime.clone()));
+        let tls = TlsAcceptor::from(crate::tls::server_config(Arc::new(LiveCerts(runtime.clone()))));
         Listeners {
             runtime,
             workers,
@@ -400,4 +400,16 @@ where
         tracing::debug!(%peer, error = %e, "client connection ended with an error");
     }
     slot.and_then(|s| s.lock().expect("park slot lock").take())
+}
+
+/// Picks the certificate for each handshake from the live runtime.
+#[derive(Debug)]
+struct LiveCerts(SharedRuntime);
+
+impl rustls::server::ResolvesServerCert for LiveCerts {
+    fn resolve(&self, hello: rustls::server::ClientHello<'_>) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        let rt = self.0.load();
+        let certs = &rt.config.server.tls.as_ref()?.certs;
+        Some(certs.choose(hello.server_name()))
+    }
 }

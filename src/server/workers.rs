@@ -3,20 +3,10 @@
 //! thread that accepted it: no work stealing, and no cross-thread wake-up on the request
 //! path.
 
-use std::cell::Cell;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 use tokio::runtime::{Builder, Handle};
-
-thread_local! {
-    static WORKER: Cell<usize> = const { Cell::new(0) };
-}
-
-/// Which worker thread this is; 0 on any other thread (which shares worker 0's slots).
-pub fn current() -> usize {
-    WORKER.with(Cell::get)
-}
 
 /// The worker threads; each runs an accept loop on every listener.
 #[derive(Debug)]
@@ -48,7 +38,7 @@ impl Workers {
             let rt = Builder::new_current_thread().enable_all().build()?;
             handles.push(rt.handle().clone());
             std::thread::Builder::new().name(format!("balancer-worker-{i}")).spawn(move || {
-                WORKER.with(|w| w.set(i));
+                crate::worker::set_current(i);
                 rt.block_on(std::future::pending::<()>());
             })?;
         }
