@@ -17,21 +17,6 @@ fn backend<'a>(status: &'a serde_json::Value, url: &str) -> &'a serde_json::Valu
     status["upstreams"][0]["backends"].as_array().unwrap().iter().find(|b| b["url"] == url).unwrap()
 }
 
-async fn wait_until<F, Fut>(timeout: Duration, mut cond: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if cond().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
-}
-
 const ACTIVE: &str = "[upstreams.app.health_check]\npath = \"/healthz\"\ninterval = \"200ms\"\ntimeout = \"150ms\"\nhealthy_threshold = 2\nunhealthy_threshold = 2\n";
 
 #[tokio::test(flavor = "multi_thread")]

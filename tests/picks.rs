@@ -27,21 +27,6 @@ fn backend(status: &serde_json::Value, addr: SocketAddr) -> &serde_json::Value {
         .unwrap_or_else(|| panic!("{url} not in {status}"))
 }
 
-async fn wait_until<F, Fut>(timeout: Duration, mut cond: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if cond().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    false
-}
-
 // ---------------------------------------------------------------------------------------
 // No 503 while a live backend exists
 // ---------------------------------------------------------------------------------------

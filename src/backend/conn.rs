@@ -457,12 +457,7 @@ impl Conn {
 impl AsyncRead for Conn {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if !this.buf.is_empty() {
-            let n = this.buf.len().min(out.remaining());
-            out.put_slice(&this.buf.split_to(n));
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.io).poll_read(cx, out)
+        http1::poll_read_prefixed(&mut this.buf, &mut this.io, cx, out)
     }
 }
 

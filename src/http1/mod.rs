@@ -354,3 +354,20 @@ pub fn percent_encode_non_ascii(raw: &[u8]) -> Vec<u8> {
     }
     out
 }
+
+/// Reads from a stream some of whose bytes were already taken off it: `prefix` first,
+/// then `io` (an upgraded connection, an HTTP/2 connection found by its preface).
+pub fn poll_read_prefixed<T: tokio::io::AsyncRead + Unpin>(
+    prefix: &mut impl bytes::Buf,
+    io: &mut T,
+    cx: &mut std::task::Context<'_>,
+    out: &mut tokio::io::ReadBuf<'_>,
+) -> std::task::Poll<std::io::Result<()>> {
+    if prefix.has_remaining() {
+        let n = prefix.remaining().min(out.remaining());
+        out.put_slice(&prefix.chunk()[..n.min(prefix.chunk().len())]);
+        prefix.advance(n.min(prefix.chunk().len()));
+        return std::task::Poll::Ready(Ok(()));
+    }
+    std::pin::Pin::new(io).poll_read(cx, out)
+}

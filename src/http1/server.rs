@@ -31,12 +31,7 @@ pub struct Prefixed<T> {
 impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if !this.prefix.is_empty() {
-            let n = this.prefix.len().min(out.remaining());
-            out.put_slice(&this.prefix.split_to(n));
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.io).poll_read(cx, out)
+        super::poll_read_prefixed(&mut this.prefix, &mut this.io, cx, out)
     }
 }
 

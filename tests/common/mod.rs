@@ -258,3 +258,19 @@ pub fn config_for(backends: &[SocketAddr], extra: &str) -> String {
         list.join(", ")
     )
 }
+
+/// Polls `cond` every 20 ms until it holds (true) or `timeout` passes (false).
+pub async fn wait_until<F, Fut>(timeout: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if cond().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}

@@ -268,16 +268,7 @@ impl Drop for RawUpstream {
 
 /// Reads one request head (up to the blank line) from `s`.
 pub async fn read_head(s: &mut tokio::net::TcpStream) -> String {
-    use tokio::io::AsyncReadExt;
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        match s.read(&mut b).await {
-            Ok(1) => head.push(b[0]),
-            _ => break,
-        }
-    }
-    String::from_utf8_lossy(&head).into_owned()
+    String::from_utf8_lossy(&read_head_bytes(s).await).into_owned()
 }
 
 /// A free port on 127.0.0.1 with nothing listening on it (connections are refused).
