@@ -23,7 +23,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("path", 10),
     ("http1", 10),
     ("metrics", 10),
-    ("timer", 10),
+    ("timer", 11),
     ("worker", 10),
     ("memory", 10),
     ("host", 11),

@@ -7,7 +7,6 @@
 mod metrics;
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -172,12 +171,4 @@ pub fn json(status: StatusCode, value: &impl Serialize) -> Response<Full<Bytes>>
     *resp.status_mut() = status;
     resp.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
     resp
-}
-
-/// Binds the admin address (`None`: admin is off).
-pub async fn bind(addr: Option<SocketAddr>) -> Result<Option<TcpListener>, crate::server::BindError> {
-    match addr {
-        None => Ok(None),
-        Some(addr) => crate::server::bind(&[addr]).map(|mut l| l.pop()),
-    }
 }

@@ -5,7 +5,6 @@
 //! and `/status`; every field the request path touches is an atomic, so picking and
 //! counting take no lock.
 
-mod conn;
 pub mod health;
 mod load_index;
 mod passive;
@@ -19,11 +18,11 @@ use arc_swap::ArcSwapOption;
 use http::uri::Authority;
 
 use crate::config::{PassiveConfig, PoolConfig};
-use crate::metrics::StatusCounts;
-use crate::tls::BackendTls;
-pub use conn::{
+pub use crate::http1::client::{
     BackendIo, BodyError, Conn, ConnBody, Framing, Head, NoBody, PendingUpload, ReadError, RequestFraming, SendError,
 };
+use crate::metrics::StatusCounts;
+use crate::tls::BackendTls;
 pub use load_index::{IndexSlot, LoadIndex};
 pub use passive::Admission;
 use passive::{PassiveState, Transition};

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use http::uri::Authority;
 use tokio::net::TcpStream;
 
-use super::conn::{BackendIo, Conn};
 use crate::config::PoolConfig;
+use crate::http1::client::{BackendIo, Conn};
 use crate::tls::BackendTls;
 use rustls::pki_types::ServerName;
 

@@ -1,9 +1,11 @@
 //! Picking a backend: one small trait, one file per strategy.
 //!
 //! Strategies know nothing of health: the caller passes `accept`, which says whether a
-//! backend may be used now (healthy, not already tried by this request).
+//! backend may be used now (healthy, not already tried by this request); [`pick`] is that
+//! caller, with the passive trial and the ejection cap beside it.
 
 mod least_connections;
+mod pick;
 mod round_robin;
 
 use std::sync::Arc;
@@ -11,6 +13,7 @@ use std::sync::Arc;
 use crate::backend::Backend;
 use crate::config::StrategyName;
 pub use least_connections::LeastConnections;
+pub use pick::{may_eject, pick};
 pub use round_robin::RoundRobin;
 
 pub trait Balancer: Send + Sync + std::fmt::Debug {

@@ -211,24 +211,6 @@ pub struct RawUpstream {
     pub tls_server_name: Option<String>,
 }
 
-impl RawUpstream {
-    pub fn with_backends(backends: Vec<RawBackend>) -> Self {
-        RawUpstream {
-            strategy: StrategyName::default(),
-            backends,
-            preserve_host: true,
-            retries: 1,
-            keepalive: default_keepalive(),
-            pool_idle_timeout: default_pool_idle(),
-            timeouts: None,
-            health_check: None,
-            passive: RawPassive::default(),
-            ca: None,
-            tls_server_name: None,
-        }
-    }
-}
-
 fn yes() -> bool {
     true
 }

@@ -2,6 +2,8 @@
 //! (RFC 9112 section 7), a parsed head's fields as a `HeaderMap` that shares the read
 //! buffer or as the raw lines, and the cached `Date` value.
 
+pub mod client;
+pub mod head_check;
 pub mod server;
 
 use std::cell::RefCell;
@@ -9,6 +11,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue};
+
+/// The HTTP/2 connection preface (prior knowledge) starts with this; HTTP/1 has no `PRI`
+/// method in use.
+pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Any body's error, boxed: bodies of different sources meet in one type.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -370,4 +376,24 @@ pub fn poll_read_prefixed<T: tokio::io::AsyncRead + Unpin>(
         return std::task::Poll::Ready(Ok(()));
     }
     std::pin::Pin::new(io).poll_read(cx, out)
+}
+
+/// Reads what `io` has into `buf`, first making room (`room` more) when less than 1 KiB is
+/// left: heads are read in small steps, bodies in larger ones.
+pub fn poll_fill<T: tokio::io::AsyncRead + Unpin>(
+    io: &mut T,
+    buf: &mut BytesMut,
+    room: usize,
+    cx: &mut std::task::Context<'_>,
+) -> std::task::Poll<std::io::Result<usize>> {
+    if buf.capacity() - buf.len() < 1024 {
+        buf.reserve(room);
+    }
+    tokio_util::io::poll_read_buf(std::pin::Pin::new(io), cx, buf)
+}
+
+/// How many bytes of empty lines (CR and LF) start `buf`: before a start line they are
+/// ignored (RFC 9112 2.2).
+pub fn blank_lines(buf: &[u8]) -> usize {
+    buf.iter().take_while(|b| matches!(b, b'\r' | b'\n')).count()
 }

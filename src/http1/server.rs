@@ -77,10 +77,7 @@ impl Io {
     }
 
     fn poll_fill_by(&mut self, cx: &mut Context<'_>, room: usize) -> Poll<io::Result<usize>> {
-        if self.buf.capacity() - self.buf.len() < 1024 {
-            self.buf.reserve(room);
-        }
-        tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.buf)
+        super::poll_fill(&mut self.stream, &mut self.buf, room, cx)
     }
 
     /// Writes a pending `100 Continue`; ready when none is left.

@@ -8,6 +8,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use atomic_waker::AtomicWaker;
 
+/// What a client connection is carried over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    Plain,
+    Tls,
+}
+
 /// What one client connection tells the request path about itself.
 #[derive(Debug)]
 pub struct ConnInfo {
@@ -22,8 +29,17 @@ pub struct ConnInfo {
 }
 
 impl ConnInfo {
-    pub fn new(peer: SocketAddr, tls: bool, activity: Arc<ConnActivity>, writes_raw_fields: bool) -> ConnInfo {
-        ConnInfo { peer, peer_ip: peer.ip().to_string().into(), tls, activity, writes_raw_fields }
+    /// A plain-TCP connection served by balancer's own HTTP/1 server, which writes a
+    /// backend's fields raw.
+    pub fn http1(peer: SocketAddr, activity: Arc<ConnActivity>) -> ConnInfo {
+        ConnInfo { peer, peer_ip: peer.ip().to_string().into(), tls: false, activity, writes_raw_fields: true }
+    }
+
+    /// A connection served by hyper (HTTP/2, or anything over TLS).
+    pub fn hyper(peer: SocketAddr, transport: Transport) -> ConnInfo {
+        let tls = transport == Transport::Tls;
+        let activity = Arc::default();
+        ConnInfo { peer, peer_ip: peer.ip().to_string().into(), tls, activity, writes_raw_fields: false }
     }
 }
 

@@ -35,12 +35,9 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// Works on the raw bytes: a token that is not text is skipped, but cannot hide the others.
 pub(crate) fn connection_tokens(headers: &HeaderMap, mut f: impl FnMut(&str)) {
     for v in headers.get_all(header::CONNECTION) {
-        for token in v.as_bytes().split(|b| *b == b',') {
+        for token in crate::http1::tokens(v.as_bytes()) {
             if let Ok(t) = std::str::from_utf8(token) {
-                let t = t.trim();
-                if !t.is_empty() {
-                    f(t);
-                }
+                f(t);
             }
         }
     }

@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use crate::backend::{Admission, Backend};
-use crate::balance::Balancer;
+use crate::backend::Backend;
+use crate::balance::{self, Balancer};
 use crate::config::{Config, HealthCheckConfig, PassiveConfig, StrategyName, Timeouts};
 use crate::limit::RateLimiter;
 use crate::metrics::{Metrics, UpstreamStats};
@@ -78,44 +78,13 @@ impl Upstream {
     /// An attempt on backend `idx` failed: counts it, and takes the backend out on
     /// passive checks when due and the cap allows.
     pub fn record_failure(&self, idx: usize, trial: bool, error: &dyn std::fmt::Display) {
-        self.backends[idx].record_failure(&self.passive, trial, error, || self.may_eject(idx));
+        let cap = self.passive.max_ejected_percent;
+        self.backends[idx].record_failure(&self.passive, trial, error, || balance::may_eject(&self.backends, idx, cap));
     }
 
-    /// Whether passive checks may have backend `idx` out: another backend is still up, and
-    /// with it out no more than `max_ejected_percent` of the backends are.
-    fn may_eject(&self, idx: usize) -> bool {
-        let others = self.backends.iter().enumerate().filter(|&(i, _)| i != idx);
-        let ejected = others.clone().filter(|(_, b)| b.is_ejected()).count();
-        let another_up = others.clone().any(|(_, b)| b.is_healthy());
-        another_up && (ejected + 1) * 100 <= self.passive.max_ejected_percent as usize * self.backends.len()
-    }
-
-    /// A backend that `accept` allows and health admits, by this upstream's strategy. A
-    /// backend that is out but due a trial is only returned to the request that claims it.
-    /// Returns the backend's index, and whether this request is its passive trial.
-    pub fn pick(&self, mut accept: impl FnMut(usize) -> bool) -> Option<(usize, bool)> {
-        let mut lost_trials: Vec<usize> = Vec::new();
-        loop {
-            // The trial offers seen during this scan: (backend, stamp to claim with).
-            let mut offers: Vec<(usize, u64)> = Vec::new();
-            let idx = self.balancer.pick(&self.backends, &mut |i, b| {
-                if lost_trials.contains(&i) || !accept(i) {
-                    return false;
-                }
-                match b.admission(&self.passive) {
-                    Admission::Open => true,
-                    Admission::Trial(seen) => {
-                        offers.push((i, seen));
-                        true
-                    }
-                    Admission::Closed => false,
-                }
-            })?;
-            match offers.iter().find(|(i, _)| *i == idx) {
-                None => return Some((idx, false)),
-                Some(&(_, seen)) if self.backends[idx].claim_trial(seen) => return Some((idx, true)),
-                Some(_) => lost_trials.push(idx),
-            }
-        }
+    /// A backend that `accept` allows and health admits, by this upstream's strategy
+    /// (see [`balance::pick`]): its index, and whether this request is its passive trial.
+    pub fn pick(&self, accept: impl FnMut(usize) -> bool) -> Option<(usize, bool)> {
+        balance::pick(&*self.balancer, &self.backends, &self.passive, accept)
     }
 }

@@ -7,11 +7,8 @@
 //!
 //! The phase is derived from [`ConnActivity`]: busy while a request or tunnel runs; when
 //! it stops being busy the connection is idle until a byte arrives, then it is reading a
-//! head until the request path picks the request up.
-//!
-//! An HTTP/1 connection idle for [`PARK_AFTER`] is parked: the socket is handed back
-//! through its [`ParkSlot`] and hyper reads an end of stream, so hyper's buffers and state
-//! are freed while the client thinks. The next byte starts a new hyper session.
+//! head until the request path picks the request up. (Plain HTTP/1 connections, which
+//! balancer serves itself, are parked when idle: see `server::h1`.)
 
 use std::io;
 use std::pin::Pin;
@@ -20,23 +17,13 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::StatusCode;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
 use super::ConnActivity;
-use super::head_check;
-use crate::proxy::{error::raw_response, request_id};
+use crate::http1::{H2_PREFACE, head_check};
+use crate::proxy::{Answer, ProxyError, request_id};
 use crate::timer::LazyTimer;
-
-/// How long an HTTP/1 keep-alive connection stays idle before it is parked.
-pub const PARK_AFTER: Duration = Duration::from_millis(500);
-
-/// Where a parked socket is handed back to the code that serves the connection.
-pub type ParkSlot<T> = Arc<std::sync::Mutex<Option<T>>>;
-
-/// The HTTP/2 connection preface starts with this; HTTP/1 has no `PRI` method in use.
-const H2_PREFACE_START: &[u8] = b"PRI * HTTP/2";
 
 #[derive(Clone, Copy, Debug)]
 pub struct ConnLimits {
@@ -68,10 +55,7 @@ enum Phase {
 }
 
 pub struct GuardedIo<T> {
-    /// `None` once parked.
-    inner: Option<T>,
-    /// Set when the connection may be parked.
-    park: Option<ParkSlot<T>>,
+    inner: T,
     activity: Arc<ConnActivity>,
     limits: ConnLimits,
     timer: LazyTimer,
@@ -81,20 +65,15 @@ pub struct GuardedIo<T> {
     first_read: bool,
     /// Follows HTTP/1 message boundaries so every head is checked.
     framing: head_check::Framing,
-    /// The last write to the socket could not go through (a slow reader): hyper still holds
-    /// output, so the connection must not be parked.
-    write_blocked: bool,
     /// A head was refused: the answer waits until the response in progress (if any) is sent.
-    refused: Option<(StatusCode, String)>,
+    refused: Option<ProxyError>,
 }
 
 impl<T> GuardedIo<T> {
-    pub fn new(inner: T, activity: Arc<ConnActivity>, limits: ConnLimits, park: Option<ParkSlot<T>>) -> Self {
+    pub fn new(inner: T, activity: Arc<ConnActivity>, limits: ConnLimits) -> Self {
         let deadline = Instant::now() + limits.client_header;
         GuardedIo {
-            inner: Some(inner),
-            // Parking after the idle timeout would only delay the close.
-            park: park.filter(|_| PARK_AFTER < limits.idle),
+            inner,
             activity,
             limits,
             timer: LazyTimer::new(deadline),
@@ -103,36 +82,14 @@ impl<T> GuardedIo<T> {
             first_read: true,
             framing: head_check::Framing::new(limits.max_header_bytes),
             refused: None,
-            write_blocked: false,
         }
     }
 
-    /// The socket; an error once it has been parked (hyper has been told it ended).
-    fn io(&mut self) -> io::Result<Pin<&mut T>>
+    fn io(&mut self) -> Pin<&mut T>
     where
         T: Unpin,
     {
-        match &mut self.inner {
-            Some(t) => Ok(Pin::new(t)),
-            None => Err(io::ErrorKind::NotConnected.into()),
-        }
-    }
-
-    /// How long an idle connection waits: until it is parked, or else closed.
-    fn idle_wait(&self) -> Duration {
-        if self.park.is_some() { PARK_AFTER.min(self.limits.idle) } else { self.limits.idle }
-    }
-
-    /// Hands the socket to the park slot when nothing of a request is pending; false if
-    /// it cannot be parked.
-    fn try_park(&mut self) -> bool {
-        let Some(slot) = &self.park else { return false };
-        if !self.framing.at_boundary() || self.write_blocked {
-            return false;
-        }
-        *slot.lock().expect("park slot lock") = self.inner.take();
-        self.phase = Phase::Closed;
-        true
+        Pin::new(&mut self.inner)
     }
 
     /// Moves the deadline (the timer follows lazily, see [`LazyTimer`]).
@@ -145,9 +102,9 @@ impl<T> GuardedIo<T> {
         self.timer.expired(self.deadline, cx)
     }
 
-    fn close_with(&mut self, status: StatusCode, reason: String) {
-        tracing::debug!(status = status.as_u16(), "{reason}");
-        let response = raw_response(status, &reason, &request_id::generate());
+    fn close_with(&mut self, error: &ProxyError) {
+        tracing::debug!("{error}");
+        let response = Answer::of(error).to_bytes(&request_id::generate());
         self.phase = Phase::Closing { response, written: 0 };
     }
 
@@ -180,24 +137,12 @@ impl<T> GuardedIo<T> {
         }
         if matches!(self.phase, Phase::Busy) {
             self.phase = Phase::Idle;
-            self.rearm(self.idle_wait());
+            self.rearm(self.limits.idle);
         }
         if self.timer_expired(cx) {
-            if matches!(self.phase, Phase::Idle) && self.park.is_some() {
-                if self.try_park() {
-                    return Poll::Ready(());
-                }
-                // Cannot park now: wait out the rest of the idle time.
-                self.park = None;
-                self.rearm(self.limits.idle.saturating_sub(PARK_AFTER));
-                if !self.timer_expired(cx) {
-                    return Poll::Pending;
-                }
-            }
             match self.phase {
                 Phase::Head { bytes } if bytes > 0 => {
-                    let reason = head_timeout_reason(self.limits.client_header);
-                    self.close_with(StatusCode::REQUEST_TIMEOUT, reason);
+                    self.close_with(&ProxyError::HeadTimeout { after: self.limits.client_header });
                 }
                 _ => self.phase = Phase::Closed,
             }
@@ -213,7 +158,7 @@ impl<T> GuardedIo<T> {
         }
         if std::mem::take(&mut self.first_read)
             && data.len() >= 4
-            && H2_PREFACE_START.starts_with(&data[..data.len().min(H2_PREFACE_START.len())])
+            && H2_PREFACE.starts_with(&data[..data.len().min(H2_PREFACE.len())])
         {
             self.phase = Phase::H2 { was_busy: false };
             self.framing.stop();
@@ -232,41 +177,15 @@ impl<T> GuardedIo<T> {
     }
 
     fn refuse(&mut self, reject: head_check::Reject) {
-        self.refused = Some(refusal(reject, self.limits.max_header_bytes));
+        self.refused = Some(ProxyError::refused_head(reject, self.limits.max_header_bytes));
     }
-}
-
-/// The status and text of a refused head.
-pub fn refusal(reject: head_check::Reject, max_header_bytes: usize) -> (StatusCode, String) {
-    match reject {
-        head_check::Reject::BadRequest(why) => (StatusCode::BAD_REQUEST, format!("bad request: {why}")),
-        head_check::Reject::TooLarge => (
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            format!(
-                "request head larger than the limit of {max_header_bytes} bytes or {} headers",
-                head_check::MAX_HEADERS
-            ),
-        ),
-        head_check::Reject::UriTooLong => {
-            (StatusCode::URI_TOO_LONG, format!("request line longer than the limit of {max_header_bytes} bytes"))
-        }
-        head_check::Reject::VersionNotSupported => (
-            StatusCode::HTTP_VERSION_NOT_SUPPORTED,
-            "HTTP version not supported: only HTTP/1.x on an HTTP/1 connection".to_owned(),
-        ),
-    }
-}
-
-/// The text of a 408.
-pub fn head_timeout_reason(client_header: Duration) -> String {
-    format!("request timeout: the request head did not arrive within {}", humantime::format_duration(client_header))
 }
 
 impl<T: AsyncRead + AsyncWrite + Unpin> GuardedIo<T> {
     /// Writes what we owe the client, then half-closes. Errors just end it.
     fn poll_closing(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         if let Phase::Closing { response, written } = &mut self.phase {
-            let Some(inner) = &mut self.inner else { return Poll::Ready(()) };
+            let inner = &mut self.inner;
             while *written < response.len() {
                 match ready!(Pin::new(&mut *inner).poll_write(cx, &response[*written..])) {
                     Ok(0) | Err(_) => break,
@@ -298,11 +217,11 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for GuardedIo<T> {
         };
         let before = buf.filled().len();
         let n = if cap >= buf.remaining() {
-            ready!(this.io()?.poll_read(cx, buf))?;
+            ready!(this.io().poll_read(cx, buf))?;
             buf.filled().len() - before
         } else {
             let mut limited = ReadBuf::new(buf.initialize_unfilled_to(cap));
-            ready!(this.io()?.poll_read(cx, &mut limited))?;
+            ready!(this.io().poll_read(cx, &mut limited))?;
             let n = limited.filled().len();
             buf.advance(n);
             n
@@ -327,8 +246,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> GuardedIo<T> {
             if self.activity.is_busy_or_register(cx.waker()) {
                 return Poll::Pending;
             }
-            let (status, reason) = self.refused.clone().expect("a refusal is pending");
-            self.close_with(status, reason);
+            let refused = self.refused.take().expect("a refusal is pending");
+            self.close_with(&refused);
+            self.refused = Some(refused);
         }
         ready!(self.poll_closing(cx));
         Poll::Ready(Ok(()))
@@ -337,10 +257,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> GuardedIo<T> {
 
 impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for GuardedIo<T> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let r = this.io()?.poll_write(cx, buf);
-        this.write_blocked = r.is_pending();
-        r
+        self.get_mut().io().poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -348,31 +265,18 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for GuardedIo<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let r = this.io()?.poll_write_vectored(cx, bufs);
-        this.write_blocked = r.is_pending();
-        r
+        self.get_mut().io().poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.inner.as_ref().is_some_and(T::is_write_vectored)
+        self.inner.is_write_vectored()
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let r = match &mut this.inner {
-            Some(t) => Pin::new(t).poll_flush(cx),
-            None => Poll::Ready(Ok(())),
-        };
-        this.write_blocked = r.is_pending();
-        r
+        self.get_mut().io().poll_flush(cx)
     }
 
-    /// A parked socket is not shut down: it lives on in the park slot.
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().inner {
-            Some(t) => Pin::new(t).poll_shutdown(cx),
-            None => Poll::Ready(Ok(())),
-        }
+        self.get_mut().io().poll_shutdown(cx)
     }
 }

@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{Method, Request, Response, StatusCode, Uri, Version, header};
@@ -24,25 +25,35 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::conn_guard::{ConnLimits, PARK_AFTER, head_timeout_reason, refusal};
+use super::ConnActivity;
+use super::conn_guard::ConnLimits;
 use super::drain::DrainGuard;
-use super::head_check::{self, Reject};
-use super::{ConnActivity, head_check::Body as Framing};
+use crate::http1::head_check::{self, Body as Framing, Reject};
 use crate::http1::server::{
     CONTINUE, IncomingBody, Io, PendingUpgrade, Prefixed, READ_SIZE, SharedIo, SharedIoHandle, lock,
 };
 use crate::http1::{self, Decoder, FieldSpan, RawTarget, put_field};
 use crate::proxy::body::{ClientBody, ResponseBody};
-use crate::proxy::error::raw_response;
-use crate::proxy::{self, ConnInfo, headers, request_id};
+use crate::proxy::{self, Answer, ConnInfo, ProxyError, headers, request_id};
 use crate::runtime::SharedRuntime;
 use crate::timer::LazyTimer;
 
 /// Response body pieces up to this size are copied next to their framing and written in
 /// one go; larger ones are written from where they are.
 const COPY_UP_TO: usize = 16 * 1024;
-/// The HTTP/2 connection preface starts with this.
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// How long a keep-alive connection stays idle before it is parked: only its socket is
+/// kept (the session's buffers and state are freed) until its next byte arrives.
+pub const PARK_AFTER: Duration = Duration::from_millis(500);
+
+/// Where a session starts on a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// A new connection: it may still turn out to speak HTTP/2, and must send its first
+    /// head within `client_header` of the accept.
+    Fresh,
+    /// A parked connection whose next byte arrived.
+    Resumed,
+}
 
 /// How a session on a connection ended.
 pub enum Ended {
@@ -63,19 +74,18 @@ struct Exchange {
     upgrade: Option<oneshot::Sender<Prefixed<TcpStream>>>,
 }
 
-/// Serves HTTP/1.1 requests on `stream` until it closes, goes idle long enough to park
-/// (when `park`), or turns out to speak HTTP/2 (only checked when `first`).
+/// Serves HTTP/1.1 requests on `stream` until it closes, goes idle long enough to park,
+/// or turns out to speak HTTP/2 (only checked at a [`Start::Fresh`]).
 pub async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     limits: ConnLimits,
     runtime: &SharedRuntime,
     guard: &DrainGuard,
-    park: bool,
-    first: bool,
+    start: Start,
 ) -> Ended {
     let activity = Arc::new(ConnActivity::default());
-    let info = Arc::new(ConnInfo::new(peer, false, activity, true));
+    let info = Arc::new(ConnInfo::http1(peer, activity));
     let io: SharedIo = Arc::new(Mutex::new(Io {
         stream,
         buf: BytesMut::new(),
@@ -83,7 +93,9 @@ pub async fn serve(
         body_broken: false,
         continue_left: 0,
     }));
-    let park = park && PARK_AFTER < limits.idle;
+    // Parking after the idle timeout would only delay the close.
+    let park = PARK_AFTER < limits.idle;
+    let first = start == Start::Fresh;
     let mut session =
         Session { io, limits, first, park, out: Vec::new(), timer: LazyTimer::new(Instant::now() + limits.idle) };
     loop {
@@ -92,8 +104,8 @@ pub async fn serve(
                 attach_body(&mut req, &session.io);
                 (req, exchange)
             }
-            Next::Refuse(status, reason) => {
-                session.refuse(status, &reason).await;
+            Next::Refuse(error) => {
+                session.refuse(&error).await;
                 return Ended::Closed;
             }
             // The client closed, or stayed idle: dropping the socket closes it.
@@ -134,7 +146,7 @@ pub async fn serve(
 #[allow(clippy::large_enum_variant)]
 enum Next {
     Request(Request<ClientBody>, Exchange),
-    Refuse(StatusCode, String),
+    Refuse(ProxyError),
     Close,
     Park,
     Http2,
@@ -175,7 +187,7 @@ impl Session {
             loop {
                 let mut io = lock(&self.io);
                 // Empty lines before a request line are ignored (RFC 9112 2.2).
-                let blank = io.buf.iter().take_while(|b| matches!(b, b'\r' | b'\n')).count();
+                let blank = http1::blank_lines(&io.buf);
                 if blank > 0 {
                     io.buf.advance(blank);
                     scanned = 0;
@@ -191,8 +203,8 @@ impl Session {
                 if !io.buf.is_empty() {
                     if self.first && io.buf.len() >= 4 {
                         self.first = false;
-                        let n = io.buf.len().min(H2_PREFACE.len());
-                        if io.buf[..n] == H2_PREFACE[..n] {
+                        let n = io.buf.len().min(http1::H2_PREFACE.len());
+                        if io.buf[..n] == http1::H2_PREFACE[..n] {
                             return Poll::Ready(Next::Http2);
                         }
                     }
@@ -203,8 +215,8 @@ impl Session {
                         }
                         Ok(None) => {}
                         Err(reject) => {
-                            let (status, reason) = refusal(reject, self.limits.max_header_bytes);
-                            return Poll::Ready(Next::Refuse(status, reason));
+                            let refused = ProxyError::refused_head(reject, self.limits.max_header_bytes);
+                            return Poll::Ready(Next::Refuse(refused));
                         }
                     }
                 }
@@ -221,10 +233,7 @@ impl Session {
                 return match head_until {
                     Some(until) => {
                         if self.timer.expired(until, cx) {
-                            Poll::Ready(Next::Refuse(
-                                StatusCode::REQUEST_TIMEOUT,
-                                head_timeout_reason(self.limits.client_header),
-                            ))
+                            Poll::Ready(Next::Refuse(ProxyError::HeadTimeout { after: self.limits.client_header }))
                         } else {
                             Poll::Pending
                         }
@@ -477,9 +486,9 @@ impl Session {
     }
 
     /// Answers a refused head, then closes.
-    async fn refuse(&mut self, status: StatusCode, reason: &str) {
-        tracing::debug!(status = status.as_u16(), "{reason}");
-        let response = raw_response(status, reason, &request_id::generate());
+    async fn refuse(&mut self, error: &ProxyError) {
+        tracing::debug!("{error}");
+        let response = Answer::of(error).to_bytes(&request_id::generate());
         self.out.clear();
         self.out.extend_from_slice(&response);
         let _ = self.flush().await;

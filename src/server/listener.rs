@@ -19,13 +19,12 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use super::conn_guard::{PARK_AFTER, ParkSlot};
 use super::drain::{Drain, DrainGuard};
-use super::h1::{self, Ended};
+use super::h1::{self, Ended, PARK_AFTER, Start};
 use super::workers::Served;
-use super::{ConnActivity, ConnLimits, GuardedIo, Workers};
+use super::{ConnLimits, GuardedIo, Workers};
 use crate::proxy::body::ClientBody;
-use crate::proxy::{self, ConnInfo};
+use crate::proxy::{self, ConnInfo, Transport};
 use crate::runtime::SharedRuntime;
 
 #[derive(Debug, thiserror::Error)]
@@ -299,21 +298,22 @@ async fn serve(
     match tls {
         None => {
             let mut stream = stream;
-            let mut first = true;
+            let mut start = Start::Fresh;
             // Parked between sessions while idle: then only the socket is held.
             loop {
                 // Boxed so that a parked connection's task does not keep room for a session
                 // (the request path's future inside it is several KiB).
-                let session = Box::pin(h1::serve(stream, peer, limits, &runtime, &guard, true, first));
+                let session = Box::pin(h1::serve(stream, peer, limits, &runtime, &guard, start));
                 let parked = match session.await {
                     Ended::Parked(parked) => parked,
                     Ended::Closed => break,
                     Ended::Http2(io) => {
-                        Box::pin(serve_http(io, peer, false, limits, &runtime, &guard, false)).await;
+                        Box::pin(serve_http(io, ConnInfo::hyper(peer, Transport::Plain), limits, &runtime, &guard))
+                            .await;
                         break;
                     }
                 };
-                first = false;
+                start = Start::Resumed;
                 metrics.parks.fetch_add(1, Relaxed);
                 metrics.parked_connections.fetch_add(1, Relaxed);
                 let resumed = tokio::select! {
@@ -335,8 +335,7 @@ async fn serve(
                 // A handshake must finish within client_header, like a request head.
                 match tokio::time::timeout(limits.client_header, acceptor.accept(stream)).await {
                     Ok(Ok(stream)) => {
-                        // Not parked (`park` false), so nothing comes back.
-                        serve_http(stream, peer, true, limits, &runtime, &guard, false).await;
+                        serve_http(stream, ConnInfo::hyper(peer, Transport::Tls), limits, &runtime, &guard).await;
                     }
                     Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                     Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -348,24 +347,14 @@ async fn serve(
     metrics.client_connections.fetch_sub(1, Relaxed);
 }
 
-/// One hyper session on a client connection, until the connection ends (`None`) or, when
-/// `park` allows it, until it sat idle long enough to be parked: then the socket comes back.
-async fn serve_http<T>(
-    io: T,
-    peer: SocketAddr,
-    tls: bool,
-    limits: ConnLimits,
-    runtime: &SharedRuntime,
-    guard: &DrainGuard,
-    park: bool,
-) -> Option<T>
+/// One hyper session (HTTP/2, or anything over TLS) on a client connection, until it ends.
+async fn serve_http<T>(io: T, info: ConnInfo, limits: ConnLimits, runtime: &SharedRuntime, guard: &DrainGuard)
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let activity = Arc::new(ConnActivity::default());
-    let info = Arc::new(ConnInfo::new(peer, tls, activity.clone(), false));
-    let slot: Option<ParkSlot<T>> = park.then(Default::default);
-    let io = TokioIo::new(GuardedIo::new(io, activity, limits, slot.clone()));
+    let peer = info.peer;
+    let info = Arc::new(info);
+    let io = TokioIo::new(GuardedIo::new(io, info.activity.clone(), limits));
 
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -377,14 +366,11 @@ where
         .max_headers(1024);
     builder.http2().timer(TokioTimer::new()).max_header_list_size(limits.max_header_bytes as u32);
 
-    // hyper keeps room for one request future (a few KiB) per session; idle connections
-    // give it back when they are parked.
     let runtime = runtime.clone();
     let service = service_fn(move |req| {
         let busy = info.activity.begin();
         proxy::handle(runtime.load_full(), info.clone(), busy, req.map(ClientBody::Hyper))
     });
-    // Boxed so that a parked connection's task does not keep room for it.
     let mut conn = Box::pin(builder.serve_connection_with_upgrades(io, service).into_owned());
     let mut told = false;
     let ended = poll_fn(|cx| {
@@ -399,7 +385,6 @@ where
     if let Err(e) = ended {
         tracing::debug!(%peer, error = %e, "client connection ended with an error");
     }
-    slot.and_then(|s| s.lock().expect("park slot lock").take())
 }
 
 /// Picks the certificate for each handshake from the live runtime.

@@ -4,7 +4,6 @@
 mod conn_guard;
 pub mod drain;
 pub mod h1;
-pub mod head_check;
 mod listener;
 pub mod workers;
 

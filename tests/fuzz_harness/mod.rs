@@ -11,12 +11,12 @@ use std::sync::OnceLock;
 
 use balancer::backend::RequestFraming;
 use balancer::config::{self, Overrides};
+use balancer::http1::head_check;
 use balancer::limit::client_ip;
 use balancer::path::normalise;
 use balancer::proxy::headers::{self, Forwarded};
 use balancer::proxy::request_id;
 use balancer::runtime::router::Router;
-use balancer::server::head_check;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::uri::{Authority, PathAndQuery};

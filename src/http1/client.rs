@@ -1,4 +1,5 @@
-//! One keep-alive HTTP/1.1 connection to a backend, driven from the request's own task:
+//! The client side of HTTP/1.1: one keep-alive connection to a backend, driven from the
+//! request's own task:
 //! the request head is written, then the request body is sent while the response head and
 //! then the response body are read as the client takes them. The two directions flow at
 //! once (SPEC 3): whatever waits on one side, the other keeps moving, so a backend that
@@ -22,7 +23,7 @@ use tokio::time::Instant;
 use crate::timer::LazyTimer;
 use tokio_rustls::client::TlsStream;
 
-use crate::http1::{self, BoxError, Decoded, Decoder, Malformed, RawFields};
+use super::{self as http1, BoxError, Decoded, Decoder, Malformed, RawFields};
 
 /// The most headers a backend's response head may have (hyper's default too).
 const MAX_HEADERS: usize = 100;
@@ -393,10 +394,7 @@ impl Conn {
     }
 
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.buf.capacity() - self.buf.len() < 1024 {
-            self.buf.reserve(READ_SIZE);
-        }
-        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
+        http1::poll_fill(&mut self.io, &mut self.buf, READ_SIZE, cx)
     }
 
     /// A complete head at the start of the buffer, consumed; `None` if more is needed.
@@ -405,7 +403,7 @@ impl Conn {
         loop {
             // Empty lines before a status line are skipped (as httparse would), so that the
             // head starts at the status line and the fields right after its line end.
-            let blank = self.buf.iter().take_while(|b| matches!(b, b'\r' | b'\n')).count();
+            let blank = http1::blank_lines(&self.buf);
             self.buf.advance(blank);
             let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
             let mut res = httparse::Response::new(&mut []);

@@ -31,6 +31,9 @@ pub fn starts_with_request_line(buf: &[u8]) -> bool {
     (1..=20).contains(&method) && rest.get(method) == Some(&b' ')
 }
 
+/// Why a transfer coding other than a single `chunked` is refused.
+pub const ONLY_CHUNKED: &str = "unsupported Transfer-Encoding (only a single \"chunked\" is accepted)";
+
 /// The most headers a request may have (hyper's limit too); more is a 431.
 pub const MAX_HEADERS: usize = 1024;
 
@@ -50,7 +53,7 @@ pub enum Reject {
 /// Why a head of more than `max` bytes is refused: 414 when its request line alone is
 /// that long (RFC 9110 15.5.15, as nginx answers), else 431.
 pub fn oversized(head: &[u8], max: usize) -> Reject {
-    let start = head.iter().take_while(|b| matches!(b, b'\r' | b'\n')).count();
+    let start = super::blank_lines(head);
     match head[start..].iter().position(|&b| b == b'\n') {
         Some(line) if line <= max => Reject::TooLarge,
         _ => Reject::UriTooLong,
@@ -61,7 +64,7 @@ pub fn oversized(head: &[u8], max: usize) -> Reject {
 /// is served as HTTP/1.1 (RFC 9110 2.5); another major version is a 505. Called only
 /// when httparse refused the version.
 pub fn settle_version(head: &mut [u8]) -> Result<(), Reject> {
-    let start = head.iter().take_while(|b| matches!(b, b'\r' | b'\n')).count();
+    let start = super::blank_lines(head);
     let end = head[start..].iter().position(|&b| b == b'\r' || b == b'\n').map_or(head.len(), |e| start + e);
     let line = &mut head[start..end];
     let Some(at) = line.iter().rposition(|&b| b == b' ') else {
@@ -133,9 +136,7 @@ pub fn framing_of(req: &httparse::Request<'_, '_>) -> Result<(Body, bool), Rejec
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
             transfer_encodings += 1;
             if !trim(h.value).eq_ignore_ascii_case(b"chunked") {
-                return Err(Reject::BadRequest(
-                    "unsupported Transfer-Encoding (only a single \"chunked\" is accepted)",
-                ));
+                return Err(Reject::BadRequest(ONLY_CHUNKED));
             }
         } else if h.name.eq_ignore_ascii_case("upgrade") {
             upgrade = true;

@@ -1,0 +1,61 @@
+//! Step 5, respond: the client's response from a backend's head: its fields passed
+//! through raw to balancer's own HTTP/1 server, or as a `HeaderMap` to hyper; on a 101,
+//! the tunnel.
+
+use bytes::Bytes;
+use http::Response;
+
+use super::body::ResponseBody;
+use super::conn::ConnInfo;
+use super::error::ProxyError;
+use super::forward::Proxied;
+use super::headers;
+use super::log::RequestLog;
+use super::upgrade::{self, ClientUpgrade};
+use crate::backend::Framing;
+
+/// The response for `proxied`; `client_upgrade` is where the client connection goes if
+/// the backend switches protocols.
+pub fn response(
+    proxied: Proxied,
+    conn: &ConnInfo,
+    client_upgrade: Option<ClientUpgrade>,
+    mut log: RequestLog,
+) -> Response<ResponseBody> {
+    let Proxied { head, inflight, conn: backend_conn, upload } = proxied;
+    log.status = head.status.as_u16();
+    let switching = head.framing == Framing::Upgrade;
+    if conn.writes_raw_fields && !switching && !head.names_fields {
+        // The fields go to the client as the backend sent them, less the hop-by-hop ones
+        // (`headers::write_response_fields`): no map is built.
+        let body = ResponseBody::upstream(backend_conn.into_body(head.framing, upload), log, inflight);
+        let mut response = Response::new(body.passing(head.fields));
+        *response.status_mut() = head.status;
+        return response;
+    }
+    let Some(mut headers) = head.fields.to_header_map(1) else {
+        let backend = inflight.backend().url.clone();
+        return ProxyError::BrokeOff { backend, source: "invalid header field".into() }.into_response(log);
+    };
+    headers::rewrite_response(&mut headers, switching, &log.request_id);
+    let mut response = Response::new(());
+    *response.status_mut() = head.status;
+    *response.version_mut() = head.version;
+    *response.headers_mut() = headers;
+    let (parts, ()) = response.into_parts();
+    if !switching {
+        let body = ResponseBody::upstream(backend_conn.into_body(head.framing, upload), log, inflight);
+        return Response::from_parts(parts, body);
+    }
+    match client_upgrade {
+        Some(client) => {
+            upgrade::tunnel(client, backend_conn, inflight, conn.activity.begin());
+            Response::from_parts(parts, ResponseBody::full(Bytes::new(), log))
+        }
+        None => ProxyError::BrokeOff {
+            backend: inflight.backend().url.clone(),
+            source: "backend switched protocols without being asked".into(),
+        }
+        .into_response(log),
+    }
+}
