@@ -397,3 +397,13 @@ pub fn poll_fill<T: tokio::io::AsyncRead + Unpin>(
 pub fn blank_lines(buf: &[u8]) -> usize {
     buf.iter().take_while(|b| matches!(b, b'\r' | b'\n')).count()
 }
+
+#[cfg(test)]
+mod chunk_tests {
+    #[test]
+    fn chunk_size_lines_are_hex() {
+        for n in [1usize, 9, 10, 15, 16, 255, 4096, 65535, 1 << 20] {
+            assert_eq!(super::chunk_size_line(n).as_bytes(), format!("{n:x}\r\n").as_bytes());
+        }
+    }
+}

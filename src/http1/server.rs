@@ -1,7 +1,8 @@
-//! The server side of HTTP/1.1 on a client connection, as far as the request path needs
-//! it: the connection's shared state ([`Io`]), the request body read from it
-//! ([`IncomingBody`]), and where the connection goes on an upgrade. The per-connection
-//! loop that reads heads and writes responses is `server::h1`.
+//! The server side of HTTP/1.1 on a client connection: the connection's shared state
+//! ([`Io`]), parsing a request head from it ([`parse_head`]: framing checks, the versions
+//! and raw targets httparse refuses), the request body read from it ([`IncomingBody`]),
+//! and where the connection goes on an upgrade. The per-connection loop that reads heads,
+//! runs the request path and writes responses is `server::h1`.
 
 use std::io;
 use std::pin::Pin;
@@ -14,7 +15,12 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
-use super::{BoxError, Decoded, Decoder, Malformed};
+use std::mem::MaybeUninit;
+
+use http::{Method, Request, Uri, Version, header};
+
+use super::head_check::{self, Body as Framing, Reject};
+use super::{BoxError, Decoded, Decoder, FieldSpan, Malformed, RawTarget};
 
 /// How much room each read asks for: heads are small; bodies come in larger reads.
 pub const READ_SIZE: usize = 8 * 1024;
@@ -178,4 +184,154 @@ impl PendingUpgrade {
     pub fn take(&self) -> Option<oneshot::Receiver<Prefixed<TcpStream>>> {
         self.0.lock().ok()?.take()
     }
+}
+
+/// What the session knows of the request in progress, beyond what the request path gets.
+pub struct Exchange {
+    pub method: Method,
+    pub version: Version,
+    /// The client asked to keep the connection (or did not ask to close it, on 1.1).
+    pub keep_alive: bool,
+    /// Where the connection goes if the backend agrees to an upgrade the client asked for.
+    pub upgrade: Option<oneshot::Sender<Prefixed<TcpStream>>>,
+}
+
+/// Parses the request head at the front of `io.buf` once it is complete; `scanned` is how
+/// far earlier calls looked for its end.
+pub fn parse_head(io: &mut Io, scanned: &mut usize, max: usize) -> Result<Option<(Request<()>, Exchange)>, Reject> {
+    let Some(end) = head_check::head_end(&io.buf, *scanned) else {
+        if io.buf.len() > max {
+            return Err(head_check::oversized(&io.buf, max));
+        }
+        *scanned = io.buf.len();
+        return Ok(None);
+    };
+    if end > max {
+        return Err(head_check::oversized(&io.buf[..end], max));
+    }
+    head_check::check_line_ends(&io.buf[..end])?;
+    *scanned = 0;
+    // What httparse refuses but clients send is mended in place and parsed again (a cold
+    // path): a later HTTP/1 minor version, raw bytes above 0x7F in the target.
+    let mut raw_target = None;
+    for _ in 0..3 {
+        match parse_at(io, end, &mut raw_target) {
+            Err(Unparsed::Version) => head_check::settle_version(&mut io.buf[..end])?,
+            Err(Unparsed::Token) if raw_target.is_none() => {
+                raw_target = Some(mask_raw_target(&mut io.buf[..end]).ok_or(MALFORMED)?);
+            }
+            Err(Unparsed::Token) => return Err(MALFORMED),
+            Err(Unparsed::Refused(reject)) => return Err(reject),
+            Ok(next) => return Ok(Some(next)),
+        }
+    }
+    Err(MALFORMED)
+}
+
+const MALFORMED: Reject = Reject::BadRequest("malformed request head");
+
+/// Why [`parse_at`] did not make a request of a head.
+enum Unparsed {
+    /// httparse refused the version: maybe one to serve as HTTP/1.1.
+    Version,
+    /// httparse refused a byte: maybe one above 0x7F in the target.
+    Token,
+    Refused(Reject),
+}
+
+impl From<Reject> for Unparsed {
+    fn from(r: Reject) -> Self {
+        Unparsed::Refused(r)
+    }
+}
+
+/// Replaces the bytes above 0x7F in the request line's target with `x`, so that httparse
+/// reads it, and returns the target as sent. `None` if the target has no such byte.
+fn mask_raw_target(head: &mut [u8]) -> Option<Bytes> {
+    let line_end = head.iter().position(|&b| b == b'\r')?;
+    let line = &mut head[..line_end];
+    let from = line.iter().position(|&b| b == b' ')? + 1;
+    let to = line.iter().rposition(|&b| b == b' ')?;
+    let target = line.get_mut(from..to)?;
+    if target.is_ascii() {
+        return None;
+    }
+    let raw = Bytes::copy_from_slice(target);
+    target.iter_mut().filter(|b| !b.is_ascii()).for_each(|b| *b = b'x');
+    Some(raw)
+}
+
+/// Parses the complete head of `end` bytes at the front of `io.buf` into a request; the
+/// target is `raw_target` when one was masked.
+fn parse_at(io: &mut Io, end: usize, raw_target: &mut Option<Bytes>) -> Result<(Request<()>, Exchange), Unparsed> {
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; head_check::MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    match req.parse_with_uninit_headers(&io.buf[..end], &mut slots) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Err(httparse::Error::TooManyHeaders) => return Err(Reject::TooLarge.into()),
+        Err(httparse::Error::Version) => return Err(Unparsed::Version),
+        Err(httparse::Error::Token) => return Err(Unparsed::Token),
+        Ok(httparse::Status::Partial) | Err(_) => return Err(MALFORMED.into()),
+    }
+    let (framing, upgrade) = head_check::framing_of(&req)?;
+    let method = Method::from_bytes(req.method.unwrap_or("").as_bytes()).map_err(|_| MALFORMED)?;
+    let version = if req.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
+    let base = io.buf.as_ptr();
+    let path = req.path.unwrap_or("");
+    let path_at = path.as_ptr() as usize - base as usize;
+    let path_span = path_at..path_at + path.len();
+    let count = req.headers.len();
+    let mut few: [FieldSpan; 32] = [(0, 0, 0, 0); 32];
+    let mut many = Vec::new();
+    let spans: &mut [FieldSpan] = if count <= few.len() {
+        &mut few[..count]
+    } else {
+        many.resize(count, (0, 0, 0, 0));
+        &mut many
+    };
+    super::field_spans(base, req.headers, spans);
+    let head = io.buf.split_to(end).freeze();
+    let target = match raw_target {
+        None => head.slice(path_span),
+        Some(raw) => Bytes::from(super::percent_encode_non_ascii(raw)),
+    };
+    let uri = Uri::from_maybe_shared(target).map_err(|_| Reject::BadRequest("invalid request target"))?;
+    let headers = super::header_map(&head, spans, 0).ok_or(Reject::BadRequest("invalid header field"))?;
+
+    let (mut close, mut keep) = (false, false);
+    for token in headers.get_all(header::CONNECTION).iter().flat_map(|v| super::tokens(v.as_bytes())) {
+        close |= token.eq_ignore_ascii_case(b"close");
+        keep |= token.eq_ignore_ascii_case(b"keep-alive");
+    }
+    let keep_alive = !close && (version == Version::HTTP_11 || keep);
+    io.body = match framing {
+        Framing::Length(n) => Decoder::Length(n),
+        Framing::Chunked => Decoder::ChunkSize,
+        Framing::Upgrade => Decoder::Done,
+    };
+    io.body_broken = false;
+    let has_body = !io.body.is_done();
+    io.continue_left = 0;
+    if has_body
+        && version == Version::HTTP_11
+        && headers.get(header::EXPECT).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+    {
+        io.continue_left = CONTINUE.len();
+    }
+    let mut request = Request::new(());
+    let mut pending = None;
+    if upgrade && method != Method::CONNECT {
+        let (tx, rx) = oneshot::channel();
+        request.extensions_mut().insert(PendingUpgrade(Arc::new(Mutex::new(Some(rx)))));
+        pending = Some(tx);
+    }
+    *request.method_mut() = method.clone();
+    *request.uri_mut() = uri;
+    *request.version_mut() = version;
+    *request.headers_mut() = headers;
+    if let Some(raw) = raw_target.take() {
+        request.extensions_mut().insert(RawTarget(raw));
+    }
+    let exchange = Exchange { method, version, keep_alive, upgrade: pending };
+    Ok((request, exchange))
 }

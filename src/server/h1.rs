@@ -10,7 +10,6 @@
 
 use std::future::{Future, poll_fn};
 use std::io;
-use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::sync::{Arc, Mutex};
@@ -18,7 +17,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::{Method, Request, Response, StatusCode, Uri, Version, header};
+use http::{Method, Request, Response, StatusCode, Version, header};
 use http_body::Body;
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
@@ -28,11 +27,8 @@ use tokio::time::Instant;
 use super::ConnActivity;
 use super::conn_guard::ConnLimits;
 use super::drain::DrainGuard;
-use crate::http1::head_check::{self, Body as Framing, Reject};
-use crate::http1::server::{
-    CONTINUE, IncomingBody, Io, PendingUpgrade, Prefixed, READ_SIZE, SharedIo, SharedIoHandle, lock,
-};
-use crate::http1::{self, Decoder, FieldSpan, RawTarget, put_field};
+use crate::http1::server::{self, Exchange, IncomingBody, Io, Prefixed, READ_SIZE, SharedIo, SharedIoHandle, lock};
+use crate::http1::{self, Decoder, put_field};
 use crate::proxy::body::{ClientBody, ResponseBody};
 use crate::proxy::{self, Answer, ConnInfo, ProxyError, headers, request_id};
 use crate::runtime::SharedRuntime;
@@ -62,16 +58,6 @@ pub enum Ended {
     Parked(TcpStream),
     /// The client spoke HTTP/2 (prior knowledge): the socket and what was read of it.
     Http2(Prefixed<TcpStream>),
-}
-
-/// What the session knows of the request in progress, beyond what the request path gets.
-struct Exchange {
-    method: Method,
-    version: Version,
-    /// The client asked to keep the connection (or did not ask to close it, on 1.1).
-    keep_alive: bool,
-    /// Where the connection goes if the backend agrees to an upgrade the client asked for.
-    upgrade: Option<oneshot::Sender<Prefixed<TcpStream>>>,
 }
 
 /// Serves HTTP/1.1 requests on `stream` until it closes, goes idle long enough to park,
@@ -208,10 +194,11 @@ impl Session {
                             return Poll::Ready(Next::Http2);
                         }
                     }
-                    match parse_head(&mut io, &mut scanned, self.limits.max_header_bytes) {
-                        Ok(Some(next)) => {
+                    match server::parse_head(&mut io, &mut scanned, self.limits.max_header_bytes) {
+                        Ok(Some((request, exchange))) => {
                             self.first = false;
-                            return Poll::Ready(next);
+                            let request = request.map(|()| ClientBody::Http1(IncomingBody::default()));
+                            return Poll::Ready(Next::Request(request, exchange));
                         }
                         Ok(None) => {}
                         Err(reject) => {
@@ -540,162 +527,9 @@ fn watch_client(io: &mut Io, limit: usize, cx: &mut Context<'_>) -> Poll<()> {
     Poll::Pending
 }
 
-/// Parses the request head at the front of `io.buf` once it is complete; `scanned` is how
-/// far earlier calls looked for its end.
-fn parse_head(io: &mut Io, scanned: &mut usize, max: usize) -> Result<Option<Next>, Reject> {
-    let Some(end) = head_check::head_end(&io.buf, *scanned) else {
-        if io.buf.len() > max {
-            return Err(head_check::oversized(&io.buf, max));
-        }
-        *scanned = io.buf.len();
-        return Ok(None);
-    };
-    if end > max {
-        return Err(head_check::oversized(&io.buf[..end], max));
-    }
-    head_check::check_line_ends(&io.buf[..end])?;
-    *scanned = 0;
-    // What httparse refuses but clients send is mended in place and parsed again (a cold
-    // path): a later HTTP/1 minor version, raw bytes above 0x7F in the target.
-    let mut raw_target = None;
-    for _ in 0..3 {
-        match parse_at(io, end, &mut raw_target) {
-            Err(Unparsed::Version) => head_check::settle_version(&mut io.buf[..end])?,
-            Err(Unparsed::Token) if raw_target.is_none() => {
-                raw_target = Some(mask_raw_target(&mut io.buf[..end]).ok_or(MALFORMED)?);
-            }
-            Err(Unparsed::Token) => return Err(MALFORMED),
-            Err(Unparsed::Refused(reject)) => return Err(reject),
-            Ok(next) => return Ok(Some(next)),
-        }
-    }
-    Err(MALFORMED)
-}
-
-const MALFORMED: Reject = Reject::BadRequest("malformed request head");
-
-/// Why [`parse_at`] did not make a request of a head.
-enum Unparsed {
-    /// httparse refused the version: maybe one to serve as HTTP/1.1.
-    Version,
-    /// httparse refused a byte: maybe one above 0x7F in the target.
-    Token,
-    Refused(Reject),
-}
-
-impl From<Reject> for Unparsed {
-    fn from(r: Reject) -> Self {
-        Unparsed::Refused(r)
-    }
-}
-
-/// Replaces the bytes above 0x7F in the request line's target with `x`, so that httparse
-/// reads it, and returns the target as sent. `None` if the target has no such byte.
-fn mask_raw_target(head: &mut [u8]) -> Option<Bytes> {
-    let line_end = head.iter().position(|&b| b == b'\r')?;
-    let line = &mut head[..line_end];
-    let from = line.iter().position(|&b| b == b' ')? + 1;
-    let to = line.iter().rposition(|&b| b == b' ')?;
-    let target = line.get_mut(from..to)?;
-    if target.is_ascii() {
-        return None;
-    }
-    let raw = Bytes::copy_from_slice(target);
-    target.iter_mut().filter(|b| !b.is_ascii()).for_each(|b| *b = b'x');
-    Some(raw)
-}
-
-/// Parses the complete head of `end` bytes at the front of `io.buf` into a request; the
-/// target is `raw_target` when one was masked.
-fn parse_at(io: &mut Io, end: usize, raw_target: &mut Option<Bytes>) -> Result<Next, Unparsed> {
-    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; head_check::MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut []);
-    match req.parse_with_uninit_headers(&io.buf[..end], &mut slots) {
-        Ok(httparse::Status::Complete(_)) => {}
-        Err(httparse::Error::TooManyHeaders) => return Err(Reject::TooLarge.into()),
-        Err(httparse::Error::Version) => return Err(Unparsed::Version),
-        Err(httparse::Error::Token) => return Err(Unparsed::Token),
-        Ok(httparse::Status::Partial) | Err(_) => return Err(MALFORMED.into()),
-    }
-    let (framing, upgrade) = head_check::framing_of(&req)?;
-    let method = Method::from_bytes(req.method.unwrap_or("").as_bytes()).map_err(|_| MALFORMED)?;
-    let version = if req.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
-    let base = io.buf.as_ptr();
-    let path = req.path.unwrap_or("");
-    let path_at = path.as_ptr() as usize - base as usize;
-    let path_span = path_at..path_at + path.len();
-    let count = req.headers.len();
-    let mut few: [FieldSpan; 32] = [(0, 0, 0, 0); 32];
-    let mut many = Vec::new();
-    let spans: &mut [FieldSpan] = if count <= few.len() {
-        &mut few[..count]
-    } else {
-        many.resize(count, (0, 0, 0, 0));
-        &mut many
-    };
-    http1::field_spans(base, req.headers, spans);
-    let head = io.buf.split_to(end).freeze();
-    let target = match raw_target {
-        None => head.slice(path_span),
-        Some(raw) => Bytes::from(http1::percent_encode_non_ascii(raw)),
-    };
-    let uri = Uri::from_maybe_shared(target).map_err(|_| Reject::BadRequest("invalid request target"))?;
-    let headers = http1::header_map(&head, spans, 0).ok_or(Reject::BadRequest("invalid header field"))?;
-
-    let mut close = false;
-    let mut keep = false;
-    crate::proxy::headers::connection_tokens(&headers, |t| {
-        close |= t.eq_ignore_ascii_case("close");
-        keep |= t.eq_ignore_ascii_case("keep-alive");
-    });
-    let keep_alive = !close && (version == Version::HTTP_11 || keep);
-    io.body = match framing {
-        Framing::Length(n) => Decoder::Length(n),
-        Framing::Chunked => Decoder::ChunkSize,
-        Framing::Upgrade => Decoder::Done,
-    };
-    io.body_broken = false;
-    let has_body = !io.body.is_done();
-    io.continue_left = 0;
-    if has_body
-        && version == Version::HTTP_11
-        && headers.get(header::EXPECT).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
-    {
-        io.continue_left = CONTINUE.len();
-    }
-    let mut request = Request::new(ClientBody::Http1(IncomingBody { io: None }));
-    let mut pending = None;
-    if upgrade && method != Method::CONNECT {
-        let (tx, rx) = oneshot::channel();
-        request.extensions_mut().insert(PendingUpgrade(Arc::new(Mutex::new(Some(rx)))));
-        pending = Some(tx);
-    }
-    *request.method_mut() = method.clone();
-    *request.uri_mut() = uri;
-    *request.version_mut() = version;
-    *request.headers_mut() = headers;
-    if let Some(raw) = raw_target.take() {
-        request.extensions_mut().insert(RawTarget(raw));
-    }
-    let exchange = Exchange { method, version, keep_alive, upgrade: pending };
-    Ok(Next::Request(request, exchange))
-}
-
 /// Gives a parsed request its body reader (which needs the shared connection).
 fn attach_body(req: &mut Request<ClientBody>, io: &SharedIo) {
     if !lock(io).body.is_done() {
         *req.body_mut() = ClientBody::Http1(IncomingBody { io: Some(SharedIoHandle(io.clone())) });
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn chunk_size_lines_are_hex() {
-        for n in [1usize, 9, 10, 15, 16, 255, 4096, 65535, 1 << 20] {
-            assert_eq!(http1::chunk_size_line(n).as_bytes(), format!("{n:x}\r\n").as_bytes());
-        }
     }
 }
