@@ -105,6 +105,62 @@ pub struct UpstreamStats {
     pub durations: LatencyHistogram,
     /// Requests routed here that no backend answered (503, 413, ...).
     pub unattributed: StatusCounts,
+    /// Requests and retries of the last 10 s, for `retry_budget`.
+    pub retry_window: RetryWindow,
+}
+
+/// Requests and retries over the last [`RetryWindow::SECONDS`] seconds, in one-second
+/// buckets of atomics: a retry is allowed while retries stay under a share of requests,
+/// or under 3 a second.
+#[derive(Debug, Default)]
+pub struct RetryWindow {
+    /// Per bucket: (the second it counts, requests, retries).
+    buckets: [(AtomicU64, AtomicU64, AtomicU64); RetryWindow::SECONDS as usize],
+}
+
+impl RetryWindow {
+    pub const SECONDS: u64 = 10;
+    /// Retries allowed per second whatever the share.
+    pub const FLOOR_PER_SECOND: u64 = 3;
+
+    fn now() -> u64 {
+        static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        EPOCH.get_or_init(std::time::Instant::now).elapsed().as_secs() + 1
+    }
+
+    /// The bucket of second `now`, emptied first when it last counted an older second.
+    fn bucket(&self, now: u64) -> &(AtomicU64, AtomicU64, AtomicU64) {
+        let b = &self.buckets[(now % Self::SECONDS) as usize];
+        let seen = b.0.load(Relaxed);
+        if seen != now && b.0.compare_exchange(seen, now, Relaxed, Relaxed).is_ok() {
+            b.1.store(0, Relaxed);
+            b.2.store(0, Relaxed);
+        }
+        b
+    }
+
+    pub fn record_request(&self) {
+        self.bucket(Self::now()).1.fetch_add(1, Relaxed);
+    }
+
+    /// Counts a retry if the budget allows one: retries in the window stay at most
+    /// `share` of requests, or `FLOOR_PER_SECOND` a second.
+    pub fn try_retry(&self, share: f64) -> bool {
+        let now = Self::now();
+        let (mut requests, mut retries) = (0, 0);
+        for b in &self.buckets {
+            if now.saturating_sub(b.0.load(Relaxed)) < Self::SECONDS {
+                requests += b.1.load(Relaxed);
+                retries += b.2.load(Relaxed);
+            }
+        }
+        let allowed = ((requests as f64 * share) as u64).max(Self::FLOOR_PER_SECOND * Self::SECONDS);
+        if retries >= allowed {
+            return false;
+        }
+        self.bucket(now).2.fetch_add(1, Relaxed);
+        true
+    }
 }
 
 /// The outcome of the latest config reload, for `/status`.

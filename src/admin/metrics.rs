@@ -59,6 +59,41 @@ impl prometheus_client::collector::Collector for RuntimeCollector {
                 .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
         }
 
+        let mut family = enc.encode_descriptor(
+            "balancer_queue_depth",
+            "Requests waiting for a backend under max_inflight, by upstream.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for up in &rt.upstreams {
+            ConstGauge::new(up.queue.depth() as i64)
+                .encode(family.encode_family(&[("upstream", up.name.as_str())])?)?;
+        }
+        let mut family = enc.encode_descriptor(
+            "balancer_queue_wait_seconds",
+            "How long requests that got a backend slot waited in the queue, by upstream.",
+            None,
+            MetricType::Histogram,
+        )?;
+        for up in &rt.upstreams {
+            let (sum, count, buckets) = up.queue.waits.snapshot();
+            family
+                .encode_family(&[("upstream", up.name.as_str())])?
+                .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
+        }
+        let mut family = enc.encode_descriptor(
+            "balancer_queue_rejected",
+            "Requests answered 503 by the queue, by upstream and reason (full, timeout).",
+            None,
+            MetricType::Counter,
+        )?;
+        for up in &rt.upstreams {
+            for (reason, n) in [("full", &up.queue.rejected_full), ("timeout", &up.queue.rejected_timeout)] {
+                let labels = [("upstream", up.name.as_str()), ("reason", reason)];
+                ConstCounter::new(n.load(Relaxed)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+
         // One family per backend property, each labelled by upstream and backend.
         let per_backend: [BackendFamily; 5] = [
             (

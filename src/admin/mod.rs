@@ -114,6 +114,8 @@ impl Admin {
                 .map(|u| UpstreamStatus {
                     name: u.name.clone(),
                     strategy: u.strategy.to_string(),
+                    max_inflight: u.max_inflight,
+                    queued: u.queue.depth(),
                     backends: u
                         .backends
                         .iter()
@@ -144,6 +146,10 @@ struct Status {
 struct UpstreamStatus {
     name: String,
     strategy: String,
+    /// Per backend; 0: no cap.
+    max_inflight: u32,
+    /// Requests waiting in the upstream's queue now.
+    queued: usize,
     backends: Vec<BackendStatus>,
 }
 

@@ -9,6 +9,7 @@ pub mod health;
 mod load_index;
 mod passive;
 mod pool;
+mod queue;
 
 use std::fmt::Display;
 use std::sync::Arc;
@@ -27,6 +28,7 @@ pub use load_index::{IndexSlot, LoadIndex};
 pub use passive::Admission;
 use passive::{PassiveState, Transition};
 pub use pool::{ConnectError, Pool};
+pub use queue::{QueueRefusal, SlotQueue, Ticket};
 
 #[derive(Debug)]
 pub struct Backend {
@@ -47,6 +49,10 @@ pub struct Backend {
     /// `index` is set. Round-robin's requests read this flag instead of loading `index`,
     /// which costs about 130 instructions a request (callgrind).
     indexed: AtomicBool,
+    /// The queue of its upstream, when that caps `max_inflight`: a released slot is handed
+    /// to the request at its head. `None` (and `queued` false) otherwise, at no cost.
+    queue: ArcSwapOption<SlotQueue>,
+    queued: AtomicBool,
     /// Requests that got a response head from this backend.
     requests: AtomicU64,
     /// Attempts that failed: connect errors, resets, timeouts.
@@ -71,6 +77,8 @@ impl Backend {
             inflight: AtomicUsize::new(0),
             index: ArcSwapOption::empty(),
             indexed: AtomicBool::new(false),
+            queue: ArcSwapOption::empty(),
+            queued: AtomicBool::new(false),
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             ejections_refused: AtomicU64::new(0),
@@ -142,7 +150,38 @@ impl Backend {
     pub fn begin(self: &Arc<Self>) -> InflightGuard {
         self.inflight.fetch_add(1, SeqCst);
         self.reindex();
-        InflightGuard(self.clone())
+        InflightGuard(Some(self.clone()))
+    }
+
+    /// [`Backend::begin`] if fewer than `cap` requests are in flight here.
+    pub fn try_begin(self: &Arc<Self>, cap: u32) -> Option<InflightGuard> {
+        let cap = cap as usize;
+        self.inflight.fetch_update(SeqCst, SeqCst, |n| (n < cap).then_some(n + 1)).ok()?;
+        self.reindex();
+        Some(InflightGuard(Some(self.clone())))
+    }
+
+    /// Points this backend's released slots at its upstream's queue (`None`: no cap).
+    pub fn set_queue(&self, queue: Option<Arc<SlotQueue>>) {
+        self.queued.store(queue.is_some(), SeqCst);
+        self.queue.store(queue);
+    }
+
+    /// A slot of this backend is being released: the request at the head of its upstream's
+    /// queue takes it instead, while the backend is up and within the cap. True if one did.
+    fn hand_over(self: &Arc<Self>) -> bool {
+        let queue = self.queue.load();
+        let Some(queue) = queue.as_deref() else { return false };
+        if queue.depth() == 0 || !self.is_healthy() || self.inflight() > queue.cap() as usize {
+            return false;
+        }
+        match queue.hand_over(InflightGuard(Some(self.clone()))) {
+            None => true,
+            Some(mut unwanted) => {
+                unwanted.0 = None;
+                false
+            }
+        }
     }
 
     /// Out on passive checks (and not down by the active ones): due a trial in time.
@@ -241,17 +280,22 @@ impl Backend {
 
 /// Holds one unit of a backend's in-flight count.
 #[derive(Debug)]
-pub struct InflightGuard(Arc<Backend>);
+pub struct InflightGuard(Option<Arc<Backend>>);
 
 impl InflightGuard {
     pub fn backend(&self) -> &Arc<Backend> {
-        &self.0
+        self.0.as_ref().expect("a guard holds its backend until dropped")
     }
 }
 
 impl Drop for InflightGuard {
     fn drop(&mut self) {
-        self.0.inflight.fetch_sub(1, SeqCst);
-        self.0.reindex();
+        // `None`: a copy made to hand the slot over, which nobody took.
+        let Some(b) = self.0.take() else { return };
+        if b.queued.load(Relaxed) && b.hand_over() {
+            return;
+        }
+        b.inflight.fetch_sub(1, SeqCst);
+        b.reindex();
     }
 }

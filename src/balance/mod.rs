@@ -7,6 +7,7 @@
 mod least_connections;
 mod pick;
 mod round_robin;
+mod slots;
 
 use std::sync::Arc;
 
@@ -15,6 +16,7 @@ use crate::config::StrategyName;
 pub use least_connections::LeastConnections;
 pub use pick::{may_eject, pick};
 pub use round_robin::RoundRobin;
+pub use slots::{Candidates, NoSlot, Slot};
 
 pub trait Balancer: Send + Sync + std::fmt::Debug {
     /// The index of the backend to use among `backends`, or `None` when `accept` refuses

@@ -129,6 +129,21 @@ pub struct UpstreamConfig {
     pub passive: PassiveConfig,
     /// How `https://` backends are verified; set when the upstream has any.
     pub tls: Option<crate::tls::BackendTls>,
+    /// Requests in flight per backend; 0: no cap.
+    pub max_inflight: u32,
+    /// Retries at most this share of requests over 10 s (at least 3 a second); `None`: no budget.
+    pub retry_budget: Option<f64>,
+    /// Where requests wait while every backend is at `max_inflight`; `None`: they get 503.
+    pub queue: Option<QueueConfig>,
+}
+
+/// `[upstreams.NAME.queue]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueConfig {
+    /// Requests that may wait at once.
+    pub max: usize,
+    /// The longest wait.
+    pub timeout: Duration,
 }
 
 /// How connections to one backend are pooled.

@@ -209,6 +209,28 @@ pub struct RawUpstream {
     pub ca: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_server_name: Option<String>,
+    /// Requests in flight per backend; 0: no cap.
+    #[serde(default)]
+    pub max_inflight: u32,
+    /// Retries at most this share of requests (10 s window), at least 3 a second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_budget: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<RawQueue>,
+}
+
+/// `[upstreams.NAME.queue]`: requests wait here while every backend is at `max_inflight`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawQueue {
+    pub max: u32,
+    pub timeout: HumanDuration,
+}
+
+impl Default for RawQueue {
+    fn default() -> Self {
+        RawQueue { max: 100, timeout: HumanDuration::secs(5) }
+    }
 }
 
 fn yes() -> bool {

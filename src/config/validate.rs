@@ -291,6 +291,24 @@ fn upstream(
         }
         backends.push(BackendConfig { url: b.url.trim_end_matches('/').to_owned(), scheme, authority, weight });
     }
+    if let Some(b) = up.retry_budget
+        && !(0.0..=1.0).contains(&b)
+    {
+        return err(format!("{key}.retry_budget"), "must be a share of requests, 0.0 to 1.0");
+    }
+    let queue = match &up.queue {
+        None => None,
+        Some(_) if up.max_inflight == 0 => {
+            return err(
+                format!("{key}.queue"),
+                "a queue needs max_inflight: requests wait for a backend under its cap",
+            );
+        }
+        Some(q) if q.max == 0 || q.timeout.0.is_zero() => {
+            return err(format!("{key}.queue"), "max and timeout must be more than 0 (remove [queue] for none)");
+        }
+        Some(q) => Some(QueueConfig { max: q.max as usize, timeout: q.timeout.0 }),
+    };
     if up.passive.max_ejected_percent > 100 {
         return err(format!("{key}.passive.max_ejected_percent"), "must be a percentage, 0 to 100");
     }
@@ -333,6 +351,9 @@ fn upstream(
             max_ejected_percent: up.passive.max_ejected_percent,
         },
         tls,
+        max_inflight: up.max_inflight,
+        retry_budget: up.retry_budget,
+        queue,
     })
 }
 

@@ -45,7 +45,11 @@ impl Answer {
             ProxyError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, false, error.to_string().into()),
             ProxyError::BodyTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, true, error.to_string().into()),
             ProxyError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, false, error.to_string().into()),
-            ProxyError::NoHealthyBackend { .. } => (StatusCode::SERVICE_UNAVAILABLE, false, error.to_string().into()),
+            ProxyError::NoHealthyBackend { .. }
+            | ProxyError::AllBusy { .. }
+            | ProxyError::QueueFull { .. }
+            | ProxyError::QueueTimeout { .. }
+            | ProxyError::UpstreamRemoved { .. } => (StatusCode::SERVICE_UNAVAILABLE, false, error.to_string().into()),
             ProxyError::Unreachable { .. } => {
                 (StatusCode::BAD_GATEWAY, false, "bad gateway: the backend could not be reached".into())
             }
@@ -67,7 +71,11 @@ impl Answer {
             ),
         };
         let (retry_after, rate_limit) = match error {
-            ProxyError::NoHealthyBackend { .. } => (Some(1), None),
+            ProxyError::NoHealthyBackend { .. }
+            | ProxyError::AllBusy { .. }
+            | ProxyError::QueueFull { .. }
+            | ProxyError::QueueTimeout { .. }
+            | ProxyError::UpstreamRemoved { .. } => (Some(1), None),
             ProxyError::RateLimited(r) => (Some(r.retry_after), Some((r.capacity, r.remaining, r.reset))),
             _ => (None, None),
         };

@@ -5,6 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::body::BoxError;
+use crate::backend::QueueRefusal;
+use crate::balance::NoSlot;
 use crate::http1::head_check::{self, Reject};
 
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +35,14 @@ pub enum ProxyError {
     RateLimited(crate::limit::Refusal),
     #[error("no healthy backend in upstream {upstream}")]
     NoHealthyBackend { upstream: String },
+    #[error("every backend of upstream {upstream} is at max_inflight")]
+    AllBusy { upstream: String },
+    #[error("the queue of upstream {upstream} is full")]
+    QueueFull { upstream: String },
+    #[error("no backend of upstream {upstream} was free within the queue timeout of {}", humantime::format_duration(*.after))]
+    QueueTimeout { upstream: String, after: Duration },
+    #[error("upstream {upstream} was removed by a reload while the request waited")]
+    UpstreamRemoved { upstream: String },
     #[error("balancer is out of local resources: {0}")]
     OutOfResources(std::io::Error),
     #[error("backend {backend} could not be reached: {source}")]
@@ -50,6 +60,18 @@ impl ProxyError {
             self,
             ProxyError::Unreachable { .. } | ProxyError::BrokeOff { .. } | ProxyError::UpstreamTimeout { .. }
         )
+    }
+
+    /// Why a request got no backend slot.
+    pub fn no_slot(refused: NoSlot, upstream: &str) -> ProxyError {
+        let upstream = upstream.to_owned();
+        match refused {
+            NoSlot::NoHealthy => ProxyError::NoHealthyBackend { upstream },
+            NoSlot::AllBusy => ProxyError::AllBusy { upstream },
+            NoSlot::Queue(QueueRefusal::Full) => ProxyError::QueueFull { upstream },
+            NoSlot::Queue(QueueRefusal::Timeout(after)) => ProxyError::QueueTimeout { upstream, after },
+            NoSlot::Queue(QueueRefusal::Closed) => ProxyError::UpstreamRemoved { upstream },
+        }
     }
 
     /// Why a request head was refused before it became a request.

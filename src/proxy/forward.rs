@@ -15,6 +15,7 @@ use super::log::RequestLog;
 use crate::backend::{
     Backend, Conn, ConnectError, Head, InflightGuard, PendingUpload, ReadError, RequestFraming, SendError,
 };
+use crate::balance::{NoSlot, Slot};
 use crate::runtime::{Runtime, Upstream};
 
 /// A backend's response head, with the in-flight mark that must live as long as its body
@@ -52,17 +53,29 @@ pub async fn forward(
     let attempts = 1 + upstream.retries as usize;
     let mut tried = Tried::default();
     let mut last_error: Option<ProxyError> = None;
-    for _ in 0..attempts {
+    let budget = upstream.retry_budget.inspect(|_| upstream.stats.retry_window.record_request());
+    let candidates = upstream.candidates();
+    for attempt_no in 0..attempts {
+        if attempt_no > 0
+            && let Some(share) = budget
+            && !upstream.stats.retry_window.try_retry(share)
+        {
+            tracing::debug!(upstream = %upstream.name, "retry budget spent: the error is answered");
+            break;
+        }
         // A different backend when possible; the same one again when it is the only one.
-        let picked = upstream.pick(|i| !tried.contains(i)).or_else(|| match last_error {
-            Some(_) => upstream.pick(|_| true),
-            None => None,
-        });
-        let Some((idx, trial)) = picked else { break };
+        let mut slot = candidates.acquire(&|i| !tried.contains(i)).await;
+        if matches!(slot, Err(NoSlot::NoHealthy)) && last_error.is_some() {
+            slot = candidates.acquire(&|_| true).await;
+        }
+        let Slot { index: idx, trial, guard: inflight } = match slot {
+            Ok(slot) => slot,
+            Err(NoSlot::NoHealthy) => break,
+            Err(refused) => return Err(ProxyError::no_slot(refused, &upstream.name)),
+        };
         tried.insert(idx);
         let backend = &upstream.backends[idx];
         log.backend = Some(idx);
-        let inflight = backend.begin();
         let fwd = Forwarded {
             client_ip: &conn.peer_ip,
             proto: if conn.tls { "https" } else { "http" },

@@ -64,6 +64,10 @@ pub fn build(config: Config, previous: Option<&Runtime>, generation: u64) -> Run
                 })
                 .collect();
             let weights: Vec<u32> = up.backends.iter().map(|b| b.weight).collect();
+            let queue = old.map(|o| o.queue.clone()).unwrap_or_default();
+            queue.configure(up.max_inflight, up.queue.map(|q| (q.max, q.timeout)));
+            let capped = (up.max_inflight > 0).then(|| queue.clone());
+            backends.iter().for_each(|b| b.set_queue(capped.clone()));
             Upstream {
                 name: up.name.clone(),
                 strategy: up.strategy,
@@ -76,9 +80,25 @@ pub fn build(config: Config, previous: Option<&Runtime>, generation: u64) -> Run
                 passive: up.passive,
                 health_check: up.health_check.clone(),
                 stats: old.map(|o| o.stats.clone()).unwrap_or_default(),
+                max_inflight: up.max_inflight,
+                queue,
+                retry_budget: up.retry_budget,
             }
         })
         .collect();
+
+    // What the reload removed: its queued requests are answered now, and a removed
+    // backend's released slots no longer go to its old upstream's queue.
+    for old in previous.map_or(&[][..], |p| &p.upstreams[..]) {
+        let Some(new) = upstreams.iter().find(|u| u.name == old.name) else {
+            old.queue.close();
+            old.backends.iter().for_each(|b| b.set_queue(None));
+            continue;
+        };
+        for b in old.backends.iter().filter(|b| !new.backends.iter().any(|n| Arc::ptr_eq(n, b))) {
+            b.set_queue(None);
+        }
+    }
 
     let index_of = |name: &str| upstreams.iter().position(|u| u.name == name).expect("validated upstream name");
     let routes = if config.routes.is_empty() && upstreams.len() == 1 {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, SlotQueue};
 use crate::balance::{self, Balancer};
 use crate::config::{Config, HealthCheckConfig, PassiveConfig, StrategyName, Timeouts};
 use crate::limit::RateLimiter;
@@ -52,6 +52,13 @@ pub struct Upstream {
     pub health_check: Option<HealthCheckConfig>,
     /// Kept across reloads by upstream name.
     pub stats: Arc<UpstreamStats>,
+    /// Requests in flight per backend; 0: no cap.
+    pub max_inflight: u32,
+    /// Where requests wait for a slot under the cap. Kept across reloads by upstream name
+    /// (queued requests keep their place); always present, enabled by `[queue]`.
+    pub queue: Arc<SlotQueue>,
+    /// Retries at most this share of requests (10 s window, at least 3 a second).
+    pub retry_budget: Option<f64>,
 }
 
 impl Runtime {
@@ -82,9 +89,14 @@ impl Upstream {
         self.backends[idx].record_failure(&self.passive, trial, error, || balance::may_eject(&self.backends, idx, cap));
     }
 
-    /// A backend that `accept` allows and health admits, by this upstream's strategy
-    /// (see [`balance::pick`]): its index, and whether this request is its passive trial.
-    pub fn pick(&self, accept: impl FnMut(usize) -> bool) -> Option<(usize, bool)> {
-        balance::pick(&*self.balancer, &self.backends, &self.passive, accept)
+    /// What picking a backend (and waiting for a slot) needs of this upstream.
+    pub fn candidates(&self) -> balance::Candidates<'_> {
+        balance::Candidates {
+            balancer: &*self.balancer,
+            backends: &self.backends,
+            passive: &self.passive,
+            cap: self.max_inflight,
+            queue: &self.queue,
+        }
     }
 }

@@ -1,0 +1,92 @@
+//! Taking a slot on a backend for one attempt (SPEC 11): with no `max_inflight` it is the
+//! pick; with one, only backends under the cap are offered to the strategy, the slot is
+//! taken atomically, and when every backend is full the request waits in its upstream's
+//! queue for the first slot that frees on any of them (first come, first served: while
+//! others wait, a newcomer queues behind them).
+
+use std::sync::Arc;
+
+use super::{Balancer, pick};
+use crate::backend::{Admission, Backend, InflightGuard, QueueRefusal, SlotQueue};
+use crate::config::PassiveConfig;
+
+/// A backend's slot, held for one attempt.
+#[derive(Debug)]
+pub struct Slot {
+    pub index: usize,
+    /// This request is the backend's passive trial.
+    pub trial: bool,
+    pub guard: InflightGuard,
+}
+
+/// Why no slot was had.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoSlot {
+    /// No backend that `accept` allows is healthy.
+    NoHealthy,
+    /// Every one is at `max_inflight`, and the upstream has no queue.
+    AllBusy,
+    Queue(QueueRefusal),
+}
+
+/// What a pick needs of the upstream.
+pub struct Candidates<'u> {
+    pub balancer: &'u dyn Balancer,
+    pub backends: &'u [Arc<Backend>],
+    pub passive: &'u PassiveConfig,
+    /// Requests in flight per backend; 0: no cap.
+    pub cap: u32,
+    pub queue: &'u SlotQueue,
+}
+
+impl Candidates<'_> {
+    /// A slot on a backend that `accept` allows, waiting in the queue when all are full.
+    pub async fn acquire(&self, accept: &(dyn Fn(usize) -> bool + Sync)) -> Result<Slot, NoSlot> {
+        if self.cap == 0 {
+            let (index, trial) = pick(self.balancer, self.backends, self.passive, accept).ok_or(NoSlot::NoHealthy)?;
+            return Ok(Slot { index, trial, guard: self.backends[index].begin() });
+        }
+        if self.queue.depth() == 0
+            && let Some(slot) = self.try_capped(accept)
+        {
+            return Ok(slot);
+        }
+        let any_up =
+            self.backends.iter().enumerate().any(|(i, b)| accept(i) && b.admission(self.passive) != Admission::Closed);
+        if !any_up {
+            return Err(NoSlot::NoHealthy);
+        }
+        if !self.queue.enabled() {
+            return Err(NoSlot::AllBusy);
+        }
+        let ticket = self.queue.enqueue().map_err(NoSlot::Queue)?;
+        // A slot may have freed between the first try and taking a place: take it, and
+        // leave the queue (dropping the ticket).
+        if self.queue.depth() == 1
+            && let Some(slot) = self.try_capped(accept)
+        {
+            return Ok(slot);
+        }
+        let guard = ticket.wait().await.map_err(NoSlot::Queue)?;
+        let index = self
+            .backends
+            .iter()
+            .position(|b| Arc::ptr_eq(b, guard.backend()))
+            .ok_or(NoSlot::Queue(QueueRefusal::Closed))?;
+        Ok(Slot { index, trial: false, guard })
+    }
+
+    /// A slot on a backend under the cap, if one is free. A pick can lose the slot to a
+    /// concurrent one; it then picks again (at most once per backend).
+    fn try_capped(&self, accept: &(dyn Fn(usize) -> bool + Sync)) -> Option<Slot> {
+        let cap = self.cap as usize;
+        for _ in 0..self.backends.len() {
+            let under_cap = |i: usize| accept(i) && self.backends[i].inflight() < cap;
+            let (index, trial) = pick(self.balancer, self.backends, self.passive, under_cap)?;
+            if let Some(guard) = self.backends[index].try_begin(self.cap) {
+                return Some(Slot { index, trial, guard });
+            }
+        }
+        None
+    }
+}
