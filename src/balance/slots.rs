@@ -41,16 +41,31 @@ pub struct Candidates<'u> {
 
 impl Candidates<'_> {
     /// A slot on a backend that `accept` allows, waiting in the queue when all are full.
+    /// The common cases (no cap, or a free slot) are answered without an `await`.
     pub async fn acquire(&self, accept: &(dyn Fn(usize) -> bool + Sync)) -> Result<Slot, NoSlot> {
+        match self.take(accept) {
+            Some(taken) => taken,
+            None => self.wait(accept).await,
+        }
+    }
+
+    /// A slot now, or why there is none; `None` when the request may have to wait.
+    #[inline]
+    pub fn take(&self, accept: &(dyn Fn(usize) -> bool + Sync)) -> Option<Result<Slot, NoSlot>> {
         if self.cap == 0 {
-            let (index, trial) = pick(self.balancer, self.backends, self.passive, accept).ok_or(NoSlot::NoHealthy)?;
-            return Ok(Slot { index, trial, guard: self.backends[index].begin() });
+            return Some(match pick(self.balancer, self.backends, self.passive, accept) {
+                Some((index, trial)) => Ok(Slot { index, trial, guard: self.backends[index].begin() }),
+                None => Err(NoSlot::NoHealthy),
+            });
         }
-        if self.queue.depth() == 0
-            && let Some(slot) = self.try_capped(accept)
-        {
-            return Ok(slot);
+        if self.queue.depth() == 0 {
+            return self.try_capped(accept).map(Ok);
         }
+        None
+    }
+
+    /// Every backend is full (or others wait already): waits in the queue.
+    async fn wait(&self, accept: &(dyn Fn(usize) -> bool + Sync)) -> Result<Slot, NoSlot> {
         let any_up =
             self.backends.iter().enumerate().any(|(i, b)| accept(i) && b.admission(self.passive) != Admission::Closed);
         if !any_up {

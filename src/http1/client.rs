@@ -95,7 +95,9 @@ pub struct Conn {
     keep_alive: bool,
     /// The request body still being sent; `None` once it is all out. A connection whose
     /// upload did not finish cannot carry another request.
-    upload: Option<Upload>,
+    /// Boxed: only requests with a body have one, and a connection is moved in and out of
+    /// its pool on every request.
+    upload: Option<Box<Upload>>,
     /// An interim (1xx) response arrived since the request was sent: a response began.
     interim: bool,
     /// The response-head timer, made on first use (see `read_head_within`).
@@ -235,12 +237,13 @@ impl Conn {
     {
         self.interim = false;
         self.io.write_all(&self.head).await.map_err(SendError::Head)?;
-        self.upload = (framing != RequestFraming::Empty).then(|| Upload {
-            framing,
-            pieces: Default::default(),
-            ended: false,
-            dead: false,
-        });
+        if framing == RequestFraming::Empty {
+            self.upload = None;
+            // A failed flush shows as a failed response read.
+            let _ = self.io.flush().await;
+            return Ok(());
+        }
+        self.upload = Some(Box::new(Upload { framing, pieces: Default::default(), ended: false, dead: false }));
         let mut read_closed = false;
         std::future::poll_fn(|cx| {
             if self.poll_upload(cx, body).map_err(SendError::ClientBody)?.is_ready() {
@@ -362,7 +365,9 @@ impl Conn {
     {
         let deadline = Instant::now() + after;
         std::future::poll_fn(|cx| {
-            if let Poll::Ready(Err(e)) = self.poll_upload(cx, body) {
+            if self.upload.is_some()
+                && let Poll::Ready(Err(e)) = self.poll_upload(cx, body)
+            {
                 return Poll::Ready(Some(Err(ReadError::ClientBody(e))));
             }
             if let Poll::Ready(r) = self.poll_head(cx, head_request) {

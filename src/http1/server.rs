@@ -198,7 +198,13 @@ pub struct Exchange {
 
 /// Parses the request head at the front of `io.buf` once it is complete; `scanned` is how
 /// far earlier calls looked for its end.
-pub fn parse_head(io: &mut Io, scanned: &mut usize, max: usize) -> Result<Option<(Request<()>, Exchange)>, Reject> {
+/// The request is made with `body()` as its body (so it is built in its final type).
+pub fn parse_head<B>(
+    io: &mut Io,
+    scanned: &mut usize,
+    max: usize,
+    body: impl Fn() -> B,
+) -> Result<Option<(Request<B>, Exchange)>, Reject> {
     let Some(end) = head_check::head_end(&io.buf, *scanned) else {
         if io.buf.len() > max {
             return Err(head_check::oversized(&io.buf, max));
@@ -215,7 +221,7 @@ pub fn parse_head(io: &mut Io, scanned: &mut usize, max: usize) -> Result<Option
     // path): a later HTTP/1 minor version, raw bytes above 0x7F in the target.
     let mut raw_target = None;
     for _ in 0..3 {
-        match parse_at(io, end, &mut raw_target) {
+        match parse_at(io, end, &mut raw_target, &body) {
             Err(Unparsed::Version) => head_check::settle_version(&mut io.buf[..end])?,
             Err(Unparsed::Token) if raw_target.is_none() => {
                 raw_target = Some(mask_raw_target(&mut io.buf[..end]).ok_or(MALFORMED)?);
@@ -263,7 +269,13 @@ fn mask_raw_target(head: &mut [u8]) -> Option<Bytes> {
 
 /// Parses the complete head of `end` bytes at the front of `io.buf` into a request; the
 /// target is `raw_target` when one was masked.
-fn parse_at(io: &mut Io, end: usize, raw_target: &mut Option<Bytes>) -> Result<(Request<()>, Exchange), Unparsed> {
+#[inline]
+fn parse_at<B>(
+    io: &mut Io,
+    end: usize,
+    raw_target: &mut Option<Bytes>,
+    body: &impl Fn() -> B,
+) -> Result<(Request<B>, Exchange), Unparsed> {
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; head_check::MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
     match req.parse_with_uninit_headers(&io.buf[..end], &mut slots) {
@@ -318,7 +330,7 @@ fn parse_at(io: &mut Io, end: usize, raw_target: &mut Option<Bytes>) -> Result<(
     {
         io.continue_left = CONTINUE.len();
     }
-    let mut request = Request::new(());
+    let mut request = Request::new(body());
     let mut pending = None;
     if upgrade && method != Method::CONNECT {
         let (tx, rx) = oneshot::channel();

@@ -11,6 +11,7 @@ use crate::runtime::router::Route;
 
 /// Admits the request by the route's limits, or the server-wide ones when no route
 /// matched.
+#[inline]
 pub fn limits(rt: &Runtime, conn: &ConnInfo, parts: &Parts, route: Option<&Route>) -> Result<(), ProxyError> {
     let ids = route.map_or(&rt.server_limits[..], |r| &r.limits[..]);
     if ids.is_empty() {

@@ -12,6 +12,7 @@ use crate::runtime::Runtime;
 /// (400), a transfer coding other than `chunked` that the connection layer could not see
 /// (heads pipelined behind another; hyper accepts "gzip, chunked"), and a declared body
 /// over `max_request_body` (413).
+#[inline]
 pub fn request(rt: &Runtime, parts: &Parts, body: &ClientBody) -> Result<(), ProxyError> {
     if parts.method == Method::CONNECT || parts.method == Method::TRACE {
         return Err(ProxyError::MethodNotAllowed(parts.method.clone()));

@@ -64,7 +64,12 @@ pub async fn forward(
             break;
         }
         // A different backend when possible; the same one again when it is the only one.
-        let mut slot = candidates.acquire(&|i| !tried.contains(i)).await;
+        // A slot without an await in the common case (the wait's future is not even made).
+        let untried = |i| !tried.contains(i);
+        let mut slot = match candidates.take(&untried) {
+            Some(taken) => taken,
+            None => candidates.acquire(&untried).await,
+        };
         if matches!(slot, Err(NoSlot::NoHealthy)) && last_error.is_some() {
             slot = candidates.acquire(&|_| true).await;
         }

@@ -89,30 +89,15 @@ pub struct Forwarded<'a> {
     pub underscores: bool,
 }
 
-/// Whether a `Host` value is `host[:port]` (RFC 9110 7.2, RFC 3986 3.2.2): a reg-name or
-/// IPv4 address, or an IP literal in brackets, then an optional port of digits.
-pub fn valid_host(value: &[u8]) -> bool {
-    let (host, port) = if value.first() == Some(&b'[') {
-        let Some(close) = value.iter().position(|&b| b == b']') else { return false };
-        let literal = &value[1..close];
-        if literal.is_empty() || !literal.iter().all(|&b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.')) {
-            return false;
-        }
-        match &value[close + 1..] {
-            [] => return true,
-            [b':', port @ ..] => (&value[..0], port),
-            _ => return false,
-        }
-    } else {
-        match value.iter().position(|&b| b == b':') {
-            Some(colon) => (&value[..colon], &value[colon + 1..]),
-            None => (value, &value[..0]),
-        }
-    };
-    let host_ok = host.iter().all(|&b| {
-        b.is_ascii_alphanumeric()
+/// The bytes of a reg-name or IPv4 address (RFC 3986 3.2.2: unreserved, sub-delims, `%`).
+const HOST_BYTE: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = c.is_ascii_alphanumeric()
             || matches!(
-                b,
+                c,
                 b'-' | b'.'
                     | b'_'
                     | b'~'
@@ -128,10 +113,34 @@ pub fn valid_host(value: &[u8]) -> bool {
                     | b','
                     | b';'
                     | b'='
-            )
-    });
-    let empty_host = host.is_empty() && value.first() != Some(&b'[');
-    host_ok && !empty_host && port.iter().all(u8::is_ascii_digit) && port.len() <= 5
+            );
+        b += 1;
+    }
+    t
+};
+
+/// Whether a `Host` value is `host[:port]` (RFC 9110 7.2, RFC 3986 3.2.2): a reg-name or
+/// IPv4 address, or an IP literal in brackets, then an optional port of digits.
+pub fn valid_host(value: &[u8]) -> bool {
+    let (host, port) = if value.first() == Some(&b'[') {
+        let Some(close) = value.iter().position(|&b| b == b']') else { return false };
+        let literal = &value[1..close];
+        if literal.is_empty() || !literal.iter().all(|&b| b.is_ascii_hexdigit() || matches!(b, b':' | b'.')) {
+            return false;
+        }
+        match &value[close + 1..] {
+            [] => return true,
+            [b':', port @ ..] => (&b"h"[..], port),
+            _ => return false,
+        }
+    } else {
+        match value.iter().position(|&b| !HOST_BYTE[usize::from(b)]) {
+            None => (value, &value[..0]),
+            Some(at) if value[at] == b':' => (&value[..at], &value[at + 1..]),
+            Some(_) => return false,
+        }
+    };
+    !host.is_empty() && port.len() <= 5 && port.iter().all(u8::is_ascii_digit)
 }
 
 /// Writes the HTTP/1.1 head sent to a backend for `parts` into `out`, with `target` as

@@ -16,6 +16,7 @@ use crate::backend::Framing;
 
 /// The response for `proxied`; `client_upgrade` is where the client connection goes if
 /// the backend switches protocols.
+#[inline]
 pub fn response(
     proxied: Proxied,
     conn: &ConnInfo,

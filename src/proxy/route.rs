@@ -23,6 +23,7 @@ pub struct Routed<'rt, 'p> {
 }
 
 /// The route for this host and normalised path (`crate::path`), longest prefix first.
+#[inline]
 pub fn find<'rt, 'p>(rt: &'rt Runtime, parts: &'p Parts) -> Routed<'rt, 'p> {
     let host = headers::client_host(parts);
     let host_str = host.as_ref().and_then(|h| h.to_str().ok()).map(headers::host_without_port);
@@ -33,6 +34,7 @@ pub fn find<'rt, 'p>(rt: &'rt Runtime, parts: &'p Parts) -> Routed<'rt, 'p> {
 
 /// The request target sent to the backend: the client's, unchanged (bytes above 0x7F
 /// included), or under `strip_prefix` the normalised path without the prefix.
+#[inline]
 pub fn target<'a>(parts: &'a Parts, route: &Route, normalised: &str) -> Result<Cow<'a, [u8]>, ProxyError> {
     if route.strip_prefix && route.prefix != "/" {
         let rest = &normalised[route.prefix.len()..];

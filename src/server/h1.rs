@@ -194,10 +194,10 @@ impl Session {
                             return Poll::Ready(Next::Http2);
                         }
                     }
-                    match server::parse_head(&mut io, &mut scanned, self.limits.max_header_bytes) {
+                    let no_body = || ClientBody::Http1(IncomingBody::default());
+                    match server::parse_head(&mut io, &mut scanned, self.limits.max_header_bytes, no_body) {
                         Ok(Some((request, exchange))) => {
                             self.first = false;
-                            let request = request.map(|()| ClientBody::Http1(IncomingBody::default()));
                             return Poll::Ready(Next::Request(request, exchange));
                         }
                         Ok(None) => {}
