@@ -6,9 +6,9 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use balancer::backend::Backend;
-use balancer::balance::{Balancer, LeastConnections, RoundRobin};
-use balancer::config::{HostMatch, LimitKey, PoolConfig, RateLimitConfig};
+use balancer::backend::{Backend, SlotQueue};
+use balancer::balance::{Balancer, Candidates, LeastConnections, RoundRobin};
+use balancer::config::{HostMatch, LimitKey, PassiveConfig, PoolConfig, RateLimitConfig};
 use balancer::limit::{Key, RateLimiter, admit};
 use balancer::path::normalise;
 use balancer::runtime::router::{Route, Router};
@@ -46,6 +46,29 @@ fn pickers(c: &mut Criterion) {
             b.iter(|| {
                 let i = lc.pick(&bs, &mut |_, b| b.is_healthy()).unwrap();
                 drop(black_box(bs[i].begin()));
+            })
+        });
+    }
+    g.finish();
+}
+
+/// What a request pays for a backend slot: a round-robin pick, the slot taken and given
+/// back, with no cap (`max_inflight = 0`, the default) and with one that nobody waits at.
+fn slots(c: &mut Criterion) {
+    let mut g = c.benchmark_group("slot");
+    let bs = backends(4);
+    let rr = RoundRobin::new(&[1, 1, 1, 1]);
+    let passive = PassiveConfig { max_fails: 3, fail_timeout: Duration::from_secs(10), max_ejected_percent: 50 };
+    for cap in [0u32, 64] {
+        let queue = Arc::new(SlotQueue::default());
+        queue.configure(cap, Some((100, Duration::from_secs(5))));
+        bs.iter().for_each(|b| b.set_queue((cap > 0).then(|| queue.clone())));
+        let candidates = Candidates { balancer: &rr, backends: &bs, passive: &passive, cap, queue: &queue };
+        let name = if cap == 0 { "no_cap" } else { "cap_nobody_waits" };
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                let slot = candidates.take(&|_| true).expect("a slot now").expect("a slot");
+                drop(black_box(slot.guard));
             })
         });
     }
@@ -99,5 +122,5 @@ fn rate_limit(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, pickers, routes, rate_limit);
+criterion_group!(benches, pickers, routes, rate_limit, slots);
 criterion_main!(benches);
