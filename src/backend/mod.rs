@@ -6,6 +6,7 @@
 //! counting take no lock.
 
 pub mod health;
+mod latency;
 mod load_index;
 mod passive;
 mod pool;
@@ -24,6 +25,8 @@ pub use crate::http1::client::{
 };
 use crate::metrics::StatusCounts;
 use crate::tls::BackendTls;
+pub use latency::clock;
+use latency::LatencyEwma;
 pub use load_index::{IndexSlot, LoadIndex};
 pub use passive::Admission;
 use passive::{PassiveState, Transition};
@@ -59,6 +62,9 @@ pub struct Backend {
     failures: AtomicU64,
     /// Passive ejections that were due but refused by `max_ejected_percent`.
     ejections_refused: AtomicU64,
+    /// Response-head latency, written by the request path of a least-latency upstream
+    /// (failures as a penalty), read by its picks.
+    latency: LatencyEwma,
     /// Final statuses of the requests this backend served or failed.
     pub statuses: StatusCounts,
     pub pool: Arc<Pool>,
@@ -82,6 +88,7 @@ impl Backend {
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             ejections_refused: AtomicU64::new(0),
+            latency: LatencyEwma::default(),
             statuses: StatusCounts::default(),
         }
     }
@@ -233,6 +240,16 @@ impl Backend {
             self.reindex();
             tracing::info!(upstream = %self.upstream, backend = %self.url, reason = "a trial request succeeded", "backend up: back in after passive ejection");
         }
+    }
+
+    /// A latency sample (or a failure's penalty) for least-latency, seen at `now` ([`clock`]).
+    pub fn record_latency(&self, sample: std::time::Duration, now: u64) {
+        self.latency.record(sample, now);
+    }
+
+    /// The latency estimate in nanoseconds at `now` ([`clock`]); `None` before a sample.
+    pub fn latency_estimate(&self, now: u64) -> Option<f64> {
+        self.latency.estimate(now)
     }
 
     /// An attempt failed: connect error, reset, or timeout. `may_eject` is the upstream's

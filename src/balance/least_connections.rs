@@ -78,7 +78,12 @@ impl LeastConnections {
 }
 
 impl Balancer for LeastConnections {
-    fn pick(&self, backends: &[Arc<Backend>], accept: &mut dyn FnMut(usize, &Backend) -> bool) -> Option<usize> {
+    fn pick(
+        &self,
+        backends: &[Arc<Backend>],
+        _hash: u64,
+        accept: &mut dyn FnMut(usize, &Backend) -> bool,
+    ) -> Option<usize> {
         let start = self.start.fetch_add(1, Relaxed) % backends.len().max(1);
         self.pick_from(start, backends, accept)
     }
@@ -96,20 +101,20 @@ mod tests {
         let _g1 = [bs[0].begin(), bs[0].begin()];
         let _g2 = [bs[2].begin(), bs[2].begin(), bs[2].begin()];
         // loads: 2/1, 0/1, 3/4 -> backend 1
-        assert_eq!(lc.pick(&bs, &mut |_, _| true), Some(1));
+        assert_eq!(lc.pick(&bs, 0, &mut |_, _| true), Some(1));
         let _g3 = bs[1].begin();
         // loads: 2/1, 1/1, 3/4 -> backend 2
-        assert_eq!(lc.pick(&bs, &mut |_, _| true), Some(2));
+        assert_eq!(lc.pick(&bs, 0, &mut |_, _| true), Some(2));
     }
 
     #[test]
     fn ties_rotate() {
         let bs = backends(3);
         let lc = LeastConnections::new(&bs, &[1, 1, 1]);
-        let picks: Vec<usize> = (0..6).map(|_| lc.pick(&bs, &mut |_, _| true).unwrap()).collect();
+        let picks: Vec<usize> = (0..6).map(|_| lc.pick(&bs, 0, &mut |_, _| true).unwrap()).collect();
         assert_eq!(picks, vec![0, 1, 2, 0, 1, 2]);
-        assert_eq!(lc.pick(&bs, &mut |i, _| i == 2), Some(2));
-        assert_eq!(lc.pick(&bs, &mut |_, _| false), None);
+        assert_eq!(lc.pick(&bs, 0, &mut |i, _| i == 2), Some(2));
+        assert_eq!(lc.pick(&bs, 0, &mut |_, _| false), None);
     }
 
     /// The index's answer is the scan's, through random loads and health changes.
@@ -145,11 +150,11 @@ mod tests {
         let lc = LeastConnections::new(&bs, &[1, 1, 1]);
         let _busy = [bs[0].begin(), bs[2].begin()];
         let healthy = &mut |_: usize, b: &Backend| b.is_healthy();
-        assert_eq!(lc.pick(&bs, healthy), Some(1));
+        assert_eq!(lc.pick(&bs, 0, healthy), Some(1));
         bs[1].set_active_up(false, "test");
-        assert_ne!(lc.pick(&bs, healthy), Some(1));
+        assert_ne!(lc.pick(&bs, 0, healthy), Some(1));
         bs[1].set_active_up(true, "test");
-        assert_eq!(lc.pick(&bs, healthy), Some(1));
+        assert_eq!(lc.pick(&bs, 0, healthy), Some(1));
     }
 
     #[test]
@@ -169,9 +174,9 @@ mod tests {
             let _attempt = bs[1].begin();
             bs[1].record_failure(&passive, false, &"refused", || true);
         }
-        assert_ne!(lc.pick(&bs, &mut offered), Some(1), "out");
+        assert_ne!(lc.pick(&bs, 0, &mut offered), Some(1), "out");
         std::thread::sleep(std::time::Duration::from_millis(100));
-        assert_eq!(lc.pick(&bs, &mut offered), Some(1), "due its trial: the least loaded");
+        assert_eq!(lc.pick(&bs, 0, &mut offered), Some(1), "due its trial: the least loaded");
     }
 
     /// The trial's response may last (a stream, a tunnel): the backend is back in the
@@ -205,6 +210,6 @@ mod tests {
         let old = LeastConnections::new(&bs, &[1, 1, 1]);
         let _new = LeastConnections::new(&bs, &[1, 1, 1]);
         let _busy = [bs[0].begin(), bs[1].begin()];
-        assert_eq!(old.pick(&bs, &mut |_, _| true), Some(2));
+        assert_eq!(old.pick(&bs, 0, &mut |_, _| true), Some(2));
     }
 }

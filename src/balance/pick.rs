@@ -4,24 +4,32 @@
 
 use std::sync::Arc;
 
-use super::Balancer;
+use super::{Affinity, Balancer};
 use crate::backend::{Admission, Backend};
 use crate::config::PassiveConfig;
 
-/// A backend that `accept` allows and health admits, by `balancer`. A backend that is out
-/// but due a trial is only returned to the request that claims it. Returns the backend's
-/// index, and whether this request is its passive trial.
+/// A backend that `accept` allows and health admits: the one the request is pinned to
+/// while it is open, else `balancer`'s. A backend that is out but due a trial is only
+/// returned to the request that claims it. Returns the backend's index, and whether this
+/// request is its passive trial.
 pub fn pick(
     balancer: &dyn Balancer,
     backends: &[Arc<Backend>],
     passive: &PassiveConfig,
+    affinity: Affinity,
     mut accept: impl FnMut(usize) -> bool,
 ) -> Option<(usize, bool)> {
+    if let Some(p) = affinity.pinned
+        && accept(p)
+        && backends[p].admission(passive) == Admission::Open
+    {
+        return Some((p, false));
+    }
     let mut lost_trials: Vec<usize> = Vec::new();
     loop {
         // The trial offers seen during this scan: (backend, stamp to claim with).
         let mut offers: Vec<(usize, u64)> = Vec::new();
-        let idx = balancer.pick(backends, &mut |i, b| {
+        let idx = balancer.pick(backends, affinity.hash, &mut |i, b| {
             if lost_trials.contains(&i) || !accept(i) {
                 return false;
             }

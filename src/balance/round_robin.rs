@@ -47,7 +47,12 @@ fn gcd(a: u32, b: u32) -> u32 {
 }
 
 impl Balancer for RoundRobin {
-    fn pick(&self, backends: &[Arc<Backend>], accept: &mut dyn FnMut(usize, &Backend) -> bool) -> Option<usize> {
+    fn pick(
+        &self,
+        backends: &[Arc<Backend>],
+        _hash: u64,
+        accept: &mut dyn FnMut(usize, &Backend) -> bool,
+    ) -> Option<usize> {
         let len = self.schedule.len();
         let start = self.cursor.fetch_add(1, Relaxed);
         for skipped in 0..len {
@@ -71,7 +76,7 @@ mod tests {
     fn run(weights: &[u32], n: usize) -> Vec<usize> {
         let rr = RoundRobin::new(weights);
         let bs = backends(weights.len());
-        (0..n).map(|_| rr.pick(&bs, &mut |_, _| true).unwrap()).collect()
+        (0..n).map(|_| rr.pick(&bs, 0, &mut |_, _| true).unwrap()).collect()
     }
 
     #[test]
@@ -96,10 +101,10 @@ mod tests {
     fn refused_backends_are_skipped_and_others_keep_their_shares() {
         let rr = RoundRobin::new(&[1, 2, 1]);
         let bs = backends(3);
-        let picks: Vec<usize> = (0..30).map(|_| rr.pick(&bs, &mut |i, _| i != 1).unwrap()).collect();
+        let picks: Vec<usize> = (0..30).map(|_| rr.pick(&bs, 0, &mut |i, _| i != 1).unwrap()).collect();
         assert_eq!(picks.iter().filter(|&&p| p == 0).count(), 15);
         assert_eq!(picks.iter().filter(|&&p| p == 2).count(), 15);
-        assert_eq!(rr.pick(&bs, &mut |_, _| false), None);
+        assert_eq!(rr.pick(&bs, 0, &mut |_, _| false), None);
     }
 
     #[test]
@@ -114,7 +119,7 @@ mod tests {
                 let (rr, bs) = (rr.clone(), bs.clone());
                 std::thread::spawn(move || {
                     for _ in 0..20_000 {
-                        let picked = rr.pick(&bs, &mut |i, _| {
+                        let picked = rr.pick(&bs, 0, &mut |i, _| {
                             // Another picker moves the cursor while this one decides.
                             rr.cursor.fetch_add(1, Relaxed);
                             i == 1

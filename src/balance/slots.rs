@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use super::{Balancer, pick};
+use super::{Affinity, Balancer, pick};
 use crate::backend::{Admission, Backend, InflightGuard, QueueRefusal, SlotQueue};
 use crate::config::PassiveConfig;
 
@@ -40,32 +40,33 @@ pub struct Candidates<'u> {
 }
 
 impl Candidates<'_> {
-    /// A slot on a backend that `accept` allows, waiting in the queue when all are full.
+    /// A slot on a backend that `accept` allows, waiting in the queue when all are full
+    /// (a request that waited takes the first slot that frees, whatever its `affinity`).
     /// The common cases (no cap, or a free slot) are answered without an `await`.
-    pub async fn acquire(&self, accept: &(dyn Fn(usize) -> bool + Sync)) -> Result<Slot, NoSlot> {
-        match self.take(accept) {
+    pub async fn acquire(&self, affinity: Affinity, accept: &(dyn Fn(usize) -> bool + Sync)) -> Result<Slot, NoSlot> {
+        match self.take(affinity, accept) {
             Some(taken) => taken,
-            None => self.wait(accept).await,
+            None => self.wait(affinity, accept).await,
         }
     }
 
     /// A slot now, or why there is none; `None` when the request may have to wait.
     #[inline]
-    pub fn take(&self, accept: &(dyn Fn(usize) -> bool + Sync)) -> Option<Result<Slot, NoSlot>> {
+    pub fn take(&self, affinity: Affinity, accept: &(dyn Fn(usize) -> bool + Sync)) -> Option<Result<Slot, NoSlot>> {
         if self.cap == 0 {
-            return Some(match pick(self.balancer, self.backends, self.passive, accept) {
+            return Some(match pick(self.balancer, self.backends, self.passive, affinity, accept) {
                 Some((index, trial)) => Ok(Slot { index, trial, guard: self.backends[index].begin() }),
                 None => Err(NoSlot::NoHealthy),
             });
         }
         if self.queue.depth() == 0 {
-            return self.try_capped(accept).map(Ok);
+            return self.try_capped(affinity, accept).map(Ok);
         }
         None
     }
 
     /// Every backend is full (or others wait already): waits in the queue.
-    async fn wait(&self, accept: &(dyn Fn(usize) -> bool + Sync)) -> Result<Slot, NoSlot> {
+    async fn wait(&self, affinity: Affinity, accept: &(dyn Fn(usize) -> bool + Sync)) -> Result<Slot, NoSlot> {
         let any_up =
             self.backends.iter().enumerate().any(|(i, b)| accept(i) && b.admission(self.passive) != Admission::Closed);
         if !any_up {
@@ -78,7 +79,7 @@ impl Candidates<'_> {
         // A slot may have freed between the first try and taking a place: take it, and
         // leave the queue (dropping the ticket).
         if self.queue.depth() == 1
-            && let Some(slot) = self.try_capped(accept)
+            && let Some(slot) = self.try_capped(affinity, accept)
         {
             return Ok(slot);
         }
@@ -93,11 +94,11 @@ impl Candidates<'_> {
 
     /// A slot on a backend under the cap, if one is free. A pick can lose the slot to a
     /// concurrent one; it then picks again (at most once per backend).
-    fn try_capped(&self, accept: &(dyn Fn(usize) -> bool + Sync)) -> Option<Slot> {
+    fn try_capped(&self, affinity: Affinity, accept: &(dyn Fn(usize) -> bool + Sync)) -> Option<Slot> {
         let cap = self.cap as usize;
         for _ in 0..self.backends.len() {
             let under_cap = |i: usize| accept(i) && self.backends[i].inflight() < cap;
-            let (index, trial) = pick(self.balancer, self.backends, self.passive, under_cap)?;
+            let (index, trial) = pick(self.balancer, self.backends, self.passive, affinity, under_cap)?;
             if let Some(guard) = self.backends[index].try_begin(self.cap) {
                 return Some(Slot { index, trial, guard });
             }

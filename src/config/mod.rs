@@ -5,6 +5,7 @@
 
 mod raw;
 mod source;
+mod strategy;
 pub mod units;
 mod validate;
 
@@ -135,6 +136,34 @@ pub struct UpstreamConfig {
     pub retry_budget: Option<f64>,
     /// Where requests wait while every backend is at `max_inflight`; `None`: they get 503.
     pub queue: Option<QueueConfig>,
+    /// What a request is hashed by; set exactly when the strategy is consistent-hash.
+    pub hash_key: Option<HashKey>,
+    /// `[sticky]`: a cookie pins a client to a backend, under any strategy.
+    pub sticky: Option<StickyConfig>,
+}
+
+/// What consistent-hash hashes of a request (`hash_key`). A request without it is
+/// hashed by its client IP.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HashKey {
+    ClientIp,
+    Header(http::HeaderName),
+    Cookie(String),
+    /// A query parameter, by name; its value is hashed as sent (not percent-decoded).
+    Query(String),
+    /// The path routing saw (normalised), without the query.
+    Path,
+}
+
+/// `[upstreams.NAME.sticky]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StickyConfig {
+    /// The cookie's name, a valid token.
+    pub cookie: String,
+    /// `Max-Age`; `None`: a session cookie.
+    pub max_age: Option<Duration>,
+    /// The key of the cookie's value; `None`: a random one per process.
+    pub secret: Option<String>,
 }
 
 /// `[upstreams.NAME.queue]`.

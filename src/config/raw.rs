@@ -160,6 +160,8 @@ pub enum StrategyName {
     #[default]
     RoundRobin,
     LeastConnections,
+    ConsistentHash,
+    LeastLatency,
 }
 
 impl<'de> Deserialize<'de> for StrategyName {
@@ -168,8 +170,10 @@ impl<'de> Deserialize<'de> for StrategyName {
         match name.as_str() {
             "round-robin" => Ok(StrategyName::RoundRobin),
             "least-connections" => Ok(StrategyName::LeastConnections),
+            "consistent-hash" => Ok(StrategyName::ConsistentHash),
+            "least-latency" => Ok(StrategyName::LeastLatency),
             other => Err(de::Error::custom(format!(
-                r#"unknown strategy "{other}", expected one of "round-robin", "least-connections""#
+                r#"unknown strategy "{other}", expected one of "round-robin", "least-connections", "consistent-hash", "least-latency""#
             ))),
         }
     }
@@ -180,6 +184,8 @@ impl fmt::Display for StrategyName {
         f.write_str(match self {
             StrategyName::RoundRobin => "round-robin",
             StrategyName::LeastConnections => "least-connections",
+            StrategyName::ConsistentHash => "consistent-hash",
+            StrategyName::LeastLatency => "least-latency",
         })
     }
 }
@@ -217,6 +223,26 @@ pub struct RawUpstream {
     pub retry_budget: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue: Option<RawQueue>,
+    /// What consistent-hash hashes: `client_ip`, `header:NAME`, `cookie:NAME`,
+    /// `query:NAME` or `path` (default `client_ip`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sticky: Option<RawSticky>,
+}
+
+/// `[upstreams.NAME.sticky]`: a cookie pins a client to the backend that first served it.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSticky {
+    pub cookie: String,
+    /// The cookie's `Max-Age`; omitted: a session cookie.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_age: Option<HumanDuration>,
+    /// Keys the cookie's value, so that several balancers (and restarts) agree on it;
+    /// omitted: a random key per process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
 }
 
 /// `[upstreams.NAME.queue]`: requests wait here while every backend is at `max_inflight`.

@@ -16,13 +16,14 @@ use super::*;
 /// The largest backend weight: keeps the round-robin schedule small.
 pub const MAX_WEIGHT: u32 = 1000;
 
+/// A config error at `key`.
 #[derive(Debug)]
 pub struct KeyError {
     pub key: String,
     pub message: String,
 }
 
-fn err<T>(key: impl Into<String>, message: impl Into<String>) -> Result<T, KeyError> {
+pub(super) fn err<T>(key: impl Into<String>, message: impl Into<String>) -> Result<T, KeyError> {
     Err(KeyError { key: key.into(), message: message.into() })
 }
 
@@ -354,6 +355,8 @@ fn upstream(
         max_inflight: up.max_inflight,
         retry_budget: up.retry_budget,
         queue,
+        hash_key: super::strategy::hash_key(up, &key)?,
+        sticky: super::strategy::sticky(up, &key)?,
     })
 }
 

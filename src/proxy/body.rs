@@ -146,7 +146,8 @@ pub struct ResponseBody {
     /// Written to the access log when the body is done (or dropped, if the client left).
     log: RequestLog,
     /// The backend's fields, for a server that writes them itself (see
-    /// `ConnInfo::writes_raw_fields`); the response's `HeaderMap` is then empty.
+    /// `ConnInfo::writes_raw_fields`); the response's `HeaderMap` then holds only what
+    /// balancer adds (a sticky cookie), written after them.
     fields: Option<RawFields>,
 }
 

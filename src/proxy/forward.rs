@@ -15,7 +15,7 @@ use super::log::RequestLog;
 use crate::backend::{
     Backend, Conn, ConnectError, Head, InflightGuard, PendingUpload, ReadError, RequestFraming, SendError,
 };
-use crate::balance::{NoSlot, Slot};
+use crate::balance::{Affinity, NoSlot, Slot, Sticky};
 use crate::runtime::{Runtime, Upstream};
 
 /// A backend's response head, with the in-flight mark that must live as long as its body
@@ -26,16 +26,19 @@ pub struct Proxied {
     pub conn: Conn,
     /// The rest of the request body, when the backend answered before it was all sent.
     pub upload: Option<PendingUpload>,
+    /// The sticky cookie that pins the client to this backend, when it must be set.
+    pub set_cookie: Option<HeaderValue>,
 }
 
 /// Sends the request to a backend of `upstream` (and another on a safe retry) until one
-/// answers with a head.
+/// answers with a head; `affinity` is where the request would rather go.
 #[allow(clippy::too_many_arguments)]
 pub async fn forward(
     rt: &Runtime,
     conn: &ConnInfo,
     parts: &Parts,
     upstream: &Upstream,
+    affinity: Affinity,
     target: &[u8],
     host: Option<&HeaderValue>,
     body: ClientBody,
@@ -66,12 +69,12 @@ pub async fn forward(
         // A different backend when possible; the same one again when it is the only one.
         // A slot without an await in the common case (the wait's future is not even made).
         let untried = |i| !tried.contains(i);
-        let mut slot = match candidates.take(&untried) {
+        let mut slot = match candidates.take(affinity, &untried) {
             Some(taken) => taken,
-            None => candidates.acquire(&untried).await,
+            None => candidates.acquire(affinity, &untried).await,
         };
         if matches!(slot, Err(NoSlot::NoHealthy)) && last_error.is_some() {
-            slot = candidates.acquire(&|_| true).await;
+            slot = candidates.acquire(affinity, &|_| true).await;
         }
         let Slot { index: idx, trial, guard: inflight } = match slot {
             Ok(slot) => slot,
@@ -92,14 +95,24 @@ pub async fn forward(
             underscores: rt.config.server.underscores_in_headers,
         };
         let request = Outgoing { parts, target, framing, fwd: &fwd };
+        let sent = upstream.times_responses().then(crate::backend::clock);
         match attempt(upstream, backend, &request, &mut body).await {
-            Ok((head, conn)) => {
+            Ok((head, backend_conn)) => {
                 backend.record_response(trial);
+                if let Some(sent) = sent {
+                    upstream.record_latency(idx, sent, head.status.is_server_error());
+                }
                 // The backend answered before the whole body was sent: the rest goes with
                 // the response body, which sends it as the response is read.
-                let upload =
-                    conn.uploading().then(|| PendingUpload::new(std::mem::replace(&mut body, RequestBody::empty())));
-                return Ok(Proxied { head, inflight, conn, upload });
+                let upload = backend_conn
+                    .uploading()
+                    .then(|| PendingUpload::new(std::mem::replace(&mut body, RequestBody::empty())));
+                let set_cookie = upstream
+                    .sticky
+                    .as_ref()
+                    .filter(|_| Sticky::repins(affinity.pinned, idx, &upstream.backends))
+                    .map(|s| s.set_cookie(idx, conn.tls).clone());
+                return Ok(Proxied { head, inflight, conn: backend_conn, upload, set_cookie });
             }
             Err(Failure { error, retryable }) => {
                 if error.is_backend_failure() {

@@ -10,6 +10,8 @@
 //! - [`route::find`]: the route, by host and normalised path; [`route::target`]: what is
 //!   sent as the request target.
 //! - [`admit::limits`]: the rate limits that apply (server-wide and the route's).
+//! - [`affinity::of`]: what the request says about its backend (its `hash_key`, its sticky
+//!   cookie), for the upstreams that ask.
 //! - [`forward::forward`]: picks a backend (`balance`), sends the request, reads the head;
 //!   retries on another backend when safe, resends once on a fresh connection.
 //! - [`respond::response`]: the client's response from the backend's head (or the tunnel).
@@ -19,6 +21,7 @@
 //! runtime snapshot is loaded once per request and held to its end (in [`RequestLog`]).
 
 mod admit;
+mod affinity;
 mod answer;
 pub mod body;
 mod check;
@@ -103,5 +106,6 @@ async fn proxy(
     let route = routed.route.ok_or(ProxyError::NoRoute)?;
     let target = route::target(parts, route, &routed.path)?;
     let upstream = &rt.upstreams[route.upstream];
-    forward::forward(rt, conn, parts, upstream, &target, routed.host.as_ref(), body, log).await
+    let affinity = affinity::of(rt, conn, parts, &routed.path, upstream);
+    forward::forward(rt, conn, parts, upstream, affinity, &target, routed.host.as_ref(), body, log).await
 }

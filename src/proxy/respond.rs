@@ -3,7 +3,7 @@
 //! the tunnel.
 
 use bytes::Bytes;
-use http::Response;
+use http::{Response, header};
 
 use super::body::ResponseBody;
 use super::conn::ConnInfo;
@@ -23,15 +23,19 @@ pub fn response(
     client_upgrade: Option<ClientUpgrade>,
     mut log: RequestLog,
 ) -> Response<ResponseBody> {
-    let Proxied { head, inflight, conn: backend_conn, upload } = proxied;
+    let Proxied { head, inflight, conn: backend_conn, upload, set_cookie } = proxied;
     log.status = head.status.as_u16();
     let switching = head.framing == Framing::Upgrade;
     if conn.writes_raw_fields && !switching && !head.names_fields {
         // The fields go to the client as the backend sent them, less the hop-by-hop ones
-        // (`headers::write_response_fields`): no map is built.
+        // (`headers::write_response_fields`): no map is built. The server writes those of
+        // the response's map (balancer's own: a sticky cookie) after them.
         let body = ResponseBody::upstream(backend_conn.into_body(head.framing, upload), log, inflight);
         let mut response = Response::new(body.passing(head.fields));
         *response.status_mut() = head.status;
+        if let Some(cookie) = set_cookie {
+            response.headers_mut().append(header::SET_COOKIE, cookie);
+        }
         return response;
     }
     let Some(mut headers) = head.fields.to_header_map(1) else {
@@ -39,6 +43,9 @@ pub fn response(
         return ProxyError::BrokeOff { backend, source: "invalid header field".into() }.into_response(log);
     };
     headers::rewrite_response(&mut headers, switching, &log.request_id);
+    if let Some(cookie) = set_cookie {
+        headers.append(header::SET_COOKIE, cookie);
+    }
     let mut response = Response::new(());
     *response.status_mut() = head.status;
     *response.version_mut() = head.version;

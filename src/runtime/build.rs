@@ -68,6 +68,7 @@ pub fn build(config: Config, previous: Option<&Runtime>, generation: u64) -> Run
             queue.configure(up.max_inflight, up.queue.map(|q| (q.max, q.timeout)));
             let capped = (up.max_inflight > 0).then(|| queue.clone());
             backends.iter().for_each(|b| b.set_queue(capped.clone()));
+            let sticky = up.sticky.as_ref().map(|s| balance::Sticky::new(s, &backends));
             Upstream {
                 name: up.name.clone(),
                 strategy: up.strategy,
@@ -83,6 +84,8 @@ pub fn build(config: Config, previous: Option<&Runtime>, generation: u64) -> Run
                 max_inflight: up.max_inflight,
                 queue,
                 retry_budget: up.retry_budget,
+                hash_key: up.hash_key.clone(),
+                sticky,
             }
         })
         .collect();

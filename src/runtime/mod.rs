@@ -9,12 +9,13 @@ mod build;
 pub mod router;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
 use crate::backend::{Backend, SlotQueue};
-use crate::balance::{self, Balancer};
-use crate::config::{Config, HealthCheckConfig, PassiveConfig, StrategyName, Timeouts};
+use crate::balance::{self, Balancer, Sticky};
+use crate::config::{Config, HashKey, HealthCheckConfig, PassiveConfig, StrategyName, Timeouts};
 use crate::limit::RateLimiter;
 use crate::metrics::{Metrics, UpstreamStats};
 pub use build::build;
@@ -59,6 +60,10 @@ pub struct Upstream {
     pub queue: Arc<SlotQueue>,
     /// Retries at most this share of requests (10 s window, at least 3 a second).
     pub retry_budget: Option<f64>,
+    /// What a request is hashed by, under consistent-hash.
+    pub hash_key: Option<HashKey>,
+    /// `[sticky]`: each backend's cookie.
+    pub sticky: Option<Sticky>,
 }
 
 impl Runtime {
@@ -82,11 +87,39 @@ impl Runtime {
 }
 
 impl Upstream {
-    /// An attempt on backend `idx` failed: counts it, and takes the backend out on
-    /// passive checks when due and the cap allows.
+    /// An attempt on backend `idx` failed: counts it (as a penalty latency under
+    /// least-latency), and takes the backend out on passive checks when due and the cap
+    /// allows.
     pub fn record_failure(&self, idx: usize, trial: bool, error: &dyn std::fmt::Display) {
+        if self.times_responses() {
+            let now = crate::backend::clock();
+            self.backends[idx].record_latency(self.latency_penalty(&self.backends[idx], now), now);
+        }
         let cap = self.passive.max_ejected_percent;
         self.backends[idx].record_failure(&self.passive, trial, error, || balance::may_eject(&self.backends, idx, cap));
+    }
+
+    /// Whether response-head latency is recorded (least-latency reads it).
+    #[inline]
+    pub fn times_responses(&self) -> bool {
+        self.strategy == StrategyName::LeastLatency
+    }
+
+    /// Backend `idx` sent a response head, `sent` ([`crate::backend::clock`]) being when
+    /// the attempt began: its latency, or the failure penalty for a 5xx (a backend that
+    /// answers errors fast must not look fast).
+    pub fn record_latency(&self, idx: usize, sent: u64, server_error: bool) {
+        let (backend, now) = (&self.backends[idx], crate::backend::clock());
+        let latency = Duration::from_nanos(now.saturating_sub(sent));
+        let sample = if server_error { latency.max(self.latency_penalty(backend, now)) } else { latency };
+        backend.record_latency(sample, now);
+    }
+
+    /// The latency a failure counts as: twice the backend's estimate, at least 1 s, at
+    /// most `upstream_header` (the longest a success may take).
+    fn latency_penalty(&self, backend: &Backend, now: u64) -> Duration {
+        let estimate = Duration::from_nanos(backend.latency_estimate(now).unwrap_or(0.0) as u64);
+        (estimate * 2).max(Duration::from_secs(1)).min(self.timeouts.upstream_header)
     }
 
     /// What picking a backend (and waiting for a slot) needs of this upstream.

@@ -285,9 +285,13 @@ impl Session {
         // One pass: the fields, and which of those the framing depends on are there.
         let (mut has_date, mut has_length, mut connection) = (false, false, None);
         match body.as_mut().and_then(ResponseBody::take_fields) {
-            // A backend's, as it sent them (no `Connection` is left among them).
+            // A backend's, as it sent them (no `Connection` is left among them), then any
+            // balancer adds in the map (a sticky cookie).
             Some((fields, request_id)) => {
                 (has_date, has_length) = headers::write_response_fields(out, &fields, request_id);
+                for (name, value) in &head.headers {
+                    put_field(out, name.as_str().as_bytes(), value.as_bytes());
+                }
             }
             None => {
                 for (name, value) in &head.headers {
