@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use balancer::backend::{Backend, SlotQueue};
-use balancer::balance::{Balancer, Candidates, LeastConnections, RoundRobin};
+use balancer::balance::{
+    Affinity, Balancer, Candidates, ConsistentHash, LeastConnections, LeastLatency, RoundRobin, hash_of,
+};
 use balancer::config::{HostMatch, LimitKey, PassiveConfig, PoolConfig, RateLimitConfig};
 use balancer::limit::{Key, RateLimiter, admit};
 use balancer::path::normalise;
@@ -33,18 +35,34 @@ fn pickers(c: &mut Criterion) {
         let weights: Vec<u32> = (0..n).map(|i| 1 + (i % 3) as u32).collect();
         let rr = RoundRobin::new(&weights);
         g.bench_with_input(BenchmarkId::new("round_robin", n), &n, |b, _| {
-            b.iter(|| black_box(rr.pick(&bs, &mut |_, b| b.is_healthy())))
+            b.iter(|| black_box(rr.pick(&bs, 0, &mut |_, b| b.is_healthy())))
         });
         let lc = LeastConnections::new(&bs, &weights);
         g.bench_with_input(BenchmarkId::new("least_connections", n), &n, |b, _| {
-            b.iter(|| black_box(lc.pick(&bs, &mut |_, b| b.is_healthy())))
+            b.iter(|| black_box(lc.pick(&bs, 0, &mut |_, b| b.is_healthy())))
+        });
+        // A new key each time, hashed as the request path hashes it (a `hash_key` of 8 bytes).
+        let ch = ConsistentHash::new(bs.iter().map(|b| &*b.url), &weights);
+        let mut key = 0u64;
+        g.bench_with_input(BenchmarkId::new("consistent_hash", n), &n, |b, _| {
+            b.iter(|| {
+                key += 1;
+                black_box(ch.pick(&bs, hash_of(&key.to_le_bytes()), &mut |_, b| b.is_healthy()))
+            })
+        });
+        // Every backend measured (1 to 10 ms), as after the first requests.
+        let now = balancer::backend::clock();
+        bs.iter().enumerate().for_each(|(i, b)| b.record_latency(Duration::from_millis(1 + i as u64 % 10), now));
+        let ll = LeastLatency::new(&weights);
+        g.bench_with_input(BenchmarkId::new("least_latency", n), &n, |b, _| {
+            b.iter(|| black_box(ll.pick(&bs, 0, &mut |_, b| b.is_healthy())))
         });
         // What a request pays in all: the pick, and the index updates of `begin` and of
         // the in-flight guard's drop. Half the backends hold a request, so the keys differ.
         let _held: Vec<_> = bs.iter().step_by(2).map(|b| b.begin()).collect();
         g.bench_with_input(BenchmarkId::new("least_connections_pick_begin_end", n), &n, |b, _| {
             b.iter(|| {
-                let i = lc.pick(&bs, &mut |_, b| b.is_healthy()).unwrap();
+                let i = lc.pick(&bs, 0, &mut |_, b| b.is_healthy()).unwrap();
                 drop(black_box(bs[i].begin()));
             })
         });
@@ -67,7 +85,7 @@ fn slots(c: &mut Criterion) {
         let name = if cap == 0 { "no_cap" } else { "cap_nobody_waits" };
         g.bench_function(name, |b| {
             b.iter(|| {
-                let slot = candidates.take(&|_| true).expect("a slot now").expect("a slot");
+                let slot = candidates.take(Affinity::default(), &|_| true).expect("a slot now").expect("a slot");
                 drop(black_box(slot.guard));
             })
         });
