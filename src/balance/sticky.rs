@@ -68,11 +68,17 @@ impl Sticky {
     }
 
     /// Whether a response from backend `served` must pin the client: the request named no
-    /// backend here, or named one that is down now (one that was busy keeps its clients).
-    pub fn repins(pinned: Option<usize>, served: usize, backends: &[Arc<Backend>]) -> bool {
+    /// backend here, or one that is down now or failed this very request (`failed`). One
+    /// that was only busy (capped) keeps its clients.
+    pub fn repins(
+        pinned: Option<usize>,
+        served: usize,
+        failed: impl Fn(usize) -> bool,
+        backends: &[Arc<Backend>],
+    ) -> bool {
         match pinned {
             None => true,
-            Some(p) => p != served && !backends[p].is_healthy(),
+            Some(p) => p != served && (failed(p) || !backends[p].is_healthy()),
         }
     }
 }
@@ -165,12 +171,14 @@ mod tests {
     }
 
     #[test]
-    fn only_a_down_or_unknown_backend_repins() {
+    fn only_an_unknown_down_or_failed_backend_repins() {
         let bs = backends(2);
-        assert!(Sticky::repins(None, 0, &bs));
-        assert!(!Sticky::repins(Some(0), 0, &bs));
-        assert!(!Sticky::repins(Some(1), 0, &bs), "busy, not down: the pin stays");
+        let none_failed = |_| false;
+        assert!(Sticky::repins(None, 0, none_failed, &bs));
+        assert!(!Sticky::repins(Some(0), 0, none_failed, &bs));
+        assert!(!Sticky::repins(Some(1), 0, none_failed, &bs), "busy, not down: the pin stays");
+        assert!(Sticky::repins(Some(1), 0, |i| i == 1, &bs), "it failed this request");
         bs[1].set_active_up(false, "test");
-        assert!(Sticky::repins(Some(1), 0, &bs));
+        assert!(Sticky::repins(Some(1), 0, none_failed, &bs));
     }
 }

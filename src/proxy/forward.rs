@@ -110,7 +110,7 @@ pub async fn forward(
                 let set_cookie = upstream
                     .sticky
                     .as_ref()
-                    .filter(|_| Sticky::repins(affinity.pinned, idx, &upstream.backends))
+                    .filter(|_| Sticky::repins(affinity.pinned, idx, |i| tried.contains(i), &upstream.backends))
                     .map(|s| s.set_cookie(idx, conn.tls).clone());
                 return Ok(Proxied { head, inflight, conn: backend_conn, upload, set_cookie });
             }
