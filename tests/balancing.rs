@@ -196,7 +196,8 @@ async fn a_slow_backend_is_a_504() {
 async fn a_backend_that_closes_idle_connections_like_gunicorn_never_causes_a_502() {
     // gunicorn closes keep-alive connections idle for 2s; balancer drops pooled ones after
     // pool_idle_timeout (1s by default), so requests spaced just past 2s never hit a dead one.
-    let up = Upstream::start_with("g", UpstreamOpts { idle_close: Some(Duration::from_secs(2)) }).await;
+    let up = Upstream::start_with("g", UpstreamOpts { idle_close: Some(Duration::from_secs(2)), ..Default::default() })
+        .await;
     let b = Balancer::start(&config_for(&[up.addr], "retries = 0"), &[]);
     let mut conn = Conn::open(b.addr()).await;
     for gap_ms in [0, 2050, 2100, 1000, 2000] {

@@ -8,7 +8,8 @@
 //! - `/bytes/N`: N bytes of body, streamed
 //! - an `Upgrade` request: 101, then echo every byte back
 //!
-//! Options: close idle keep-alive connections after a delay (as gunicorn does).
+//! Options: close idle keep-alive connections after a delay (as gunicorn does); answer
+//! every request late (a slow instance).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -28,6 +29,8 @@ use tokio::net::TcpListener;
 pub struct UpstreamOpts {
     /// Close a keep-alive connection that stays idle this long (gunicorn: 2 s).
     pub idle_close: Option<Duration>,
+    /// Answer every request (health checks too) this much later.
+    pub delay: Option<Duration>,
 }
 
 pub struct Upstream {
@@ -73,7 +76,16 @@ impl Upstream {
                 c.fetch_add(1, Ordering::SeqCst);
                 let (h, n, opts, hl, ps) = (h.clone(), n.clone(), opts.clone(), hl.clone(), ps.clone());
                 let conn_task = tokio::spawn(async move {
-                    let svc = service_fn(move |req| handle(req, n.clone(), h.clone(), hl.clone(), ps.clone()));
+                    let delay = opts.delay;
+                    let svc = service_fn(move |req| {
+                        let answer = handle(req, n.clone(), h.clone(), hl.clone(), ps.clone());
+                        async move {
+                            if let Some(d) = delay {
+                                tokio::time::sleep(d).await;
+                            }
+                            answer.await
+                        }
+                    });
                     let mut builder = hyper::server::conn::http1::Builder::new();
                     builder.keep_alive(true);
                     let conn = builder.serve_connection(TokioIo::new(stream), svc).with_upgrades();
