@@ -25,8 +25,8 @@ pub use crate::http1::client::{
 };
 use crate::metrics::StatusCounts;
 use crate::tls::BackendTls;
-pub use latency::clock;
 use latency::LatencyEwma;
+pub use latency::clock;
 pub use load_index::{IndexSlot, LoadIndex};
 pub use passive::Admission;
 use passive::{PassiveState, Transition};
