@@ -47,6 +47,7 @@ pub async fn run(loaded: Loaded, source: ConfigSource, log: LogHandle, workers: 
         crate::admin::spawn(l, runtime.clone(), handle.clone(), admin_stop.clone());
     }
     listeners.apply(&listen, fresh, runtime.load().config.server.shutdown_grace);
+    crate::notify::ready();
     tokio::spawn(sweep_rate_limits(runtime.clone(), stop.clone()));
     tokio::spawn(release_parked_memory(runtime.clone(), stop.clone()));
     reload::watch::spawn(&source.path, &runtime.load().config.files, handle.clone(), stop.clone());
@@ -62,6 +63,7 @@ pub async fn run(loaded: Loaded, source: ConfigSource, log: LogHandle, workers: 
     let reloader = tokio::spawn(reloader.run(requests, stop.clone()));
 
     wait_for_stop(&handle).await.map_err(AppError::Signals)?;
+    crate::notify::stopping();
     stop.cancel();
     let reloader = reloader.await.expect("the reload task does not panic");
     reloader.checks.cancel();

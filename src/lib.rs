@@ -23,6 +23,7 @@ pub mod limit;
 pub mod logging;
 pub(crate) mod memory;
 pub(crate) mod metrics;
+pub(crate) mod notify;
 pub mod path;
 pub mod proxy;
 pub(crate) mod reload;

@@ -26,6 +26,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("timer", 11),
     ("worker", 10),
     ("memory", 10),
+    ("notify", 10),
     ("host", 11),
 ];
 

@@ -204,7 +204,10 @@ impl Reloader {
     }
 
     fn reload(&mut self, trigger: Trigger) -> Result<u64, String> {
+        crate::notify::reloading();
         let result = self.try_reload();
+        // A failed reload leaves the old config serving: ready either way.
+        crate::notify::ready();
         let metrics = self.runtime.load().metrics.clone();
         // The outcome first, the counters after: whoever sees a counter move can read why.
         *metrics.last_reload.lock().expect("last_reload lock") =

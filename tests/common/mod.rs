@@ -49,16 +49,26 @@ impl Balancer {
     }
 
     pub fn try_start_with_nofile(config: &str, args: &[&str], nofile: Option<u64>) -> Result<Balancer, String> {
-        Self::launch(Some(config), args, nofile)
+        Self::launch(Some(config), args, nofile, &[])
+    }
+
+    /// Like [`Balancer::start`], with extra environment variables for the process.
+    pub fn start_with_env(config: &str, args: &[&str], env: &[(&str, &str)]) -> Balancer {
+        Self::launch(Some(config), args, None, env).unwrap_or_else(|e| panic!("balancer did not start: {e}"))
     }
 
     /// Starts balancer with no config file at all: its working directory is a fresh empty
     /// one and no `-c` is given, so only the flags in `args` configure it.
     pub fn try_start_without_file(args: &[&str]) -> Result<Balancer, String> {
-        Self::launch(None, args, None)
+        Self::launch(None, args, None, &[])
     }
 
-    fn launch(config: Option<&str>, args: &[&str], nofile: Option<u64>) -> Result<Balancer, String> {
+    fn launch(
+        config: Option<&str>,
+        args: &[&str],
+        nofile: Option<u64>,
+        env: &[(&str, &str)],
+    ) -> Result<Balancer, String> {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("balancer.toml");
         if let Some(config) = config {
@@ -79,7 +89,8 @@ impl Balancer {
         cmd.current_dir(dir.path());
         cmd.arg("--log-format").arg("json").args(args);
         cmd.stdout(Stdio::null()).stderr(Stdio::piped()).stdin(Stdio::null());
-        cmd.env_remove("BALANCER_CONFIG").env_remove("BALANCER_LOG");
+        cmd.env_remove("BALANCER_CONFIG").env_remove("BALANCER_LOG").env_remove("NOTIFY_SOCKET");
+        cmd.envs(env.iter().copied());
         let mut child = cmd.spawn().unwrap();
         let stderr = child.stderr.take().unwrap();
         let logs = Arc::new(Mutex::new(Vec::new()));
