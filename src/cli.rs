@@ -40,6 +40,10 @@ pub struct Cli {
     /// Print the effective config (file + overrides) as TOML, then exit
     #[arg(long)]
     pub print_config: bool,
+    /// With --check: print a unified diff of the effective config against the one running
+    /// behind the admin listener at URL (secrets as "***"); exit 2 when it cannot be reached
+    #[arg(long, value_name = "URL", requires = "check")]
+    pub diff: Option<String>,
 
     /// Whether `--config` (or BALANCER_CONFIG) was given, so a missing file is an error.
     #[arg(skip)]

@@ -17,6 +17,7 @@ pub mod backend;
 pub mod balance;
 pub mod cli;
 pub mod config;
+pub mod diff;
 pub(crate) mod host;
 pub mod http1;
 pub mod limit;

@@ -28,8 +28,13 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     if cli.check {
-        print_summary(&source, &loaded);
-        return ExitCode::SUCCESS;
+        return match &cli.diff {
+            Some(url) => print_diff(&source, &loaded, url),
+            None => {
+                print_summary(&source, &loaded);
+                ExitCode::SUCCESS
+            }
+        };
     }
 
     let log = balancer::logging::init(&loaded.config.log);
@@ -51,6 +56,27 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// `--check --diff URL`: the diff on stdout (nothing when the same), one line on stderr;
+/// 2 when the running balancer cannot be asked.
+fn print_diff(source: &ConfigSource, loaded: &Loaded, url: &str) -> ExitCode {
+    let running = match balancer::diff::fetch_running(url) {
+        Ok(text) => text,
+        Err(e) => {
+            eprintln!("error: cannot read the running config: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let file = if source.path.exists() { source.path.display().to_string() } else { "(no config file)".into() };
+    let diff = balancer::diff::unified(&running, &loaded.config.effective_toml, &format!("running ({url})"), &file);
+    print!("{diff}");
+    if diff.is_empty() {
+        eprintln!("config ok: {file}; the same as the running config");
+    } else {
+        eprintln!("config ok: {file}; differs from the running config as shown");
+    }
+    ExitCode::SUCCESS
 }
 
 fn print_summary(source: &ConfigSource, loaded: &Loaded) {

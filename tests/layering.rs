@@ -10,6 +10,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("app", 0),
     ("cli", 1),
     ("admin", 1),
+    ("diff", 1),
     ("reload", 2),
     ("server", 3),
     ("proxy", 4),

@@ -124,3 +124,106 @@ fn the_shipped_unit_file_verifies() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && stderr.trim().is_empty(), "systemd-analyze verify: {stderr}");
 }
+
+// ---------------------------------------------------------------------------------------
+// GET /config and --check --diff
+// ---------------------------------------------------------------------------------------
+
+const STICKY: &str = "[upstreams.app.sticky]\ncookie = \"lb\"\nsecret = \"hunter2-very-secret\"\n";
+
+#[tokio::test]
+async fn admin_config_shows_the_running_config_with_secrets_hidden() {
+    let up = Upstream::start("a").await;
+    let b = Balancer::start(&config_with_admin(&[up.addr], STICKY), &["--set", "upstreams.app.retries=3"]);
+    let admin = b.admin();
+    let r = get(admin, "/config").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("content-type"), Some("application/toml; charset=utf-8"));
+    assert_eq!(r.header("x-balancer-generation"), Some("1"));
+    let text = r.text();
+    assert!(!text.contains("hunter2"), "the secret leaked:\n{text}");
+    let t: toml::Table = toml::from_str(&text).unwrap_or_else(|e| panic!("not TOML ({e}):\n{text}"));
+    let app = &t["upstreams"]["app"];
+    assert_eq!(app["sticky"]["secret"].as_str(), Some("***"));
+    assert_eq!(app["sticky"]["cookie"].as_str(), Some("lb"));
+    assert_eq!(app["retries"].as_integer(), Some(3), "command-line overrides are part of it");
+    assert_eq!(app["backends"][0].as_str(), Some(format!("http://{}", up.addr).as_str()));
+    assert_eq!(t["log"]["format"].as_str(), Some("json"));
+
+    // A reload shows the new generation's config.
+    b.write_config(&config_with_admin(&[up.addr], "[upstreams.app.sticky]\ncookie = \"other\"\n"));
+    let r = send(admin, http::Request::post("/reload").header("host", "x").body(Default::default()).unwrap()).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = get(admin, "/config").await;
+    let t: toml::Table = toml::from_str(&r.text()).unwrap();
+    assert_eq!(t["upstreams"]["app"]["sticky"]["cookie"].as_str(), Some("other"));
+    assert!(t["upstreams"]["app"]["sticky"].get("secret").is_none());
+    assert_ne!(r.header("x-balancer-generation"), Some("1"));
+
+    let r = send(admin, http::Request::post("/config").header("host", "x").body(Default::default()).unwrap()).await;
+    assert_eq!(r.status, 405);
+}
+
+#[tokio::test]
+async fn check_diff_shows_what_a_reload_would_change() {
+    let up = Upstream::start("a").await;
+    let running = config_with_admin(&[up.addr], STICKY);
+    let b = Balancer::start(&running, &[]);
+    let url = format!("http://{}", b.admin());
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("balancer.toml");
+
+    // The same file and flags: valid, nothing on stdout.
+    std::fs::write(&file, &running).unwrap();
+    let (code, out, err) = run_cli(&["--check", "--log-format", "json", "--diff", &url], dir.path());
+    assert_eq!((code, out.as_str()), (0, ""), "stderr: {err}");
+    assert!(err.contains("the same as the running config"), "{err}");
+
+    // An edit: a unified diff from the running config to the file, secrets still hidden.
+    let edited = running.replace("[upstreams.app]\n", "[upstreams.app]\nretries = 4\n").replace("hunter2", "swordfish");
+    std::fs::write(&file, &edited).unwrap();
+    let (code, out, err) = run_cli(&["--check", "--diff", &url, "--log-format", "json"], dir.path());
+    assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], format!("--- running ({url})"), "{out}");
+    assert_eq!(lines[1], "+++ balancer.toml", "{out}");
+    assert!(lines.iter().any(|l| l.starts_with("@@ ")), "{out}");
+    assert!(lines.contains(&"-retries = 1") || lines.contains(&"-retries = 0"), "{out}");
+    assert!(lines.contains(&"+retries = 4"), "{out}");
+    assert!(!out.contains("swordfish") && !out.contains("hunter2"), "{out}");
+    assert_eq!(
+        lines.iter().filter(|l| l.starts_with(['-', '+']) && !l.starts_with("---") && !l.starts_with("+++")).count(),
+        2,
+        "{out}"
+    );
+
+    // Overrides count: without --log-format json the file differs from the running process.
+    let (code, out, _) = run_cli(&["--check", "--diff", &url], dir.path());
+    assert_eq!(code, 0);
+    assert!(out.lines().any(|l| l == "+format = \"text\""), "{out}");
+
+    // Invalid: exit 1 with file:line:col, and nothing fetched or printed on stdout.
+    std::fs::write(&file, running.replace("[upstreams.app]\n", "[upstreams.app]\nstrategy = \"nope\"\n")).unwrap();
+    let (code, out, err) = run_cli(&["--check", "--diff", &url], dir.path());
+    assert_eq!((code, out.as_str()), (1, ""), "{err}");
+    assert!(err.starts_with("error: balancer.toml:") && err.contains("nope"), "{err}");
+}
+
+#[tokio::test]
+async fn check_diff_exits_2_when_the_admin_listener_cannot_be_reached() {
+    let up = Upstream::start("a").await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("balancer.toml"), config_for(&[up.addr], "")).unwrap();
+    // A port nothing listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let (code, out, err) = run_cli(&["--check", "--diff", &format!("http://{closed}")], dir.path());
+    assert_eq!((code, out.as_str()), (2, ""), "{err}");
+    assert!(err.starts_with("error: cannot read the running config:") && err.contains(&closed.to_string()), "{err}");
+    // Something that is not balancer's admin listener.
+    let (code, _, err) = run_cli(&["--check", "--diff", &up.addr.to_string()], dir.path());
+    assert_eq!(code, 2, "{err}");
+    // --diff without --check is bad usage.
+    let (code, _, err) = run_cli(&["--diff", &format!("http://{closed}")], dir.path());
+    assert_eq!(code, 2);
+    assert!(err.contains("--check"), "{err}");
+}

@@ -1,5 +1,5 @@
-//! The admin listener: `/healthz`, `/metrics` (Prometheus text), `/status` (JSON) and
-//! `POST /reload`.
+//! The admin listener: `/healthz`, `/metrics` (Prometheus text), `/status` (JSON),
+//! `/config` (the running config as TOML, secrets hidden) and `POST /reload`.
 //!
 //! Everything is read at request time from the live runtime; the admin listener keeps no
 //! state of its own beyond the metrics registry.
@@ -80,7 +80,8 @@ impl Admin {
             (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "ok\n".into()),
             (&Method::GET | &Method::HEAD, "/metrics") => self.metrics(),
             (&Method::GET | &Method::HEAD, "/status") => json(StatusCode::OK, &self.status()),
-            (_, "/healthz" | "/metrics" | "/status" | "/reload") => {
+            (&Method::GET | &Method::HEAD, "/config") => self.config(),
+            (_, "/healthz" | "/metrics" | "/status" | "/reload" | "/config") => {
                 text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n".into())
             }
             (_, path) => text(StatusCode::NOT_FOUND, format!("no admin endpoint at {path}\n")),
@@ -100,6 +101,17 @@ impl Admin {
             }
             Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot encode metrics: {e}\n")),
         }
+    }
+
+    /// The running generation's effective config (what `balancer --check --diff` compares
+    /// an edit against).
+    fn config(&self) -> Response<Full<Bytes>> {
+        let rt = self.runtime.load();
+        let mut resp = Response::new(Full::new(Bytes::copy_from_slice(rt.config.effective_toml.as_bytes())));
+        resp.headers_mut()
+            .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/toml; charset=utf-8"));
+        resp.headers_mut().insert("x-balancer-generation", header::HeaderValue::from(rt.generation));
+        resp
     }
 
     fn status(&self) -> Status {

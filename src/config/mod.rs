@@ -4,6 +4,7 @@
 //! The same [`load`] runs at start-up and on every reload, so overrides keep winning.
 
 mod raw;
+mod redact;
 mod source;
 mod strategy;
 pub mod units;
@@ -19,6 +20,7 @@ use ipnet::IpNet;
 
 pub use crate::host::HostMatch;
 pub use raw::{LogFormat, LogLevel, RawConfig, StrategyName};
+pub use redact::{HIDDEN, redacted_toml};
 pub use source::{Location, Overrides};
 pub use validate::MAX_WEIGHT;
 
@@ -55,8 +57,10 @@ fn finish(src: source::Source, overrides: &Overrides) -> Result<Loaded, ConfigEr
     let merged = src.merge(overrides)?;
     // Relative file names in the config (certificates, keys, CAs) are relative to its directory.
     let base = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let config = validate::validate(&merged.raw, base)
+    let mut config = validate::validate(&merged.raw, base)
         .map_err(|e| ConfigError::Invalid { location: merged.index.locate(&e.key), message: e.message })?;
+    config.effective_toml =
+        redacted_toml(&merged.raw).unwrap_or_else(|e| format!("# cannot render the config as TOML: {e}\n")).into();
     Ok(Loaded { config, raw: merged.raw })
 }
 
@@ -73,6 +77,9 @@ pub struct Config {
     /// Every file this config reads besides itself (certificates, keys, CAs): a change to
     /// any of them is a reason to reload.
     pub files: Vec<PathBuf>,
+    /// The effective config (file + overrides) this was checked from, as TOML with secrets
+    /// as `"***"`: what admin `GET /config` shows. Shared, since every generation keeps one.
+    pub effective_toml: std::sync::Arc<str>,
 }
 
 #[derive(Clone, Debug)]

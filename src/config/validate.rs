@@ -177,6 +177,8 @@ pub fn validate(raw: &RawConfig, base: &Path) -> Result<Config, KeyError> {
         rate_limits,
         routes,
         files,
+        // Rendered from the raw config by `config::finish`.
+        effective_toml: Default::default(),
     })
 }
 
