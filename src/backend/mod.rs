@@ -31,7 +31,7 @@ pub use load_index::{IndexSlot, LoadIndex};
 pub use passive::Admission;
 use passive::{PassiveState, Transition};
 pub use pool::{ConnectError, Pool};
-pub use queue::{QueueRefusal, SlotQueue, Ticket};
+pub use queue::{Entry, QueueRefusal, SlotQueue, Ticket};
 
 #[derive(Debug)]
 pub struct Backend {
@@ -174,23 +174,6 @@ impl Backend {
         self.queue.store(queue);
     }
 
-    /// A slot of this backend is being released: the request at the head of its upstream's
-    /// queue takes it instead, while the backend is up and within the cap. True if one did.
-    fn hand_over(self: &Arc<Self>) -> bool {
-        let queue = self.queue.load();
-        let Some(queue) = queue.as_deref() else { return false };
-        if queue.depth() == 0 || !self.is_healthy() || self.inflight() > queue.cap() as usize {
-            return false;
-        }
-        match queue.hand_over(InflightGuard(Some(self.clone()))) {
-            None => true,
-            Some(mut unwanted) => {
-                unwanted.0 = None;
-                false
-            }
-        }
-    }
-
     /// Out on passive checks (and not down by the active ones): due a trial in time.
     pub fn is_passive_out(&self) -> bool {
         self.active_up.load(Relaxed) && self.passive.is_out()
@@ -309,10 +292,13 @@ impl Drop for InflightGuard {
     fn drop(&mut self) {
         // `None`: a copy made to hand the slot over, which nobody took.
         let Some(b) = self.0.take() else { return };
-        if b.queued.load(Relaxed) && b.hand_over() {
-            return;
+        match b.queued.load(Relaxed).then(|| b.queue.load_full()).flatten() {
+            // A capped backend: the slot goes to the head of its upstream's queue, or back.
+            Some(queue) => queue.release(&b),
+            None => {
+                b.inflight.fetch_sub(1, SeqCst);
+            }
         }
-        b.inflight.fetch_sub(1, SeqCst);
         b.reindex();
     }
 }

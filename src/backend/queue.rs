@@ -8,13 +8,13 @@
 //! (which hands its slot on when it is released).
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::oneshot;
 
-use super::InflightGuard;
+use super::{Backend, InflightGuard};
 use crate::metrics::LatencyHistogram;
 
 #[derive(Debug, Default)]
@@ -71,10 +71,16 @@ impl SlotQueue {
         self.depth.load(Relaxed)
     }
 
-    /// Takes a place at the back of the queue, or refuses when `max` requests already
-    /// wait (or the upstream has no queue).
-    pub fn enqueue(&self) -> Result<Ticket<'_>, QueueRefusal> {
+    /// Under the queue's lock: what `now` finds (a free slot), or a place at the back of
+    /// the queue, or a refusal when `max` requests already wait (or the upstream has no
+    /// queue). Every release of a capped backend's slot takes the same lock
+    /// ([`SlotQueue::release`]), so a slot freed meanwhile is either seen by `now` or
+    /// handed to this request once it waits: none is lost between the two.
+    pub fn enqueue_unless<T>(&self, now: impl FnOnce() -> Option<T>) -> Result<Entry<'_, T>, QueueRefusal> {
         let mut waiters = self.waiters.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(taken) = now() {
+            return Ok(Entry::Now(taken));
+        }
         if self.timeout_ms.load(Relaxed) == 0 || self.depth.load(Relaxed) >= self.max.load(Relaxed) {
             self.rejected_full.fetch_add(1, Relaxed);
             return Err(QueueRefusal::Full);
@@ -87,28 +93,41 @@ impl SlotQueue {
         let (tx, rx) = oneshot::channel();
         waiters.push_back(tx);
         self.depth.fetch_add(1, Relaxed);
-        Ok(Ticket { queue: self, rx, started: std::time::Instant::now() })
+        Ok(Entry::Queued(Ticket { queue: self, rx, started: std::time::Instant::now() }))
     }
 
-    /// Gives `guard`'s slot to the first request still waiting; the guard back if none is.
-    pub fn hand_over(&self, mut guard: InflightGuard) -> Option<InflightGuard> {
-        if self.depth.load(Relaxed) == 0 {
-            return Some(guard);
-        }
+    /// Releases one of `backend`'s slots: to the first request still waiting, while the
+    /// backend is up and within the cap; otherwise the backend's in-flight count drops.
+    /// Both under the queue's lock (see [`SlotQueue::enqueue_unless`]).
+    pub(super) fn release(&self, backend: &Arc<Backend>) {
         let mut waiters = self.waiters.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        while let Some(next) = waiters.pop_front() {
-            match next.send(guard) {
-                Ok(()) => return None,
-                Err(back) => guard = back,
+        if self.depth.load(Relaxed) > 0 && backend.is_healthy() && backend.inflight() <= self.cap() as usize {
+            let mut guard = InflightGuard(Some(backend.clone()));
+            while let Some(next) = waiters.pop_front() {
+                match next.send(guard) {
+                    Ok(()) => return,
+                    Err(back) => guard = back,
+                }
             }
+            // Nobody took it: the copy must not release the slot a second time.
+            guard.0 = None;
         }
-        Some(guard)
+        backend.inflight.fetch_sub(1, SeqCst);
     }
 
     /// The upstream is gone (a reload removed it): every waiter is answered at once.
     pub fn close(&self) {
         self.waiters.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
     }
+}
+
+/// What [`SlotQueue::enqueue_unless`] found.
+#[derive(Debug)]
+pub enum Entry<'q, T> {
+    /// A free slot, taken at once.
+    Now(T),
+    /// A place in the queue.
+    Queued(Ticket<'q>),
 }
 
 /// A request's place in the queue. Dropping it leaves the queue at once (a client that

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use super::{Affinity, Balancer, pick};
-use crate::backend::{Admission, Backend, InflightGuard, QueueRefusal, SlotQueue};
+use crate::backend::{Admission, Backend, Entry, InflightGuard, QueueRefusal, SlotQueue};
 use crate::config::PassiveConfig;
 
 /// A backend's slot, held for one attempt.
@@ -75,14 +75,14 @@ impl Candidates<'_> {
         if !self.queue.enabled() {
             return Err(NoSlot::AllBusy);
         }
-        let ticket = self.queue.enqueue().map_err(NoSlot::Queue)?;
-        // A slot may have freed between the first try and taking a place: take it, and
-        // leave the queue (dropping the ticket).
-        if self.queue.depth() == 1
-            && let Some(slot) = self.try_capped(affinity, accept)
-        {
-            return Ok(slot);
-        }
+        // Under the queue's lock, which every release of a capped backend's slot takes too:
+        // either a slot is free now, or this request is in the queue before the next
+        // release looks at it. A freed slot is never missed.
+        let ticket = match self.queue.enqueue_unless(|| self.try_capped(affinity, accept)) {
+            Ok(Entry::Now(slot)) => return Ok(slot),
+            Ok(Entry::Queued(ticket)) => ticket,
+            Err(refused) => return Err(NoSlot::Queue(refused)),
+        };
         let guard = ticket.wait().await.map_err(NoSlot::Queue)?;
         let index = self
             .backends
