@@ -7,6 +7,7 @@
 
 pub mod client;
 pub mod duplex;
+pub mod gunicorn;
 pub mod tls;
 pub mod upstream;
 
