@@ -124,6 +124,7 @@ fn rate_limit(c: &mut Criterion) {
         per: Duration::from_secs(1),
         burst: u64::MAX / 4,
         key: LimitKey::ClientIp,
+        shared: false,
     };
     let hot = RateLimiter::new("hot", cfg.clone(), Arc::default());
     let key = Key::Ip("192.0.2.1".parse().unwrap());

@@ -23,7 +23,8 @@ fn main() {
     // Criterion-style arguments (`--bench`) are accepted and ignored.
     const KEYS: u32 = 1_000_000;
     // 100 per second, burst 100: an idle key is full again within a second.
-    let cfg = RateLimitConfig { rate: 100, per: Duration::from_secs(1), burst: 100, key: LimitKey::ClientIp };
+    let cfg =
+        RateLimitConfig { rate: 100, per: Duration::from_secs(1), burst: 100, key: LimitKey::ClientIp, shared: false };
     let limit = RateLimiter::new("per_ip", cfg, Arc::default());
     let before = rss_kib();
     let start = Instant::now();

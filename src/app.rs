@@ -41,6 +41,7 @@ pub async fn run(loaded: Loaded, source: ConfigSource, log: LogHandle, workers: 
     let stop = CancellationToken::new();
     let checks = CancellationToken::new();
     runtime.load().spawn_health_checks(&checks);
+    runtime.load().spawn_limit_store(&checks);
     let (handle, requests) = reload::channel();
     let admin_stop = CancellationToken::new();
     if let Some(l) = admin_listener {

@@ -98,6 +98,11 @@ fn print_summary(source: &ConfigSource, loaded: &Loaded) {
         println!("  routes: none (every request goes to the only upstream)");
     }
     for (name, rl) in &c.rate_limits {
-        println!("  rate limit {name}: {} per {:?}, burst {}", rl.rate, rl.per, rl.burst);
+        let shared = if rl.shared { ", shared" } else { "" };
+        println!("  rate limit {name}: {} per {:?}, burst {}{shared}", rl.rate, rl.per, rl.burst);
+    }
+    if let Some(store) = &c.limit_store {
+        // Checked, not connected: the store need not be up for --check.
+        println!("  limit store: {} (on_error {:?})", config::hide_password(&store.url), store.on_error);
     }
 }

@@ -199,6 +199,8 @@ pub struct Metrics {
     pub unrouted: StatusCounts,
     /// Refusals per rate limit, by name; a limit's counter is created on first use.
     pub rate_limited: Mutex<std::collections::BTreeMap<String, std::sync::Arc<AtomicU64>>>,
+    /// Failed operations on `[limit_store]` (written by the store, whichever one is live).
+    pub limit_store_errors: std::sync::Arc<AtomicU64>,
 }
 
 impl Metrics {

@@ -148,6 +148,23 @@ impl prometheus_client::collector::Collector for RuntimeCollector {
             ConstCounter::new(n).encode(family.encode_family(&[("limit", name.as_str())])?)?;
         }
 
+        if let Some(store) = &rt.limit_store {
+            let family = enc.encode_descriptor(
+                "balancer_limit_store_up",
+                "1 while [limit_store] answers shared rate-limit decisions; 0 while on_error applies.",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(i64::from(store.is_up())).encode(family)?;
+        }
+        let family = enc.encode_descriptor(
+            "balancer_limit_store_errors",
+            "Failed [limit_store] operations: refused, timed out, or an error reply.",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(m.limit_store_errors.load(Relaxed)).encode(family)?;
+
         let mut family =
             enc.encode_descriptor("balancer_config_reloads", "Config reloads, by result.", None, MetricType::Counter)?;
         ConstCounter::new(m.reloads_success.load(Relaxed)).encode(family.encode_family(&[("result", "success")])?)?;

@@ -120,6 +120,12 @@ impl Admin {
         Status {
             generation: rt.generation,
             last_reload,
+            limit_store: rt.limit_store.as_ref().map(|s| LimitStoreStatus {
+                url: s.url(),
+                up: s.is_up(),
+                instances: s.instances(),
+                last_error: s.last_error(),
+            }),
             upstreams: rt
                 .upstreams
                 .iter()
@@ -151,7 +157,19 @@ impl Admin {
 struct Status {
     generation: u64,
     last_reload: LastReload,
+    /// `null` without `[limit_store]`.
+    limit_store: Option<LimitStoreStatus>,
     upstreams: Vec<UpstreamStatus>,
+}
+
+#[derive(Serialize)]
+struct LimitStoreStatus {
+    /// The password hidden.
+    url: String,
+    up: bool,
+    /// Instances using the store at the last good contact.
+    instances: u64,
+    last_error: Option<String>,
 }
 
 #[derive(Serialize)]

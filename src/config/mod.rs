@@ -3,6 +3,7 @@
 //!
 //! The same [`load`] runs at start-up and on every reload, so overrides keep winning.
 
+mod limit_store;
 mod raw;
 mod redact;
 mod source;
@@ -19,7 +20,8 @@ use http::uri::{Authority, Scheme};
 use ipnet::IpNet;
 
 pub use crate::host::HostMatch;
-pub use raw::{LogFormat, LogLevel, RawConfig, StrategyName};
+pub use limit_store::hide_password;
+pub use raw::{LogFormat, LogLevel, OnError, RawConfig, StrategyName};
 pub use redact::{HIDDEN, redacted_toml};
 pub use source::{Location, Overrides};
 pub use validate::MAX_WEIGHT;
@@ -74,6 +76,8 @@ pub struct Config {
     pub upstreams: Vec<UpstreamConfig>,
     pub rate_limits: BTreeMap<String, RateLimitConfig>,
     pub routes: Vec<RouteConfig>,
+    /// `[limit_store]`: where `shared` limits keep their buckets.
+    pub limit_store: Option<LimitStoreConfig>,
     /// Every file this config reads besides itself (certificates, keys, CAs): a change to
     /// any of them is a reason to reload.
     pub files: Vec<PathBuf>,
@@ -227,6 +231,19 @@ pub struct RateLimitConfig {
     pub per: Duration,
     pub burst: u64,
     pub key: LimitKey,
+    /// The buckets live in `[limit_store]` (which is then set).
+    pub shared: bool,
+}
+
+/// `[limit_store]`, checked (the URL parses; nothing is connected).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LimitStoreConfig {
+    /// As written (it may hold a password: show it through [`hide_password`]).
+    pub url: String,
+    pub key_prefix: String,
+    /// The longest one store operation may take before the store counts as failing.
+    pub timeout: Duration,
+    pub on_error: OnError,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

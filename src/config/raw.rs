@@ -22,6 +22,8 @@ pub struct RawConfig {
     pub upstreams: BTreeMap<String, RawUpstream>,
     pub rate_limits: BTreeMap<String, RawRateLimit>,
     pub routes: Vec<RawRoute>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit_store: Option<RawLimitStore>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -369,6 +371,43 @@ pub struct RawRateLimit {
     pub burst: Option<u64>,
     #[serde(default = "default_limit_key")]
     pub key: String,
+    /// The buckets live in `[limit_store]`, shared by every instance.
+    #[serde(default)]
+    pub shared: bool,
+}
+
+/// `[limit_store]`: where shared rate limits keep their buckets (Redis or Valkey).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimitStore {
+    pub url: String,
+    #[serde(default = "default_key_prefix")]
+    pub key_prefix: String,
+    #[serde(default = "default_store_timeout")]
+    pub timeout: HumanDuration,
+    #[serde(default)]
+    pub on_error: OnError,
+}
+
+/// What a shared limit does while the store fails.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnError {
+    /// Each instance enforces its share of the limit by itself.
+    #[default]
+    Local,
+    /// Admit.
+    Allow,
+    /// 503 with `Retry-After: 1`.
+    Deny,
+}
+
+fn default_key_prefix() -> String {
+    "balancer:".into()
+}
+
+fn default_store_timeout() -> HumanDuration {
+    HumanDuration::millis(50)
 }
 
 fn default_limit_key() -> String {

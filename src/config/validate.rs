@@ -94,7 +94,11 @@ pub fn validate(raw: &RawConfig, base: &Path) -> Result<Config, KeyError> {
                     }
                 },
             };
-            Ok((name.clone(), RateLimitConfig { rate: rl.rate, per: rl.per.0, burst, key: limit_key }))
+            if rl.shared && raw.limit_store.is_none() {
+                return err(format!("{key}.shared"), "a shared limit needs a [limit_store]");
+            }
+            let config = RateLimitConfig { rate: rl.rate, per: rl.per.0, burst, key: limit_key, shared: rl.shared };
+            Ok((name.clone(), config))
         })
         .collect::<Result<BTreeMap<_, _>, _>>()?;
     let limit_names = |list: &OneOrMany, key: &str| -> Result<Vec<String>, KeyError> {
@@ -109,6 +113,7 @@ pub fn validate(raw: &RawConfig, base: &Path) -> Result<Config, KeyError> {
         Ok(list.0.clone())
     };
     let server_limits = limit_names(&s.rate_limit, "server.rate_limit")?;
+    let limit_store = raw.limit_store.as_ref().map(super::limit_store::validate).transpose()?;
 
     if raw.upstreams.is_empty() {
         return err("upstreams", "no upstreams are configured: add an [upstreams.NAME] table or pass --backend URL");
@@ -176,6 +181,7 @@ pub fn validate(raw: &RawConfig, base: &Path) -> Result<Config, KeyError> {
         upstreams,
         rate_limits,
         routes,
+        limit_store,
         files,
         // Rendered from the raw config by `config::finish`.
         effective_toml: Default::default(),

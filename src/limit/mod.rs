@@ -6,8 +6,12 @@
 //! request takes no token from any of them. A bucket that is full is the same as no bucket,
 //! so the sweeper drops full buckets without changing any answer: memory stays bounded by
 //! the keys active within one refill period.
+//!
+//! A `shared` limit's buckets live in the [`LimitStore`] instead ([`admit_shared`]); its
+//! local buckets serve `on_error = "local"` while the store fails.
 
 mod client_ip;
+mod store;
 mod token_bucket;
 
 use std::collections::HashMap;
@@ -19,10 +23,13 @@ use std::time::{Duration, Instant};
 
 use http::{HeaderMap, HeaderValue};
 
+use arc_swap::ArcSwapOption;
+
 pub use client_ip::client_ip;
+pub use store::{LimitStore, Verdict};
 use token_bucket::{Bucket, Refill};
 
-use crate::config::{LimitKey, RateLimitConfig};
+use crate::config::{LimitKey, OnError, RateLimitConfig};
 
 const SHARDS: usize = 64;
 
@@ -50,6 +57,15 @@ pub struct RateLimiter {
     shards: Box<[Mutex<Shard>]>,
     /// Refusals, shared with the process metrics (kept by name across reloads).
     refused: Arc<AtomicU64>,
+    /// A shared limit's share for this instance while the store fails (`on_error =
+    /// "local"`), sized by the instances at the last good contact.
+    fallback: ArcSwapOption<Fallback>,
+}
+
+#[derive(Debug)]
+struct Fallback {
+    instances: u64,
+    limiter: RateLimiter,
 }
 
 /// Why a request was refused, and what the 429 tells the client.
@@ -75,6 +91,36 @@ impl RateLimiter {
             shard_of: RandomState::new(),
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
             refused,
+            fallback: ArcSwapOption::empty(),
+        }
+    }
+
+    /// This instance's share of the limit among `instances`: `rate` over `per` x
+    /// `instances` (exact), `burst` divided and rounded up. Kept while the count holds.
+    fn fallback(&self, instances: u64) -> Arc<Fallback> {
+        if let Some(f) = self.fallback.load_full().filter(|f| f.instances == instances) {
+            return f;
+        }
+        let n = instances.max(1);
+        let config = RateLimitConfig {
+            per: self.config.per.saturating_mul(n.min(u32::MAX as u64) as u32),
+            burst: self.config.burst.div_ceil(n).max(1),
+            shared: false,
+            ..self.config.clone()
+        };
+        let f = Arc::new(Fallback { instances, limiter: RateLimiter::new(&self.name, config, self.refused.clone()) });
+        self.fallback.store(Some(f.clone()));
+        f
+    }
+
+    fn refusal(&self, to_one_micros: f64, to_full_micros: f64) -> Refusal {
+        let secs = |micros: f64| ((micros / 1e6).ceil() as u64).max(1);
+        Refusal {
+            limit: self.name.clone(),
+            retry_after: secs(to_one_micros),
+            capacity: self.config.burst,
+            remaining: 0,
+            reset: secs(to_full_micros),
         }
     }
 
@@ -100,6 +146,9 @@ impl RateLimiter {
 
     /// Drops every bucket that is full again; returns how many are left.
     pub fn sweep(&self) -> usize {
+        if let Some(f) = self.fallback.load_full() {
+            f.limiter.sweep();
+        }
         let now = self.micros(Instant::now());
         let mut left = 0;
         for shard in self.shards.iter() {
@@ -137,14 +186,10 @@ pub fn admit(checks: &[(&RateLimiter, Key)]) -> Result<(), Refusal> {
         let tokens = guard.get(key).map_or(limiter.refill.burst, |b| b.tokens(&limiter.refill, t));
         if tokens < 1.0 {
             limiter.refused.fetch_add(1, Relaxed);
-            let secs = |micros: f64| ((micros / 1e6).ceil() as u64).max(1);
-            let r = Refusal {
-                limit: limiter.name.clone(),
-                retry_after: secs(limiter.refill.micros_until(tokens, 1.0)),
-                capacity: limiter.config.burst,
-                remaining: 0,
-                reset: secs(limiter.refill.micros_until(tokens, limiter.refill.burst)),
-            };
+            let r = limiter.refusal(
+                limiter.refill.micros_until(tokens, 1.0),
+                limiter.refill.micros_until(tokens, limiter.refill.burst),
+            );
             // Report the limit that makes the client wait longest.
             if refusal.as_ref().is_none_or(|prev| r.retry_after > prev.retry_after) {
                 refusal = Some(r);
@@ -169,6 +214,81 @@ pub fn admit(checks: &[(&RateLimiter, Key)]) -> Result<(), Refusal> {
     Ok(())
 }
 
+/// Gives back the token each `(limiter, key)` gave to a request that was then refused
+/// elsewhere (by a shared limit, decided after the local ones).
+pub fn refund(checks: &[(&RateLimiter, Key)]) {
+    let now = Instant::now();
+    for (limiter, key) in checks {
+        let t = limiter.micros(now);
+        if let Some(b) = limiter.shard(key).lock().expect("limit shard lock").get_mut(key) {
+            b.give(&limiter.refill, t);
+        }
+    }
+}
+
+/// Why a shared admission failed.
+#[derive(Debug)]
+pub enum SharedRefusal {
+    Limited(Refusal),
+    /// The store is failing and `on_error = "deny"`.
+    StoreDown {
+        limit: String,
+    },
+}
+
+/// What a shared admission took, to give back if a later limit refuses.
+enum Taken<'a> {
+    Store(&'a RateLimiter, &'a Key),
+    Local(Arc<Fallback>, &'a Key),
+}
+
+/// Admits a request through every shared `(limiter, key)` or through none: one script
+/// per limit in the store; a limit refused gives back what the ones before it took.
+/// While the store fails, `on_error` decides for each.
+pub async fn admit_shared(store: &LimitStore, checks: &[(&RateLimiter, Key)]) -> Result<(), SharedRefusal> {
+    let mut taken: Vec<Taken<'_>> = Vec::with_capacity(checks.len());
+    let mut outcome = Ok(());
+    for (limiter, key) in checks {
+        match store.decide(&limiter.name, &limiter.config, key, false).await {
+            Some(Verdict::Admitted) => taken.push(Taken::Store(limiter, key)),
+            Some(Verdict::Refused { to_one_ms, to_full_ms }) => {
+                limiter.refused.fetch_add(1, Relaxed);
+                outcome =
+                    Err(SharedRefusal::Limited(limiter.refusal(to_one_ms as f64 * 1000.0, to_full_ms as f64 * 1000.0)));
+                break;
+            }
+            None => match store.config.on_error {
+                OnError::Allow => {}
+                OnError::Deny => {
+                    outcome = Err(SharedRefusal::StoreDown { limit: limiter.name.clone() });
+                    break;
+                }
+                OnError::Local => {
+                    let f = limiter.fallback(store.instances());
+                    match admit(&[(&f.limiter, key.clone())]) {
+                        Ok(()) => taken.push(Taken::Local(f, key)),
+                        Err(r) => {
+                            outcome = Err(SharedRefusal::Limited(r));
+                            break;
+                        }
+                    }
+                }
+            },
+        }
+    }
+    if outcome.is_err() {
+        for t in taken {
+            match t {
+                Taken::Store(limiter, key) => {
+                    store.decide(&limiter.name, &limiter.config, key, true).await;
+                }
+                Taken::Local(f, key) => refund(&[(&f.limiter, key.clone())]),
+            }
+        }
+    }
+    outcome
+}
+
 /// How often the sweeper runs.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
@@ -177,7 +297,7 @@ mod tests {
     use super::*;
 
     fn limiter(name: &str, rate: u64, per: Duration, burst: u64, key: LimitKey) -> RateLimiter {
-        RateLimiter::new(name, RateLimitConfig { rate, per, burst, key }, Arc::default())
+        RateLimiter::new(name, RateLimitConfig { rate, per, burst, key, shared: false }, Arc::default())
     }
 
     fn ip(s: &str) -> Key {
@@ -215,6 +335,32 @@ mod tests {
         assert_eq!(l.sweep(), 0, "every bucket refilled to full and was dropped");
         let cap: usize = l.shards.iter().map(|s| s.lock().unwrap().capacity()).sum();
         assert!(cap < 64 * 64, "capacity given back: {cap}");
+    }
+
+    #[test]
+    fn a_refund_gives_back_one_token_and_never_past_burst() {
+        let l = limiter("r", 1, Duration::from_secs(3600), 2, LimitKey::ClientIp);
+        let checks = [(&l, ip("1.1.1.1"))];
+        assert!(admit(&checks).is_ok());
+        assert!(admit(&checks).is_ok());
+        assert!(admit(&checks).is_err());
+        refund(&checks);
+        assert!(admit(&checks).is_ok(), "the refunded token is taken again");
+        refund(&checks);
+        refund(&checks);
+        refund(&checks);
+        assert!(admit(&checks).is_ok());
+        assert!(admit(&checks).is_ok());
+        assert!(admit(&checks).is_err(), "refunds stop at burst");
+    }
+
+    #[test]
+    fn the_fallback_is_this_instances_share() {
+        let l = limiter("f", 100, Duration::from_secs(60), 10, LimitKey::ClientIp);
+        let f = l.fallback(3);
+        assert_eq!((f.limiter.config.burst, f.limiter.config.per), (4, Duration::from_secs(180)));
+        assert!(Arc::ptr_eq(&f, &l.fallback(3)), "kept while the count holds");
+        assert_eq!(l.fallback(1).limiter.config.burst, 10);
     }
 
     #[test]

@@ -45,6 +45,12 @@ impl Bucket {
         self.at = now;
     }
 
+    /// Gives back one token taken by a request that another limit refused.
+    pub fn give(&mut self, refill: &Refill, now: u64) {
+        self.tokens = (self.tokens(refill, now) + 1.0).min(refill.burst);
+        self.at = now;
+    }
+
     /// Whether the bucket is full again (and so can be forgotten).
     pub fn is_full(&self, refill: &Refill, now: u64) -> bool {
         self.tokens(refill, now) >= refill.burst

@@ -49,7 +49,8 @@ impl Answer {
             | ProxyError::AllBusy { .. }
             | ProxyError::QueueFull { .. }
             | ProxyError::QueueTimeout { .. }
-            | ProxyError::UpstreamRemoved { .. } => (StatusCode::SERVICE_UNAVAILABLE, false, error.to_string().into()),
+            | ProxyError::UpstreamRemoved { .. }
+            | ProxyError::LimitStoreDown { .. } => (StatusCode::SERVICE_UNAVAILABLE, false, error.to_string().into()),
             ProxyError::Unreachable { .. } => {
                 (StatusCode::BAD_GATEWAY, false, "bad gateway: the backend could not be reached".into())
             }
@@ -75,7 +76,8 @@ impl Answer {
             | ProxyError::AllBusy { .. }
             | ProxyError::QueueFull { .. }
             | ProxyError::QueueTimeout { .. }
-            | ProxyError::UpstreamRemoved { .. } => (Some(1), None),
+            | ProxyError::UpstreamRemoved { .. }
+            | ProxyError::LimitStoreDown { .. } => (Some(1), None),
             ProxyError::RateLimited(r) => (Some(r.retry_after), Some((r.capacity, r.remaining, r.reset))),
             _ => (None, None),
         };
@@ -137,7 +139,8 @@ impl ProxyError {
     pub fn into_response(self, log: RequestLog) -> Response<ResponseBody> {
         let answer = Answer::of(&self);
         let request_id = log.request_id.to_str().unwrap_or("-");
-        if answer.status.is_server_error() {
+        // A failing limit store is logged once per change of its state, not per request.
+        if answer.status.is_server_error() && !matches!(self, ProxyError::LimitStoreDown { .. }) {
             tracing::warn!(status = answer.status.as_u16(), request_id, "{self}");
         } else {
             tracing::debug!(status = answer.status.as_u16(), request_id, "{self}");

@@ -33,6 +33,9 @@ pub enum ProxyError {
     BodyTooLarge { limit: u64 },
     #[error("rate limited by {}: retry in {}s", .0.limit, .0.retry_after)]
     RateLimited(crate::limit::Refusal),
+    /// A shared limit's store fails and its `on_error` is `deny`.
+    #[error("the store of shared rate limit {limit} is failing (on_error = deny)")]
+    LimitStoreDown { limit: String },
     #[error("no healthy backend in upstream {upstream}")]
     NoHealthyBackend { upstream: String },
     #[error("every backend of upstream {upstream} is at max_inflight")]

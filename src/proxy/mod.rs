@@ -9,7 +9,8 @@
 //!   framing the connection could not judge, a declared body over the limit).
 //! - [`route::find`]: the route, by host and normalised path; [`route::target`]: what is
 //!   sent as the request target.
-//! - [`admit::limits`]: the rate limits that apply (server-wide and the route's).
+//! - [`admit::limits`]: the rate limits that apply (server-wide and the route's);
+//!   [`admit::shared`] for those kept in `[limit_store]`.
 //! - [`affinity::of`]: what the request says about its backend (its `hash_key`, its sticky
 //!   cookie), for the upstreams that ask.
 //! - [`forward::forward`]: picks a backend (`balance`), sends the request, reads the head;
@@ -102,7 +103,9 @@ async fn proxy(
     check::request(rt, parts, &body)?;
     let routed = route::find(rt, parts);
     log.upstream = routed.route.map(|r| r.upstream);
-    admit::limits(rt, conn, parts, routed.route)?;
+    if let Some(pending) = admit::limits(rt, conn, parts, routed.route)? {
+        admit::shared(pending).await?;
+    }
     let route = routed.route.ok_or(ProxyError::NoRoute)?;
     let target = route::target(parts, route, &routed.path)?;
     let upstream = &rt.upstreams[route.upstream];

@@ -7,7 +7,7 @@ use super::{Runtime, Upstream};
 use crate::backend::Backend;
 use crate::balance;
 use crate::config::Config;
-use crate::limit::RateLimiter;
+use crate::limit::{LimitStore, RateLimiter};
 use crate::metrics::Metrics;
 
 /// Compiles `config`, reusing the `Arc<Backend>` (health, counters, pool) of every backend
@@ -26,6 +26,13 @@ pub fn build(config: Config, previous: Option<&Runtime>, generation: u64) -> Run
             }
         })
         .collect();
+    // The store (its connection and state) is kept while its config is unchanged.
+    let limit_store = config.limit_store.as_ref().map(|cfg| {
+        match previous.and_then(|p| p.limit_store.as_ref()).filter(|s| s.config == *cfg) {
+            Some(kept) => kept.clone(),
+            None => Arc::new(LimitStore::new(cfg.clone(), metrics.limit_store_errors.clone())),
+        }
+    });
     let limit_index = |name: &String| limits.iter().position(|l| l.name == *name).expect("validated limit name");
     // Ascending and without repeats, like every list of limit indices: it is the order
     // their shard locks are taken in, so any other order could deadlock two requests.
@@ -116,5 +123,5 @@ pub fn build(config: Config, previous: Option<&Runtime>, generation: u64) -> Run
         config.routes.iter().map(|r| Router::route(r, index_of(&r.upstream), route_limits(&r.rate_limit))).collect()
     };
     let router = Router::new(routes);
-    Runtime { generation, config, router, upstreams, metrics, limits, server_limits }
+    Runtime { generation, config, router, upstreams, metrics, limits, server_limits, limit_store }
 }

@@ -16,7 +16,7 @@ use arc_swap::ArcSwap;
 use crate::backend::{Backend, SlotQueue};
 use crate::balance::{self, Balancer, Sticky};
 use crate::config::{Config, HashKey, HealthCheckConfig, PassiveConfig, StrategyName, Timeouts};
-use crate::limit::RateLimiter;
+use crate::limit::{LimitStore, RateLimiter};
 use crate::metrics::{Metrics, UpstreamStats};
 pub use build::build;
 use router::Router;
@@ -37,6 +37,8 @@ pub struct Runtime {
     pub limits: Vec<Arc<RateLimiter>>,
     /// Indices into `limits` of `server.rate_limit`, for requests that match no route.
     pub server_limits: Vec<usize>,
+    /// `[limit_store]`, kept across reloads while its config is unchanged.
+    pub limit_store: Option<Arc<LimitStore>>,
 }
 
 #[derive(Debug)]
@@ -82,6 +84,16 @@ impl Runtime {
             for (i, backend) in up.backends.iter().enumerate() {
                 crate::backend::health::spawn(backend.clone(), hc.clone(), hc.interval * i as u32 / n, stop.clone());
             }
+        }
+    }
+}
+
+impl Runtime {
+    /// Starts the `[limit_store]` task (connect, presence, probes) until `stop`; the
+    /// reloader stops it with the health checkers and starts the next generation's.
+    pub fn spawn_limit_store(&self, stop: &tokio_util::sync::CancellationToken) {
+        if let Some(store) = &self.limit_store {
+            tokio::spawn(store.clone().run(stop.clone()));
         }
     }
 }
