@@ -3,12 +3,17 @@
 use std::path::PathBuf;
 
 use clap::parser::ValueSource;
-use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 use crate::config::{LogFormat, LogLevel, Overrides, StrategyName};
 
 #[derive(Debug, Parser)]
-#[command(name = "balancer", version, about = "A reverse-proxy HTTP load balancer configured by one TOML file")]
+#[command(
+    name = "balancer",
+    version,
+    about = "A reverse-proxy HTTP load balancer configured by one TOML file",
+    disable_help_subcommand = true
+)]
 pub struct Cli {
     /// Config file
     #[arg(short, long, env = "BALANCER_CONFIG", default_value = "balancer.toml", value_name = "FILE")]
@@ -44,13 +49,42 @@ pub struct Cli {
     /// behind the admin listener at URL (secrets as "***"); exit 2 when it cannot be reached
     #[arg(long, value_name = "URL", requires = "check")]
     pub diff: Option<String>,
+    /// Print the man page (roff, for `man -l -`), then exit
+    #[arg(long)]
+    pub man: bool,
+    #[command(subcommand)]
+    pub command: Option<Command>,
 
     /// Whether `--config` (or BALANCER_CONFIG) was given, so a missing file is an error.
     #[arg(skip)]
     pub config_explicit: bool,
 }
 
+/// What balancer can do besides serving; none of it reads the config.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print a completion script for SHELL, generated from these flags
+    ///
+    /// bash: `balancer completions bash > /etc/bash_completion.d/balancer`;
+    /// zsh: `balancer completions zsh > "${fpath[1]}/_balancer"`;
+    /// fish: `balancer completions fish > ~/.config/fish/completions/balancer.fish`
+    Completions {
+        #[arg(value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
+}
+
 impl Cli {
+    /// Writes the completion script for `shell` to stdout.
+    pub fn print_completions(shell: clap_complete::Shell) {
+        clap_complete::generate(shell, &mut Cli::command(), "balancer", &mut std::io::stdout());
+    }
+
+    /// Writes the man page (section 1, roff) to stdout.
+    pub fn print_man() -> std::io::Result<()> {
+        clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())
+    }
+
     /// Parses `std::env::args`, exiting with status 2 on bad usage.
     pub fn parse_args() -> Cli {
         let matches = Cli::command().get_matches();

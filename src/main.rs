@@ -3,12 +3,25 @@
 use std::process::ExitCode;
 
 use balancer::app;
-use balancer::cli::Cli;
+use balancer::cli::{Cli, Command};
 use balancer::config::{self, ConfigSource, Loaded};
 use balancer::server::Workers;
 
 fn main() -> ExitCode {
     let cli = Cli::parse_args();
+    if let Some(Command::Completions { shell }) = cli.command {
+        Cli::print_completions(shell);
+        return ExitCode::SUCCESS;
+    }
+    if cli.man {
+        return match Cli::print_man() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: cannot print the man page: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
     let source = ConfigSource { path: cli.config.clone(), required: cli.config_explicit, overrides: cli.overrides() };
     let loaded = match config::load(&source.path, source.required, &source.overrides) {
         Ok(l) => l,

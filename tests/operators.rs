@@ -227,3 +227,78 @@ async fn check_diff_exits_2_when_the_admin_listener_cannot_be_reached() {
     assert_eq!(code, 2);
     assert!(err.contains("--check"), "{err}");
 }
+
+// ---------------------------------------------------------------------------------------
+// Shell completions and the man page
+// ---------------------------------------------------------------------------------------
+
+fn has(tool: &str) -> bool {
+    std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn completions_are_generated_for_each_shell_and_bash_completes_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    for (shell, marker) in
+        [("bash", "complete -F _balancer"), ("zsh", "#compdef balancer"), ("fish", "complete -c balancer")]
+    {
+        let (code, out, err) = run_cli(&["completions", shell], dir.path());
+        assert_eq!(code, 0, "{shell}: {err}");
+        assert!(
+            out.contains(marker) && out.contains("print-config") && out.contains("least-latency"),
+            "{shell}:\n{out}"
+        );
+    }
+    let (code, _, err) = run_cli(&["completions", "tcsh"], dir.path());
+    assert_eq!(code, 2, "{err}");
+
+    if !has("bash") {
+        eprintln!("note: bash is not installed; not running the bash completion");
+        return;
+    }
+    let (_, script, _) = run_cli(&["completions", "bash"], dir.path());
+    let file = dir.path().join("balancer.bash");
+    std::fs::write(&file, script).unwrap();
+    // What bash offers after `balancer --log-f<TAB>` and `balancer --strategy <TAB>`.
+    let complete = |words: &str, cword: usize, cur: &str, prev: &str| {
+        let out = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                "source {}; COMP_WORDS=({words}); COMP_CWORD={cword}; _balancer balancer '{cur}' '{prev}'; echo \"${{COMPREPLY[@]}}\"",
+                file.display()
+            ))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    assert_eq!(complete("balancer --log-f", 1, "--log-f", "balancer"), "--log-format");
+    assert_eq!(
+        complete("balancer --strategy ''", 2, "", "--strategy"),
+        "round-robin least-connections consistent-hash least-latency"
+    );
+}
+
+#[test]
+fn man_prints_a_man_page_of_every_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, out, err) = run_cli(&["--man"], dir.path());
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(".TH balancer 1"), "{out}");
+    for flag in ["config", "listen", "backend", "strategy", "set", "check", "print\\-config", "diff"] {
+        assert!(out.contains(&format!("\\fB\\-\\-{flag}\\fR")), "no --{flag} in the man page:\n{out}");
+    }
+    if !has("groff") {
+        eprintln!("note: groff is not installed; not rendering the man page");
+        return;
+    }
+    let page = dir.path().join("balancer.1");
+    std::fs::write(&page, &out).unwrap();
+    // -ww: every warning; -z: no output, only the check.
+    let o = std::process::Command::new("groff").args(["-man", "-Tascii", "-ww", "-z"]).arg(&page).output().unwrap();
+    assert!(o.status.success() && o.stderr.is_empty(), "groff: {}", String::from_utf8_lossy(&o.stderr));
+}
