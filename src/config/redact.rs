@@ -44,7 +44,7 @@ fn redact(value: &mut toml::Value) {
 
 /// `scheme://user:password@host...` -> `scheme://user:***@host...`; `None` when `s` is
 /// not a URL with a password.
-fn hide_url_password(s: &str) -> Option<String> {
+pub(super) fn hide_url_password(s: &str) -> Option<String> {
     let (scheme, rest) = s.split_once("://")?;
     let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
     let at = authority.rfind('@')?;
