@@ -104,7 +104,8 @@ async fn proxy(
     let routed = route::find(rt, parts);
     log.upstream = routed.route.map(|r| r.upstream);
     if let Some(pending) = admit::limits(rt, conn, parts, routed.route)? {
-        admit::shared(pending).await?;
+        // Boxed: requests without shared limits do not carry the store call's state.
+        Box::pin(admit::shared(pending)).await?;
     }
     let route = routed.route.ok_or(ProxyError::NoRoute)?;
     let target = route::target(parts, route, &routed.path)?;
