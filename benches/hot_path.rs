@@ -1,5 +1,5 @@
 //! Criterion benches of the per-request decisions: picking a backend, matching a route,
-//! admitting through a rate limit. `cargo bench --bench hot_path`.
+//! admitting through a rate limit, the trace context. `cargo bench --bench hot_path`.
 
 use std::hint::black_box;
 use std::net::IpAddr;
@@ -141,5 +141,30 @@ fn rate_limit(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, pickers, routes, rate_limit, slots);
+/// The W3C trace context per request: read (or start) it, write `traceparent`.
+fn trace(c: &mut Criterion) {
+    use balancer::proxy::trace::{TRACEPARENT, TraceContext};
+    let mut g = c.benchmark_group("trace");
+    let mut valid = http::HeaderMap::new();
+    valid.insert(
+        &TRACEPARENT,
+        http::HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+    );
+    valid.insert(http::header::ACCEPT, http::HeaderValue::from_static("*/*"));
+    let mut none = valid.clone();
+    none.remove(&TRACEPARENT);
+    let mut out = Vec::with_capacity(128);
+    for (name, headers) in [("continue", &valid), ("start", &none)] {
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                out.clear();
+                TraceContext::from_headers(black_box(headers)).write_field(&mut out);
+                black_box(out.len())
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, pickers, routes, rate_limit, slots, trace);
 criterion_main!(benches);

@@ -302,3 +302,111 @@ fn man_prints_a_man_page_of_every_flag() {
     let o = std::process::Command::new("groff").args(["-man", "-Tascii", "-ww", "-z"]).arg(&page).output().unwrap();
     assert!(o.status.success() && o.stderr.is_empty(), "groff: {}", String::from_utf8_lossy(&o.stderr));
 }
+
+// ---------------------------------------------------------------------------------------
+// W3C trace context
+// ---------------------------------------------------------------------------------------
+
+const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const PARENT: &str = "00f067aa0ba902b7";
+
+/// Sends GET `path` with `fields`; returns the `traceparent` and `tracestate` values the
+/// backend received (every one of them) and the access-log line of the request.
+async fn traced(b: &Balancer, path: &str, fields: &[(&str, &str)]) -> (Vec<String>, Vec<String>, serde_json::Value) {
+    let mut req = http::Request::get(path).header("host", "x");
+    for (k, v) in fields {
+        req = req.header(*k, *v);
+    }
+    let r = send(b.addr(), req.body(Default::default()).unwrap()).await;
+    assert_eq!(r.status, 200);
+    let head = r.text();
+    let values = |name: &str| -> Vec<String> {
+        head.lines()
+            .filter_map(|l| l.split_once(": "))
+            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.trim().to_owned())
+            .collect()
+    };
+    let log = b.wait_for_log(Duration::from_secs(5), |l| l["target"] == "access" && l["path"] == path);
+    (values("traceparent"), values("tracestate"), log)
+}
+
+/// (trace id, parent id, flags) of a `traceparent` balancer sent, checked for form.
+fn fields_of(traceparent: &str) -> (String, String, String) {
+    let parts: Vec<&str> = traceparent.split('-').collect();
+    assert_eq!(parts.len(), 4, "{traceparent}");
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+    assert!(parts[0] == "00" && hex(parts[1], 32) && hex(parts[2], 16) && hex(parts[3], 2), "{traceparent}");
+    assert!(parts[1].bytes().any(|b| b != b'0') && parts[2].bytes().any(|b| b != b'0'), "{traceparent}");
+    (parts[1].to_owned(), parts[2].to_owned(), parts[3].to_owned())
+}
+
+#[tokio::test]
+async fn a_valid_traceparent_is_continued_with_balancers_span_as_parent() {
+    let (up, _heads) = head_echo().await;
+    let b = Balancer::start(&config_for(&[up.addr], ""), &[]);
+    for flags in ["01", "00"] {
+        let incoming = format!("00-{TRACE}-{PARENT}-{flags}");
+        let path = format!("/valid/{flags}");
+        let (tp, ts, log) =
+            traced(&b, &path, &[("traceparent", &incoming), ("tracestate", "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7")])
+                .await;
+        assert_eq!(tp.len(), 1, "{tp:?}");
+        let (trace, parent, kept) = fields_of(&tp[0]);
+        assert_eq!(trace, TRACE);
+        assert_ne!(parent, PARENT, "balancer's own span is the parent");
+        assert_eq!(kept, flags);
+        assert_eq!(ts, ["congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"]);
+        assert_eq!(log["trace_id"], TRACE, "{log}");
+    }
+    // A later version is read as version 00 and sent on as 00.
+    let (tp, _, _) = traced(&b, "/v2", &[("traceparent", &format!("cc-{TRACE}-{PARENT}-01-what-follows"))]).await;
+    assert_eq!(fields_of(&tp[0]).0, TRACE);
+}
+
+#[tokio::test]
+async fn without_a_valid_traceparent_balancer_starts_a_trace() {
+    let (up, _heads) = head_echo().await;
+    let b = Balancer::start(&config_for(&[up.addr], ""), &[]);
+    let malformed = [
+        ("version-ff", format!("ff-{TRACE}-{PARENT}-01")),
+        ("version-nonhex", format!("0x-{TRACE}-{PARENT}-01")),
+        ("version-00-longer", format!("00-{TRACE}-{PARENT}-01-extra")),
+        ("short-trace", format!("00-{}-{PARENT}-01", &TRACE[1..])),
+        ("long-parent", format!("00-{TRACE}-{PARENT}0-01")),
+        ("short-flags", format!("00-{TRACE}-{PARENT}-1")),
+        ("nonhex-trace", format!("00-{}z-{PARENT}-01", &TRACE[1..])),
+        ("upper-case", format!("00-{}-{PARENT}-01", TRACE.to_uppercase())),
+        ("zero-trace", format!("00-{}-{PARENT}-01", "0".repeat(32))),
+        ("zero-parent", format!("00-{TRACE}-{}-01", "0".repeat(16))),
+        ("empty", String::new()),
+        ("garbage", "not a traceparent".to_owned()),
+    ];
+    let mut seen = std::collections::HashSet::new();
+    for (what, value) in &malformed {
+        let path = format!("/bad/{what}");
+        let (tp, ts, log) = traced(&b, &path, &[("traceparent", value), ("tracestate", "congo=t61rcWkgMzE")]).await;
+        assert_eq!(tp.len(), 1, "{what}: {tp:?}");
+        let (trace, _, flags) = fields_of(&tp[0]);
+        assert_ne!(trace, TRACE, "{what}: the malformed trace was continued");
+        assert_eq!(flags, "01", "{what}: a started trace is sampled");
+        assert!(ts.is_empty(), "{what}: tracestate of a trace not continued was sent: {ts:?}");
+        assert_eq!(log["trace_id"], trace.as_str(), "{what}: {log}");
+        assert!(seen.insert(trace), "{what}: a trace id came twice");
+    }
+    // Two traceparent fields: not one trace to continue either.
+    let (tp, _, _) = traced(
+        &b,
+        "/two",
+        &[("traceparent", &format!("00-{TRACE}-{PARENT}-01")), ("traceparent", &format!("00-{TRACE}-{PARENT}-01"))],
+    )
+    .await;
+    assert_ne!(fields_of(&tp[0]).0, TRACE);
+    // None at all: a new trace per request.
+    for i in 0..3 {
+        let (tp, _, log) = traced(&b, &format!("/none/{i}"), &[]).await;
+        let (trace, _, _) = fields_of(&tp[0]);
+        assert_eq!(log["trace_id"], trace.as_str());
+        assert!(seen.insert(trace));
+    }
+}

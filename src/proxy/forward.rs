@@ -88,6 +88,7 @@ pub async fn forward(
             client_ip: &conn.peer_ip,
             proto: if conn.tls { "https" } else { "http" },
             request_id: &log.request_id,
+            trace: &log.trace,
             host,
             preserve_host: upstream.preserve_host,
             backend: &backend.authority,

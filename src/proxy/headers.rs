@@ -1,5 +1,5 @@
-//! Rewriting heads in both directions: hop-by-hop headers out, `X-Forwarded-*` and
-//! `X-Request-Id` in, `Host` per `preserve_host`.
+//! Rewriting heads in both directions: hop-by-hop headers out, `X-Forwarded-*`,
+//! `X-Request-Id` and `traceparent` in, `Host` per `preserve_host`.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
@@ -7,6 +7,7 @@ use http::uri::Authority;
 use http::{Method, Version};
 
 use super::request_id::X_REQUEST_ID;
+use super::trace::{TRACEPARENT, TRACESTATE, TraceContext};
 use crate::backend::RequestFraming;
 use crate::http1::{RawFields, put_field};
 
@@ -81,6 +82,9 @@ pub struct Forwarded<'a> {
     pub client_ip: &'a str,
     pub proto: &'static str,
     pub request_id: &'a HeaderValue,
+    /// The backend's `traceparent` (balancer's span as the parent); the client's
+    /// `tracestate` goes along only when its trace is continued.
+    pub trace: &'a TraceContext,
     pub host: Option<&'a HeaderValue>,
     pub preserve_host: bool,
     pub backend: &'a Authority,
@@ -180,6 +184,8 @@ pub fn write_request_head(
             || name == X_FORWARDED_PROTO
             || name == X_FORWARDED_HOST
             || name == X_REQUEST_ID
+            || name == TRACEPARENT
+            || (name == TRACESTATE && !fwd.trace.continued)
             || is_connection_specific(name, src, has_connection)
             // A WSGI app reads `X_Forwarded_Host` as `X-Forwarded-Host` (nginx drops them too).
             || (!fwd.underscores && name.as_str().contains('_'))
@@ -217,6 +223,7 @@ pub fn write_request_head(
         put_field(out, b"x-forwarded-host", h.as_bytes());
     }
     put_field(out, b"x-request-id", fwd.request_id.as_bytes());
+    fwd.trace.write_field(out);
     if let Some(proto) = fwd.upgrade {
         out.extend_from_slice(b"connection: upgrade\r\n");
         put_field(out, b"upgrade", proto.as_bytes());
@@ -342,12 +349,14 @@ mod tests {
             .unwrap();
         let (parts, ()) = req.into_parts();
         let rid = HeaderValue::from_static("rid");
+        let trace = TraceContext::from_headers(&parts.headers);
         let host = client_host(&parts);
         let backend: Authority = "127.0.0.1:9000".parse().unwrap();
         let fwd = Forwarded {
             client_ip: "192.0.2.7",
             proto: "http",
             request_id: &rid,
+            trace: &trace,
             host: host.as_ref(),
             preserve_host: false,
             backend: &backend,

@@ -7,6 +7,7 @@ use std::time::Instant;
 use http::{HeaderValue, Method, Uri};
 
 use super::ActivityGuard;
+use super::trace::TraceContext;
 use crate::backend::Backend;
 use crate::runtime::Runtime;
 
@@ -19,6 +20,8 @@ pub struct RequestLog {
     pub method: Method,
     pub uri: Uri,
     pub request_id: HeaderValue,
+    /// The W3C trace this request belongs to (continued or started here).
+    pub trace: TraceContext,
     pub status: u16,
     pub runtime: Arc<Runtime>,
     pub upstream: Option<usize>,
@@ -73,6 +76,7 @@ impl Drop for RequestLog {
             duration_ms = (duration_ms * 1000.0).round() / 1000.0,
             bytes = self.bytes,
             request_id,
+            trace_id = self.trace.trace_id(),
             complete = !self.broken,
         );
     }

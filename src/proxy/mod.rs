@@ -18,6 +18,9 @@
 //! - [`respond::response`]: the client's response from the backend's head (or the tunnel).
 //! - [`log`]: the access-log line, written when the response body ends ([`RequestLog`]).
 //!
+//! Alongside: [`request_id`] (`X-Request-Id`) and [`trace`] (W3C `traceparent`), read
+//! once in [`handle`], written into the backend's head by [`headers`] and into the log.
+//!
 //! Anything balancer answers itself is a [`ProxyError`], told by [`Answer::of`]. The
 //! runtime snapshot is loaded once per request and held to its end (in [`RequestLog`]).
 
@@ -34,6 +37,7 @@ mod log;
 pub mod request_id;
 mod respond;
 mod route;
+pub mod trace;
 mod upgrade;
 
 use std::convert::Infallible;
@@ -62,6 +66,7 @@ pub async fn handle(
     mut req: Request<ClientBody>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let request_id = request_id::from_headers(req.headers());
+    let trace = trace::TraceContext::from_headers(req.headers());
     let client_upgrade = if req.headers().contains_key(header::UPGRADE) {
         Some(match req.extensions_mut().remove::<PendingUpgrade>() {
             Some(pending) => ClientUpgrade::Http1(pending.take()),
@@ -76,6 +81,7 @@ pub async fn handle(
         method: req.method().clone(),
         uri: req.uri().clone(),
         request_id,
+        trace,
         // Stays 499 (nginx's "client closed request") if the client leaves before a head.
         status: 499,
         runtime: rt.clone(),

@@ -234,6 +234,7 @@ fn forward(parts: &Parts, data: &[u8]) {
     let peer: IpAddr = PEERS[seed % PEERS.len()].parse().unwrap();
     let client = client_ip(peer, &parts.headers, trusted()).to_string();
     let upgrade = headers::requested_upgrade(parts);
+    let trace = balancer::proxy::trace::TraceContext::from_headers(&parts.headers);
     let backend: Authority = "127.0.0.1:9000".parse().unwrap();
     for (preserve_host, version) in [(true, parts.version), (false, Version::HTTP_2)] {
         // The same head as if it had come over HTTP/2 (Cookie joining).
@@ -243,6 +244,7 @@ fn forward(parts: &Parts, data: &[u8]) {
             client_ip: &client,
             proto: if seed % 2 == 0 { "http" } else { "https" },
             request_id: &request_id,
+            trace: &trace,
             host: host.as_ref(),
             preserve_host,
             backend: &backend,
@@ -290,6 +292,7 @@ fn forwarded_headers(head: &[u8]) -> HeaderMap {
 fn assert_forwardable(parts: &Parts, h: &HeaderMap, fwd: &Forwarded<'_>) {
     assert_eq!(h.get_all(header::HOST).iter().count(), 1, "Host: {h:?}");
     assert_eq!(h.get_all("x-request-id").iter().collect::<Vec<_>>(), [fwd.request_id]);
+    assert_eq!(h.get_all("traceparent").iter().count(), 1, "traceparent: {h:?}");
     let xff = h.get("x-forwarded-for").expect("x-forwarded-for").to_str().expect("x-forwarded-for is text");
     assert!(xff.rsplit(", ").next() == Some(fwd.client_ip), "x-forwarded-for {xff:?}");
     assert_eq!(h.get_all("x-forwarded-proto").iter().collect::<Vec<_>>(), [fwd.proto]);
@@ -306,8 +309,16 @@ fn assert_forwardable(parts: &Parts, h: &HeaderMap, fwd: &Forwarded<'_>) {
     }
     // Every header the client's Connection names (as text) stays behind, unless it is
     // one balancer sets itself.
-    let own =
-        ["host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id", "connection", "upgrade"];
+    let own = [
+        "host",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-request-id",
+        "traceparent",
+        "connection",
+        "upgrade",
+    ];
     for v in parts.headers.get_all(header::CONNECTION) {
         let Ok(s) = v.to_str() else { continue };
         for token in s.split(',').map(str::trim).filter(|t| !t.is_empty()) {

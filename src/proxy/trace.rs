@@ -1,0 +1,199 @@
+//! W3C trace context (`traceparent`, `tracestate`): a valid incoming `traceparent` is
+//! continued with balancer's own span as the parent (same trace id, a new parent id, the
+//! flags kept) and its `tracestate` passed on; without one, or with a malformed one,
+//! balancer starts a trace (a random trace id, sampled) and drops any `tracestate`, which
+//! belonged to a trace no longer continued.
+//!
+//! A context is 58 bytes on the stack: parsing, making ids and writing the header allocate
+//! nothing.
+
+use std::cell::Cell;
+use std::hash::{BuildHasher, RandomState};
+
+use http::HeaderMap;
+use http::header::HeaderName;
+
+pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+pub static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+
+/// The context sent to the backend: `00-{trace_id}-{span_id}-{flags}`, as lower-case hex.
+#[derive(Clone, Copy, Debug)]
+pub struct TraceContext {
+    trace_id: [u8; 32],
+    /// Balancer's own span: the backend's parent.
+    span_id: [u8; 16],
+    flags: [u8; 2],
+    /// The client sent a valid `traceparent`: this continues its trace, and its
+    /// `tracestate` goes along.
+    pub continued: bool,
+}
+
+impl TraceContext {
+    /// Continues the client's trace when its `traceparent` is valid, else starts one.
+    pub fn from_headers(headers: &HeaderMap) -> TraceContext {
+        let mut all = headers.get_all(&TRACEPARENT).iter();
+        let parent = match (all.next(), all.next()) {
+            (Some(v), None) => parse(v.as_bytes()),
+            // None, or several: not a trace to continue.
+            _ => None,
+        };
+        let span_id = hex16(nonzero_random());
+        match parent {
+            Some((trace_id, flags)) => TraceContext { trace_id, span_id, flags, continued: true },
+            None => {
+                let mut trace_id = [0u8; 32];
+                trace_id[..16].copy_from_slice(&hex16(nonzero_random()));
+                trace_id[16..].copy_from_slice(&hex16(random()));
+                TraceContext { trace_id, span_id, flags: *b"01", continued: false }
+            }
+        }
+    }
+
+    /// The trace id, 32 lower-case hex digits (for the access log).
+    pub fn trace_id(&self) -> &str {
+        std::str::from_utf8(&self.trace_id).unwrap_or("-")
+    }
+
+    /// Balancer's span id, 16 lower-case hex digits.
+    pub fn span_id(&self) -> &str {
+        std::str::from_utf8(&self.span_id).unwrap_or("-")
+    }
+
+    /// Appends `traceparent: 00-...\r\n`.
+    pub fn write_field(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"traceparent: 00-");
+        out.extend_from_slice(&self.trace_id);
+        out.push(b'-');
+        out.extend_from_slice(&self.span_id);
+        out.push(b'-');
+        out.extend_from_slice(&self.flags);
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// The trace id and flags of a valid `traceparent` (W3C Trace Context, level 1 section
+/// 3.2): `version-traceid-parentid-flags` in lower-case hex; version `ff` is invalid; a
+/// version above `00` is read as `00` where it may carry more after a `-`; all-zero ids
+/// are invalid.
+fn parse(v: &[u8]) -> Option<([u8; 32], [u8; 2])> {
+    if v.len() < 55 {
+        return None;
+    }
+    let (version, rest) = (&v[..2], &v[2..]);
+    if !lower_hex(version) || version == b"ff" {
+        return None;
+    }
+    let exact = version == b"00";
+    if (exact && v.len() != 55) || (!exact && v.len() > 55 && v[55] != b'-') {
+        return None;
+    }
+    if rest[0] != b'-' || rest[33] != b'-' || rest[50] != b'-' {
+        return None;
+    }
+    let (trace, parent, flags) = (&rest[1..33], &rest[34..50], &rest[51..53]);
+    if !lower_hex(trace) || !lower_hex(parent) || !lower_hex(flags) {
+        return None;
+    }
+    if trace.iter().all(|&b| b == b'0') || parent.iter().all(|&b| b == b'0') {
+        return None;
+    }
+    Some((trace.try_into().ok()?, flags.try_into().ok()?))
+}
+
+fn lower_hex(s: &[u8]) -> bool {
+    s.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+fn hex16(mut n: u64) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    for b in out.iter_mut().rev() {
+        *b = b"0123456789abcdef"[(n & 0xf) as usize];
+        n >>= 4;
+    }
+    out
+}
+
+/// 64 random bits from a per-thread generator (SplitMix64 over a randomly seeded state):
+/// ids need to be unique, not secret, and a lock or a syscall per request costs more.
+fn random() -> u64 {
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new(RandomState::new().hash_one(std::thread::current().id()));
+    }
+    STATE.with(|s| {
+        let x = s.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
+        s.set(x);
+        let mut z = x;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    })
+}
+
+fn nonzero_random() -> u64 {
+    random().max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    const VALID: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    fn ctx(values: &[&str]) -> TraceContext {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append(&TRACEPARENT, HeaderValue::from_str(v).unwrap());
+        }
+        TraceContext::from_headers(&h)
+    }
+
+    fn written(c: &TraceContext) -> String {
+        let mut out = Vec::new();
+        c.write_field(&mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn a_valid_parent_is_continued_with_a_new_span() {
+        let c = ctx(&[VALID]);
+        assert!(c.continued);
+        assert_eq!(c.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_ne!(c.span_id(), "00f067aa0ba902b7");
+        assert_eq!(written(&c), format!("traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-{}-01\r\n", c.span_id()));
+        assert!(written(&ctx(&[&VALID.replace("-01", "-00")])).ends_with("-00\r\n"), "flags kept");
+        // A later version is read as 00 and sent as 00.
+        let c = ctx(&[&format!("{}-extra", VALID.replacen("00", "cc", 1))]);
+        assert!(c.continued && written(&c).starts_with("traceparent: 00-4bf92f"));
+    }
+
+    #[test]
+    fn malformed_parents_start_a_new_trace() {
+        let bad = [
+            VALID.replacen("00", "ff", 1),                                      // version ff
+            VALID.replacen("00", "0g", 1),                                      // non-hex version
+            format!("{VALID}-"),                                                // 00 with more
+            VALID[..54].to_owned(),                                             // short
+            VALID.replace("4bf92f", "4bf92"),                                   // short trace id
+            VALID.replace("00f067", "00f0670"),                                 // long parent id
+            VALID.replace("4bf92f", "4BF92F"),                                  // upper case
+            VALID.replace("4bf92f3577b34da6a3ce929d0e0e4736", &"0".repeat(32)), // zero trace
+            VALID.replace("00f067aa0ba902b7", &"0".repeat(16)),                 // zero parent
+            VALID.replace("-01", "-0x"),                                        // bad flags
+            VALID.replace('-', "_"),                                            // separators
+            VALID.replacen("00", "cc", 1) + "x",                                // later version, no '-'
+        ];
+        for b in &bad {
+            let c = ctx(&[b]);
+            assert!(!c.continued, "{b} was accepted");
+            assert_ne!(c.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
+            assert!(c.trace_id().len() == 32 && lower_hex(c.trace_id().as_bytes()));
+            assert!(written(&c).ends_with("-01\r\n"));
+        }
+        assert!(!ctx(&[VALID, VALID]).continued, "two traceparent fields");
+        let (a, b) = (ctx(&[]), ctx(&[]));
+        assert!(!a.continued);
+        assert_ne!(a.trace_id(), b.trace_id());
+        assert_ne!(a.span_id(), b.span_id());
+    }
+}
