@@ -76,33 +76,34 @@ impl TraceContext {
 /// version above `00` is read as `00` where it may carry more after a `-`; all-zero ids
 /// are invalid.
 fn parse(v: &[u8]) -> Option<([u8; 32], [u8; 2])> {
-    if v.len() < 55 {
-        return None;
-    }
-    let (version, rest) = (&v[..2], &v[2..]);
-    if !lower_hex(version) || version == b"ff" {
-        return None;
-    }
+    let head: &[u8; 55] = v.get(..55)?.try_into().ok()?;
+    let version = &head[..2];
     let exact = version == b"00";
-    if (exact && v.len() != 55) || (!exact && v.len() > 55 && v[55] != b'-') {
+    if version == b"ff" || (exact && v.len() != 55) || (!exact && v.len() > 55 && v[55] != b'-') {
         return None;
     }
-    if rest[0] != b'-' || rest[33] != b'-' || rest[50] != b'-' {
+    // One pass without branches: '-' at 2, 35 and 52, lower-case hex everywhere else.
+    let mut bad = false;
+    for (i, &b) in head.iter().enumerate() {
+        bad |= if matches!(i, 2 | 35 | 52) { b != b'-' } else { !LOWER_HEX[usize::from(b)] };
+    }
+    let (trace, parent) = (&head[3..35], &head[36..52]);
+    if bad || trace == [b'0'; 32] || parent == [b'0'; 16] {
         return None;
     }
-    let (trace, parent, flags) = (&rest[1..33], &rest[34..50], &rest[51..53]);
-    if !lower_hex(trace) || !lower_hex(parent) || !lower_hex(flags) {
-        return None;
-    }
-    if trace.iter().all(|&b| b == b'0') || parent.iter().all(|&b| b == b'0') {
-        return None;
-    }
-    Some((trace.try_into().ok()?, flags.try_into().ok()?))
+    Some((trace.try_into().ok()?, [head[53], head[54]]))
 }
 
-fn lower_hex(s: &[u8]) -> bool {
-    s.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-}
+/// Which bytes are lower-case hex digits (upper case is invalid in `traceparent`).
+const LOWER_HEX: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        table[b] = matches!(b as u8, b'0'..=b'9' | b'a'..=b'f');
+        b += 1;
+    }
+    table
+};
 
 fn hex16(mut n: u64) -> [u8; 16] {
     let mut out = [0u8; 16];
@@ -137,6 +138,10 @@ fn nonzero_random() -> u64 {
 mod tests {
     use super::*;
     use http::HeaderValue;
+
+    fn lower_hex(s: &[u8]) -> bool {
+        s.iter().all(|&b| LOWER_HEX[usize::from(b)])
+    }
 
     const VALID: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
