@@ -134,17 +134,23 @@ const STICKY: &str = "[upstreams.app.sticky]\ncookie = \"lb\"\nsecret = \"hunter
 #[tokio::test]
 async fn admin_config_shows_the_running_config_with_secrets_hidden() {
     let up = Upstream::start("a").await;
-    let b = Balancer::start(&config_with_admin(&[up.addr], STICKY), &["--set", "upstreams.app.retries=3"]);
+    // A store that is not there: balancer starts anyway, and its password is a secret.
+    let store = "[limit_store]\nurl = \"redis://app:hunter3@127.0.0.1:1/0\"\n";
+    let b = Balancer::start(
+        &config_with_admin(&[up.addr], &format!("{STICKY}{store}")),
+        &["--set", "upstreams.app.retries=3"],
+    );
     let admin = b.admin();
     let r = get(admin, "/config").await;
     assert_eq!(r.status, 200);
     assert_eq!(r.header("content-type"), Some("application/toml; charset=utf-8"));
     assert_eq!(r.header("x-balancer-generation"), Some("1"));
     let text = r.text();
-    assert!(!text.contains("hunter2"), "the secret leaked:\n{text}");
+    assert!(!text.contains("hunter2") && !text.contains("hunter3"), "a secret leaked:\n{text}");
     let t: toml::Table = toml::from_str(&text).unwrap_or_else(|e| panic!("not TOML ({e}):\n{text}"));
     let app = &t["upstreams"]["app"];
     assert_eq!(app["sticky"]["secret"].as_str(), Some("***"));
+    assert_eq!(t["limit_store"]["url"].as_str(), Some("redis://app:***@127.0.0.1:1/0"));
     assert_eq!(app["sticky"]["cookie"].as_str(), Some("lb"));
     assert_eq!(app["retries"].as_integer(), Some(3), "command-line overrides are part of it");
     assert_eq!(app["backends"][0].as_str(), Some(format!("http://{}", up.addr).as_str()));
