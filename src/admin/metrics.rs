@@ -16,7 +16,7 @@ pub struct RuntimeCollector(pub SharedRuntime);
 
 impl prometheus_client::collector::Collector for RuntimeCollector {
     fn encode(&self, mut enc: prometheus_client::encoding::DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        use prometheus_client::encoding::{EncodeMetric, NoLabelSet};
+        use prometheus_client::encoding::EncodeMetric;
         use prometheus_client::metrics::MetricType;
         use prometheus_client::metrics::counter::ConstCounter;
         use prometheus_client::metrics::gauge::ConstGauge;
@@ -46,18 +46,13 @@ impl prometheus_client::collector::Collector for RuntimeCollector {
             }
         }
 
-        let mut family = enc.encode_descriptor(
+        upstream_histogram(
+            &mut enc,
+            &rt,
             "balancer_request_duration_seconds",
             "Time from request head to the end of the response body, by upstream.",
-            None,
-            MetricType::Histogram,
+            |up| &up.stats.durations,
         )?;
-        for up in &rt.upstreams {
-            let (sum, count, buckets) = up.stats.durations.snapshot();
-            family
-                .encode_family(&[("upstream", up.name.as_str())])?
-                .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
-        }
 
         let mut family = enc.encode_descriptor(
             "balancer_queue_depth",
@@ -69,18 +64,13 @@ impl prometheus_client::collector::Collector for RuntimeCollector {
             ConstGauge::new(up.queue.depth() as i64)
                 .encode(family.encode_family(&[("upstream", up.name.as_str())])?)?;
         }
-        let mut family = enc.encode_descriptor(
+        upstream_histogram(
+            &mut enc,
+            &rt,
             "balancer_queue_wait_seconds",
             "How long requests that got a backend slot waited in the queue, by upstream.",
-            None,
-            MetricType::Histogram,
+            |up| &up.queue.waits,
         )?;
-        for up in &rt.upstreams {
-            let (sum, count, buckets) = up.queue.waits.snapshot();
-            family
-                .encode_family(&[("upstream", up.name.as_str())])?
-                .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
-        }
         let mut family = enc.encode_descriptor(
             "balancer_queue_rejected",
             "Requests answered 503 by the queue, by upstream and reason (full, timeout).",
@@ -182,4 +172,23 @@ impl prometheus_client::collector::Collector for RuntimeCollector {
         ConstGauge::new(m.parked_connections.load(Relaxed)).encode(family)?;
         Ok(())
     }
+}
+
+/// One histogram family with a series per upstream.
+fn upstream_histogram(
+    enc: &mut prometheus_client::encoding::DescriptorEncoder<'_>,
+    rt: &crate::runtime::Runtime,
+    name: &str,
+    help: &str,
+    of: impl Fn(&crate::runtime::Upstream) -> &crate::metrics::LatencyHistogram,
+) -> Result<(), std::fmt::Error> {
+    use prometheus_client::encoding::NoLabelSet;
+    let mut family = enc.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Histogram)?;
+    for up in &rt.upstreams {
+        let (sum, count, buckets) = of(up).snapshot();
+        family
+            .encode_family(&[("upstream", up.name.as_str())])?
+            .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
+    }
+    Ok(())
 }
