@@ -31,7 +31,8 @@ pub struct TraceContext {
 impl TraceContext {
     /// Continues the client's trace when its `traceparent` is valid, else starts one.
     pub fn from_headers(headers: &HeaderMap) -> TraceContext {
-        let mut all = headers.get_all(&TRACEPARENT).iter();
+        // A scan of the few fields a request has costs less than a hashed lookup.
+        let mut all = headers.iter().filter(|(name, _)| **name == TRACEPARENT).map(|(_, v)| v);
         let parent = match (all.next(), all.next()) {
             (Some(v), None) => parse(v.as_bytes()),
             // None, or several: not a trace to continue.
@@ -105,11 +106,22 @@ const LOWER_HEX: [bool; 256] = {
     table
 };
 
-fn hex16(mut n: u64) -> [u8; 16] {
+/// Each byte's two lower-case hex digits.
+const HEX_PAIRS: [[u8; 2]; 256] = {
+    let digits = b"0123456789abcdef";
+    let mut table = [[0u8; 2]; 256];
+    let mut b = 0;
+    while b < 256 {
+        table[b] = [digits[b >> 4], digits[b & 0xf]];
+        b += 1;
+    }
+    table
+};
+
+fn hex16(n: u64) -> [u8; 16] {
     let mut out = [0u8; 16];
-    for b in out.iter_mut().rev() {
-        *b = b"0123456789abcdef"[(n & 0xf) as usize];
-        n >>= 4;
+    for (pair, byte) in out.chunks_exact_mut(2).zip(n.to_be_bytes()) {
+        pair.copy_from_slice(&HEX_PAIRS[usize::from(byte)]);
     }
     out
 }
