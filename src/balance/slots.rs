@@ -65,8 +65,9 @@ impl Candidates<'_> {
         None
     }
 
-    /// Every backend is full (or others wait already): waits in the queue.
-    async fn wait(&self, affinity: Affinity, accept: &(dyn Fn(usize) -> bool + Sync)) -> Result<Slot, NoSlot> {
+    /// Every backend is full (or others wait already): waits in the queue. For a request
+    /// that [`Candidates::take`] answered `None`.
+    pub async fn wait(&self, affinity: Affinity, accept: &(dyn Fn(usize) -> bool + Sync)) -> Result<Slot, NoSlot> {
         let any_up =
             self.backends.iter().enumerate().any(|(i, b)| accept(i) && b.admission(self.passive) != Admission::Closed);
         if !any_up {

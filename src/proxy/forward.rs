@@ -71,7 +71,7 @@ pub async fn forward(
         let untried = |i| !tried.contains(i);
         let mut slot = match candidates.take(affinity, &untried) {
             Some(taken) => taken,
-            None => candidates.acquire(affinity, &untried).await,
+            None => candidates.wait(affinity, &untried).await,
         };
         if matches!(slot, Err(NoSlot::NoHealthy)) && last_error.is_some() {
             slot = candidates.acquire(affinity, &|_| true).await;
