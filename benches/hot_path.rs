@@ -23,7 +23,7 @@ fn backends(n: usize) -> Vec<Arc<Backend>> {
         .map(|i| {
             let auth: http::uri::Authority =
                 format!("10.{}.{}.{}:8000", i >> 16, (i >> 8) & 255, i & 255).parse().unwrap();
-            Arc::new(Backend::new("bench", &format!("http://{auth}"), auth, pool, None))
+            Arc::new(Backend::new("bench", &format!("http://{auth}"), auth, None, pool, None))
         })
         .collect()
 }
@@ -81,7 +81,14 @@ fn slots(c: &mut Criterion) {
         let queue = Arc::new(SlotQueue::default());
         queue.configure(cap, Some((100, Duration::from_secs(5))));
         bs.iter().for_each(|b| b.set_queue((cap > 0).then(|| queue.clone())));
-        let candidates = Candidates { balancer: &rr, backends: &bs, passive: &passive, cap, queue: &queue };
+        let candidates = Candidates {
+            balancer: &rr,
+            backends: &bs,
+            passive: &passive,
+            cap,
+            queue: &queue,
+            slow_start: Duration::ZERO,
+        };
         let name = if cap == 0 { "no_cap" } else { "cap_nobody_waits" };
         g.bench_function(name, |b| {
             b.iter(|| {

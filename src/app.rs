@@ -24,7 +24,7 @@ pub enum AppError {
 /// Runs balancer until SIGTERM or SIGINT, then drains within `shutdown_grace`.
 /// Client connections are served on `workers`; everything else runs where this is awaited.
 pub async fn run(loaded: Loaded, source: ConfigSource, log: LogHandle, workers: Workers) -> Result<(), AppError> {
-    let rt = runtime::build(loaded.config, None, 1);
+    let rt = runtime::build(loaded.config, None, 1, Default::default());
     *rt.metrics.last_reload.lock().expect("last_reload lock") = LastReload::now(Ok(()));
     if rt.config.routes.is_empty() && rt.upstreams.len() > 1 {
         tracing::warn!("there are several upstreams and no [[routes]]: every request will get 404");
@@ -40,7 +40,7 @@ pub async fn run(loaded: Loaded, source: ConfigSource, log: LogHandle, workers: 
 
     let stop = CancellationToken::new();
     let checks = CancellationToken::new();
-    runtime.load().spawn_health_checks(&checks);
+    runtime.load().spawn_health_checks(&checks, None);
     runtime.load().spawn_limit_store(&checks);
     let (handle, requests) = reload::channel();
     let admin_stop = CancellationToken::new();
@@ -114,9 +114,8 @@ async fn release_parked_memory(runtime: SharedRuntime, stop: CancellationToken) 
 }
 
 fn log_upstreams(rt: &Runtime) {
-    for up in &rt.upstreams {
-        let backends: Vec<String> =
-            up.backends.iter().zip(&up.weights).map(|(b, w)| format!("{} (weight {w})", b.url)).collect();
+    for up in &rt.config.upstreams {
+        let backends: Vec<String> = up.backends.iter().map(|b| format!("{} (weight {})", b.url, b.weight)).collect();
         tracing::info!(upstream = %up.name, strategy = %up.strategy, backends = %backends.join(", "), "upstream");
     }
 }

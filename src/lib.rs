@@ -18,6 +18,7 @@ pub mod balance;
 pub mod cli;
 pub mod config;
 pub mod diff;
+pub(crate) mod discovery;
 pub(crate) mod host;
 pub mod http1;
 pub mod limit;

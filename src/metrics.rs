@@ -107,6 +107,9 @@ pub struct UpstreamStats {
     pub unattributed: StatusCounts,
     /// Requests and retries of the last 10 s, for `retry_budget`.
     pub retry_window: RetryWindow,
+    /// Lookups of this upstream's backend host names that failed or found no address;
+    /// shared with the DNS task.
+    pub dns_failures: std::sync::Arc<AtomicU64>,
 }
 
 /// Requests and retries over the last [`RetryWindow::SECONDS`] seconds, in one-second

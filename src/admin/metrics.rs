@@ -84,6 +84,19 @@ impl prometheus_client::collector::Collector for RuntimeCollector {
             }
         }
 
+        let mut family = enc.encode_descriptor(
+            "balancer_dns_failures",
+            "Lookups of backend host names that failed or found no address, by upstream.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (up, cfg) in rt.upstreams.iter().zip(&rt.config.upstreams) {
+            if cfg.backends.iter().any(|b| b.name.is_some()) {
+                ConstCounter::new(up.stats.dns_failures.load(Relaxed))
+                    .encode(family.encode_family(&[("upstream", up.name.as_str())])?)?;
+            }
+        }
+
         // One family per backend property, each labelled by upstream and backend.
         let per_backend: [BackendFamily; 5] = [
             (

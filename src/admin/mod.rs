@@ -140,6 +140,7 @@ impl Admin {
                         .zip(&u.weights)
                         .map(|(b, &weight)| BackendStatus {
                             url: b.url.to_string(),
+                            name: b.name.as_deref().map(str::to_owned),
                             weight,
                             healthy: b.is_healthy(),
                             inflight: b.inflight(),
@@ -186,6 +187,9 @@ struct UpstreamStatus {
 #[derive(Serialize)]
 struct BackendStatus {
     url: String,
+    /// The host name the address in `url` was found under (SPEC 12); absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<String>,
     weight: u32,
     healthy: bool,
     inflight: usize,

@@ -3,7 +3,7 @@
 //! One task per backend; their first checks are spread evenly over one interval so a
 //! large upstream does not burst. The consecutive-result counters live in the task; the
 //! only shared state is the backend's up/down flag. Tasks stop when their token is
-//! cancelled (a reload starts new ones).
+//! cancelled (a reload starts new ones) or their backend is retired (gone by DNS).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,6 +35,9 @@ async fn check_loop(backend: Arc<Backend>, hc: HealthCheckConfig, offset: Durati
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = ticker.tick() => {}
+        }
+        if backend.is_retired() {
+            return;
         }
         let outcome = tokio::select! {
             _ = stop.cancelled() => return,

@@ -38,8 +38,18 @@ pub struct Backend {
     /// The URL as written in the config, for logs, metrics and `/status`.
     pub url: Arc<str>,
     pub upstream: Arc<str>,
-    /// `host:port`, always with the port.
+    /// `host:port`, always with the port: the `Host` sent (with `preserve_host = false`)
+    /// and the TLS server name. For a backend found by DNS, the name's, not the address's.
     pub authority: Authority,
+    /// The host name this backend's address was found under (SPEC 12); `None` for an IP
+    /// literal in the config.
+    pub name: Option<Arc<str>>,
+    /// When it last joined its upstream or came back up ([`clock`] + 1), while its share
+    /// still grows under `slow_start`; 0 once it has all of it.
+    ramp_since: AtomicU64,
+    /// Gone from its upstream (by reload or DNS): its checker stops and its connections
+    /// are not pooled again. Requests already on it finish.
+    retired: AtomicBool,
     /// Written by the active checker (true when none is configured), read by pickers.
     active_up: AtomicBool,
     /// Written by the request path on failures and successes, read by pickers.
@@ -71,13 +81,24 @@ pub struct Backend {
 }
 
 impl Backend {
-    /// `tls` is set for an `https://` backend.
-    pub fn new(upstream: &str, url: &str, authority: Authority, pool: PoolConfig, tls: Option<BackendTls>) -> Backend {
+    /// `tls` is set for an `https://` backend. `found` is the host name and the address it
+    /// resolved to, for a backend found by DNS; connections then go to the address.
+    pub fn new(
+        upstream: &str,
+        url: &str,
+        authority: Authority,
+        found: Option<(Arc<str>, std::net::SocketAddr)>,
+        pool: PoolConfig,
+        tls: Option<BackendTls>,
+    ) -> Backend {
         Backend {
             url: url.into(),
             upstream: upstream.into(),
-            pool: Arc::new(Pool::new(authority.clone(), pool, tls)),
+            pool: Arc::new(Pool::new(authority.clone(), found.as_ref().map(|f| f.1), pool, tls)),
             authority,
+            name: found.map(|f| f.0),
+            ramp_since: AtomicU64::new(0),
+            retired: AtomicBool::new(false),
             active_up: AtomicBool::new(true),
             passive: PassiveState::default(),
             inflight: AtomicUsize::new(0),
@@ -119,11 +140,46 @@ impl Backend {
         if self.active_up.swap(up, Relaxed) != up {
             self.reindex();
             if up {
+                self.start_ramp();
                 tracing::info!(upstream = %self.upstream, backend = %self.url, reason, "backend up: active checks pass");
             } else {
                 tracing::warn!(upstream = %self.upstream, backend = %self.url, reason, "backend down: active checks fail");
             }
         }
+    }
+
+    /// Starts the slow-start ramp: the backend just joined its upstream or came back up.
+    pub fn start_ramp(&self) {
+        self.ramp_since.store(clock() + 1, Relaxed);
+    }
+
+    /// The share of its weight this backend takes at `now` ([`clock`]) under `slow_start`:
+    /// from 0.1 when it joined or came back up to 1 when `slow_start` has passed. `None`:
+    /// the whole of it (and the ramp is forgotten, so later picks read one atomic).
+    #[inline]
+    pub fn ramp_share(&self, now: u64, slow_start: std::time::Duration) -> Option<f64> {
+        let since = self.ramp_since.load(Relaxed);
+        if since == 0 {
+            return None;
+        }
+        let elapsed = now.saturating_sub(since - 1) as f64 / slow_start.as_nanos().max(1) as f64;
+        if elapsed >= 1.0 {
+            // Unless a new ramp started meanwhile.
+            let _ = self.ramp_since.compare_exchange(since, 0, Relaxed, Relaxed);
+            return None;
+        }
+        Some(0.1 + 0.9 * elapsed)
+    }
+
+    /// Takes the backend out of service for good (gone from its upstream): its checker
+    /// stops at its next tick and its idle connections are closed now.
+    pub fn retire(&self) {
+        self.retired.store(true, Relaxed);
+        self.pool.close_idle();
+    }
+
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Relaxed)
     }
 
     /// Forgets passive failures (passive checks were turned off).
@@ -218,6 +274,7 @@ impl Backend {
     /// A response head arrived; `trial`: this request was the passive trial.
     pub fn record_response(&self, trial: bool) {
         if self.passive.on_success(trial) == Some(Transition::Recovered) {
+            self.start_ramp();
             // Back in the index now, not when the trial's response (perhaps a long stream
             // or a tunnel) ends.
             self.reindex();

@@ -22,6 +22,11 @@ use rustls::pki_types::ServerName;
 #[derive(Debug)]
 pub struct Pool {
     authority: Authority,
+    /// Where connections go when the backend was found by DNS (`authority` is then the
+    /// name's, for the TLS server name); `None`: `authority` itself.
+    address: Option<std::net::SocketAddr>,
+    /// Set when the backend is retired: released connections are closed, not kept.
+    closed: std::sync::atomic::AtomicBool,
     /// Connections opened so far (pooled or not): requests per opened connection is the
     /// reuse rate.
     opened: AtomicU64,
@@ -76,8 +81,27 @@ pub enum ConnectError {
 
 impl Pool {
     /// A pool for the backend at `authority`; `tls` is set for an `https://` backend.
-    pub fn new(authority: Authority, config: PoolConfig, tls: Option<BackendTls>) -> Pool {
-        Pool { authority, opened: AtomicU64::new(0), inner: Mutex::new(PoolInner { config, tls, idle: Vec::new() }) }
+    /// `address`: where to connect instead of `authority`, for a backend found by DNS.
+    pub fn new(
+        authority: Authority,
+        address: Option<std::net::SocketAddr>,
+        config: PoolConfig,
+        tls: Option<BackendTls>,
+    ) -> Pool {
+        Pool {
+            authority,
+            address,
+            closed: Default::default(),
+            opened: AtomicU64::new(0),
+            inner: Mutex::new(PoolInner { config, tls, idle: Vec::new() }),
+        }
+    }
+
+    /// Closes every idle connection and keeps none from now on (the backend is retired).
+    pub fn close_idle(&self) {
+        self.closed.store(true, Relaxed);
+        let idle = std::mem::take(&mut self.inner.lock().expect("pool lock").idle);
+        drop(idle);
     }
 
     /// Applies a reloaded upstream's settings; idle connections are kept.
@@ -142,8 +166,11 @@ impl Pool {
         // An IPv6 literal comes bracketed in a URL; the resolver wants the address alone.
         let host = self.authority.host().trim_start_matches('[').trim_end_matches(']');
         let port = self.authority.port_u16().unwrap_or(if tls.is_some() { 443 } else { 80 });
-        let stream = TcpStream::connect((host, port))
-            .await
+        let connected = match self.address {
+            Some(address) => TcpStream::connect(address).await,
+            None => TcpStream::connect((host, port)).await,
+        };
+        let stream = connected
             .map_err(|e| if is_local_exhaustion(&e) { ConnectError::Local(e) } else { ConnectError::Io(e) })?;
         self.opened.fetch_add(1, Relaxed);
         stream.set_nodelay(true)?;
@@ -167,7 +194,7 @@ impl Pool {
     pub fn release(&self, conn: Conn) {
         let mut inner = self.inner.lock().expect("pool lock");
         let cfg = inner.config;
-        if cfg.keepalive == 0 {
+        if cfg.keepalive == 0 || self.closed.load(Relaxed) {
             return;
         }
         let now = Instant::now();

@@ -83,8 +83,9 @@ impl Balancer for LeastLatency {
     }
 }
 
-/// A random number from a per-thread xorshift64, seeded from std's random hasher keys.
-fn random() -> u64 {
+/// A random number from a per-thread xorshift64, seeded from std's random hasher keys
+/// (also the slow-start dice).
+pub(super) fn random() -> u64 {
     thread_local!(static STATE: Cell<u64> = const { Cell::new(0) });
     STATE.with(|s| {
         let mut x = s.get();

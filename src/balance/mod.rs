@@ -72,7 +72,7 @@ pub(crate) mod tests {
         (0..n)
             .map(|i| {
                 let auth: http::uri::Authority = format!("127.0.0.1:{}", 1000 + i).parse().unwrap();
-                Arc::new(Backend::new("test", &format!("http://{auth}"), auth, pool, None))
+                Arc::new(Backend::new("test", &format!("http://{auth}"), auth, None, pool, None))
             })
             .collect()
     }

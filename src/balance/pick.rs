@@ -3,6 +3,7 @@
 //! ejection cap keeps passive checks from emptying an upstream.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::{Affinity, Balancer};
 use crate::backend::{Admission, Backend};
@@ -10,13 +11,15 @@ use crate::config::PassiveConfig;
 
 /// A backend that `accept` allows and health admits: the one the request is pinned to
 /// while it is open, else `balancer`'s. A backend that is out but due a trial is only
-/// returned to the request that claims it. Returns the backend's index, and whether this
-/// request is its passive trial.
+/// returned to the request that claims it. A backend still ramping up under `slow_start`
+/// is passed over in proportion to what it does not take yet, unless nothing else would
+/// do. Returns the backend's index, and whether this request is its passive trial.
 pub fn pick(
     balancer: &dyn Balancer,
     backends: &[Arc<Backend>],
     passive: &PassiveConfig,
     affinity: Affinity,
+    slow_start: Duration,
     mut accept: impl FnMut(usize) -> bool,
 ) -> Option<(usize, bool)> {
     if let Some(p) = affinity.pinned
@@ -26,27 +29,79 @@ pub fn pick(
         return Some((p, false));
     }
     let mut lost_trials: Vec<usize> = Vec::new();
+    let mut ramp = Ramp::new(slow_start, affinity.hash);
     loop {
         // The trial offers seen during this scan: (backend, stamp to claim with).
         let mut offers: Vec<(usize, u64)> = Vec::new();
+        let mut held_back = false;
         let idx = balancer.pick(backends, affinity.hash, &mut |i, b| {
             if lost_trials.contains(&i) || !accept(i) {
                 return false;
             }
-            match b.admission(passive) {
-                Admission::Open => true,
-                Admission::Trial(seen) => {
-                    offers.push((i, seen));
-                    true
-                }
-                Admission::Closed => false,
+            let admission = b.admission(passive);
+            if admission == Admission::Closed {
+                return false;
             }
-        })?;
+            if admission == Admission::Open && ramp.holds_back(b) {
+                held_back = true;
+                return false;
+            }
+            if let Admission::Trial(seen) = admission {
+                offers.push((i, seen));
+            }
+            true
+        });
+        let Some(idx) = idx else {
+            if held_back {
+                // Only ramping backends would do: better one of them than none.
+                ramp = Ramp::off();
+                continue;
+            }
+            return None;
+        };
         match offers.iter().find(|(i, _)| *i == idx) {
             None => return Some((idx, false)),
             Some(&(_, seen)) if backends[idx].claim_trial(seen) => return Some((idx, true)),
             Some(_) => lost_trials.push(idx),
         }
+    }
+}
+
+/// Slow start as a pick sees it: a backend at share `s` of its weight is passed over
+/// unless this request's dice (a number in [0, 1)) falls under `s`, so it takes about
+/// `s` of the requests the strategy would give it. Under consistent-hash the dice is the
+/// request's key, so a growing set of the backend's keys moves to it, each once.
+struct Ramp {
+    slow_start: Duration,
+    hash: u64,
+    /// The dice and the time, taken at the first ramping backend met.
+    rolled: Option<(f64, u64)>,
+}
+
+impl Ramp {
+    fn new(slow_start: Duration, hash: u64) -> Ramp {
+        Ramp { slow_start, hash, rolled: None }
+    }
+
+    fn off() -> Ramp {
+        Ramp::new(Duration::ZERO, 0)
+    }
+
+    #[inline]
+    fn holds_back(&mut self, b: &Backend) -> bool {
+        if self.slow_start.is_zero() {
+            return false;
+        }
+        let (dice, now) = *self.rolled.get_or_insert_with(|| {
+            // The key's hash mixed again: its position on the ring must not decide.
+            let bits = if self.hash != 0 {
+                (self.hash ^ (self.hash >> 31)).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            } else {
+                super::least_latency::random()
+            };
+            ((bits >> 11) as f64 / (1u64 << 53) as f64, crate::backend::clock())
+        });
+        b.ramp_share(now, self.slow_start).is_some_and(|share| dice >= share)
     }
 }
 
@@ -63,7 +118,6 @@ pub fn may_eject(backends: &[Arc<Backend>], idx: usize, max_ejected_percent: u32
 mod tests {
     use super::*;
     use crate::balance::tests::backends;
-    use std::time::Duration;
 
     #[test]
     fn the_cap_keeps_a_share_and_the_last_backend_in() {

@@ -37,6 +37,8 @@ pub struct Candidates<'u> {
     /// Requests in flight per backend; 0: no cap.
     pub cap: u32,
     pub queue: &'u SlotQueue,
+    /// `slow_start`: how long a new or recovered backend's share takes to grow.
+    pub slow_start: std::time::Duration,
 }
 
 impl Candidates<'_> {
@@ -54,7 +56,7 @@ impl Candidates<'_> {
     #[inline]
     pub fn take(&self, affinity: Affinity, accept: &(dyn Fn(usize) -> bool + Sync)) -> Option<Result<Slot, NoSlot>> {
         if self.cap == 0 {
-            return Some(match pick(self.balancer, self.backends, self.passive, affinity, accept) {
+            return Some(match pick(self.balancer, self.backends, self.passive, affinity, self.slow_start, accept) {
                 Some((index, trial)) => Ok(Slot { index, trial, guard: self.backends[index].begin() }),
                 None => Err(NoSlot::NoHealthy),
             });
@@ -99,7 +101,8 @@ impl Candidates<'_> {
         let cap = self.cap as usize;
         for _ in 0..self.backends.len() {
             let under_cap = |i: usize| accept(i) && self.backends[i].inflight() < cap;
-            let (index, trial) = pick(self.balancer, self.backends, self.passive, affinity, under_cap)?;
+            let (index, trial) =
+                pick(self.balancer, self.backends, self.passive, affinity, self.slow_start, under_cap)?;
             if let Some(guard) = self.backends[index].try_begin(self.cap) {
                 return Some(Slot { index, trial, guard });
             }

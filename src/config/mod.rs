@@ -78,6 +78,9 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// `[limit_store]`: where `shared` limits keep their buckets.
     pub limit_store: Option<LimitStoreConfig>,
+    /// `[resolver]`: the name servers backend host names are looked up on; empty: those
+    /// of `/etc/resolv.conf`.
+    pub nameservers: Vec<SocketAddr>,
     /// Every file this config reads besides itself (certificates, keys, CAs): a change to
     /// any of them is a reason to reload.
     pub files: Vec<PathBuf>,
@@ -151,6 +154,11 @@ pub struct UpstreamConfig {
     pub hash_key: Option<HashKey>,
     /// `[sticky]`: a cookie pins a client to a backend, under any strategy.
     pub sticky: Option<StickyConfig>,
+    /// How often the host names of `backends` are looked up again.
+    pub resolve_interval: Duration,
+    /// A new or recovered backend's share grows from a tenth of its weight to all of it
+    /// over this; zero: at once.
+    pub slow_start: Duration,
 }
 
 /// What consistent-hash hashes of a request (`hash_key`). A request without it is
@@ -200,8 +208,12 @@ pub struct BackendConfig {
     /// As written, for logs, metrics and `/status`.
     pub url: String,
     pub scheme: Scheme,
+    /// `host:port`: the `Host` sent (with `preserve_host = false`) and the TLS name.
     pub authority: Authority,
     pub weight: u32,
+    /// The host when it is a name, not an IP literal: the entry stands for every address
+    /// the name resolves to (SPEC 12).
+    pub name: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

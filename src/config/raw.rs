@@ -24,6 +24,17 @@ pub struct RawConfig {
     pub routes: Vec<RawRoute>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub limit_store: Option<RawLimitStore>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resolver: Option<RawResolver>,
+}
+
+/// `[resolver]`: where backend host names are looked up (default: `/etc/resolv.conf`).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawResolver {
+    /// `ip` or `ip:port` (port 53 by default).
+    #[serde(default)]
+    pub nameservers: Vec<String>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -231,6 +242,12 @@ pub struct RawUpstream {
     pub hash_key: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sticky: Option<RawSticky>,
+    /// How often backend host names are looked up again (default 5s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolve_interval: Option<HumanDuration>,
+    /// A new or recovered backend's share of traffic grows over this (default 0: at once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slow_start: Option<HumanDuration>,
 }
 
 /// `[upstreams.NAME.sticky]`: a cookie pins a client to the backend that first served it.

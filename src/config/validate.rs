@@ -114,6 +114,10 @@ pub fn validate(raw: &RawConfig, base: &Path) -> Result<Config, KeyError> {
     };
     let server_limits = limit_names(&s.rate_limit, "server.rate_limit")?;
     let limit_store = raw.limit_store.as_ref().map(super::limit_store::validate).transpose()?;
+    let nameservers = match &raw.resolver {
+        None => Vec::new(),
+        Some(r) => r.nameservers.iter().enumerate().map(|(i, n)| nameserver(n, i)).collect::<Result<_, _>>()?,
+    };
 
     if raw.upstreams.is_empty() {
         return err("upstreams", "no upstreams are configured: add an [upstreams.NAME] table or pass --backend URL");
@@ -182,6 +186,7 @@ pub fn validate(raw: &RawConfig, base: &Path) -> Result<Config, KeyError> {
         rate_limits,
         routes,
         limit_store,
+        nameservers,
         files,
         // Rendered from the raw config by `config::finish`.
         effective_toml: Default::default(),
@@ -298,7 +303,9 @@ fn upstream(
         if !seen.insert(authority.clone()) {
             return err(bkey, format!(r#""{}" is listed twice in this upstream"#, b.url));
         }
-        backends.push(BackendConfig { url: b.url.trim_end_matches('/').to_owned(), scheme, authority, weight });
+        let host = authority.host().trim_start_matches('[').trim_end_matches(']');
+        let name = host.parse::<std::net::IpAddr>().is_err().then(|| host.to_ascii_lowercase());
+        backends.push(BackendConfig { url: b.url.trim_end_matches('/').to_owned(), scheme, authority, weight, name });
     }
     if let Some(b) = up.retry_budget
         && !(0.0..=1.0).contains(&b)
@@ -365,7 +372,22 @@ fn upstream(
         queue,
         hash_key: super::strategy::hash_key(up, &key)?,
         sticky: super::strategy::sticky(up, &key)?,
+        resolve_interval: match up.resolve_interval {
+            None => DEFAULT_RESOLVE_INTERVAL,
+            Some(d) => nonzero(&d, &format!("{key}.resolve_interval"))?,
+        },
+        slow_start: up.slow_start.map_or(Duration::ZERO, |d| d.0),
     })
+}
+
+/// How often backend host names are looked up again when `resolve_interval` is not set.
+const DEFAULT_RESOLVE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// `resolver.nameservers[i]`: `ip` or `ip:port`, port 53 by default.
+fn nameserver(text: &str, i: usize) -> Result<SocketAddr, KeyError> {
+    text.parse::<SocketAddr>()
+        .or_else(|_| text.trim_matches(['[', ']']).parse::<std::net::IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+        .or_else(|_| err(format!("resolver.nameservers[{i}]"), format!(r#""{text}" is not an IP address or IP:port"#)))
 }
 
 fn backend_url(url: &str) -> Result<(Scheme, http::uri::Authority), String> {

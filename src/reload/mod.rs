@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, ConfigSource};
+use crate::discovery::Found;
 use crate::logging::LogHandle;
 use crate::metrics::LastReload;
 use crate::runtime::{self, SharedRuntime};
@@ -140,6 +141,9 @@ pub struct Reloader {
     last_seen: FileState,
     /// A file was read once: from then on, a missing file is an error, not "no file".
     had_file: bool,
+    /// Where the current generation's DNS task sends changes of backend addresses.
+    found_tx: mpsc::Sender<Found>,
+    found: mpsc::Receiver<Found>,
 }
 
 impl Reloader {
@@ -154,7 +158,9 @@ impl Reloader {
     ) -> Reloader {
         let last_seen = FileState::read(&source.path, &runtime.load().config.files);
         let had_file = matches!(last_seen.config, FileContent::Content(_));
-        Reloader { source, runtime, listeners, checks, admin, log, handle, last_seen, had_file }
+        let (found_tx, found) = mpsc::channel(1);
+        runtime.load().spawn_discovery(&checks, found_tx.clone());
+        Reloader { source, runtime, listeners, checks, admin, log, handle, last_seen, had_file, found_tx, found }
     }
 
     /// Serves reload requests until `stop`; then hands itself back for the shutdown.
@@ -166,6 +172,10 @@ impl Reloader {
                     Some(r) => r,
                     None => return self,
                 },
+                Some(found) = self.found.recv() => {
+                    self.apply_addresses(found);
+                    continue;
+                }
             };
             let mut current = self.read_files();
             if req.trigger == Trigger::File {
@@ -180,6 +190,19 @@ impl Reloader {
                 let _ = reply.send(result);
             }
         }
+    }
+
+    /// Backend host names resolve to other addresses: the next runtime is the live one's
+    /// config built again with them, same generation, nothing else touched (SPEC 12). A
+    /// change found by an earlier generation's task is dropped: the new task looks again.
+    fn apply_addresses(&mut self, found: Found) {
+        let old = self.runtime.load_full();
+        if found.generation != old.generation {
+            return;
+        }
+        let next = Arc::new(runtime::build(old.config.clone(), Some(&old), old.generation, found.resolved));
+        self.runtime.store(next.clone());
+        next.spawn_health_checks(&self.checks, Some(&old));
     }
 
     fn read_files(&self) -> FileState {
@@ -244,7 +267,7 @@ impl Reloader {
             tracing::warn!("server.workers changes take effect after a restart");
         }
 
-        let next = Arc::new(runtime::build(config, Some(&old), old.generation + 1));
+        let next = Arc::new(runtime::build(config, Some(&old), old.generation + 1, old.resolved.clone()));
         self.runtime.store(next.clone());
 
         let server = &next.config.server;
@@ -252,8 +275,9 @@ impl Reloader {
         self.listeners.set_max_connections(server.max_connections);
         self.checks.cancel();
         self.checks = CancellationToken::new();
-        next.spawn_health_checks(&self.checks);
+        next.spawn_health_checks(&self.checks, None);
         next.spawn_limit_store(&self.checks);
+        next.spawn_discovery(&self.checks, self.found_tx.clone());
         self.log.apply(&next.config.log);
         if let Some(mut bound) = admin_listener {
             self.admin.stop.cancel();

@@ -1,18 +1,21 @@
 //! [`Config`] + the previous [`Runtime`] -> the next [`Runtime`].
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use super::router::Router;
 use super::{Runtime, Upstream};
 use crate::backend::Backend;
 use crate::balance;
-use crate::config::Config;
+use crate::config::{BackendConfig, Config};
+use crate::discovery::Resolved;
 use crate::limit::{LimitStore, RateLimiter};
 use crate::metrics::Metrics;
 
 /// Compiles `config`, reusing the `Arc<Backend>` (health, counters, pool) of every backend
-/// whose upstream name and URL are unchanged from `previous`.
-pub fn build(config: Config, previous: Option<&Runtime>, generation: u64) -> Runtime {
+/// whose upstream name, URL and host name are unchanged from `previous`. A backend host
+/// name stands for each of its addresses in `resolved`.
+pub fn build(config: Config, previous: Option<&Runtime>, generation: u64, resolved: Resolved) -> Runtime {
     let metrics = previous.map_or_else(|| Arc::new(Metrics::default()), |p| p.metrics.clone());
     // A limit whose definition did not change keeps its buckets.
     let limits: Vec<Arc<RateLimiter>> = config
@@ -53,11 +56,35 @@ pub fn build(config: Config, previous: Option<&Runtime>, generation: u64) -> Run
             let tls_for = |b: &crate::config::BackendConfig| {
                 (b.scheme == http::uri::Scheme::HTTPS).then(|| up.tls.clone()).flatten()
             };
-            let backends: Vec<Arc<Backend>> = up
-                .backends
+            // Each entry as written, or each address its name resolves to, with its weight.
+            let mut found: Vec<(&BackendConfig, Option<(Arc<str>, SocketAddr)>)> = Vec::new();
+            for b in &up.backends {
+                match &b.name {
+                    None => found.push((b, None)),
+                    Some(name) => {
+                        let name: Arc<str> = name.as_str().into();
+                        let port = b.authority.port_u16().expect("validated URLs carry a port");
+                        found.extend(
+                            resolved
+                                .addresses(&name)
+                                .iter()
+                                .map(|ip| (b, Some((name.clone(), SocketAddr::new(*ip, port))))),
+                        );
+                    }
+                }
+            }
+            // A backend that joins an upstream already serving ramps up under slow_start.
+            let joins_running = old.is_some_and(|o| !o.backends.is_empty());
+            let backends: Vec<Arc<Backend>> = found
                 .iter()
-                .map(|b| {
-                    let kept = old.and_then(|o| o.backends.iter().find(|ob| *ob.url == *b.url));
+                .map(|(b, addr)| {
+                    let url = match addr {
+                        None => b.url.clone(),
+                        Some((_, a)) => format!("{}://{a}", b.scheme),
+                    };
+                    let name = addr.as_ref().map(|a| &a.0);
+                    let kept =
+                        old.and_then(|o| o.backends.iter().find(|ob| *ob.url == *url && ob.name.as_ref() == name));
                     match kept {
                         Some(existing) => {
                             existing.pool.reconfigure(up.pool, tls_for(b));
@@ -66,11 +93,18 @@ pub fn build(config: Config, previous: Option<&Runtime>, generation: u64) -> Run
                             }
                             existing.clone()
                         }
-                        None => Arc::new(Backend::new(&up.name, &b.url, b.authority.clone(), up.pool, tls_for(b))),
+                        None => {
+                            let new =
+                                Backend::new(&up.name, &url, b.authority.clone(), addr.clone(), up.pool, tls_for(b));
+                            if joins_running {
+                                new.start_ramp();
+                            }
+                            Arc::new(new)
+                        }
                     }
                 })
                 .collect();
-            let weights: Vec<u32> = up.backends.iter().map(|b| b.weight).collect();
+            let weights: Vec<u32> = found.iter().map(|(b, _)| b.weight).collect();
             let queue = old.map(|o| o.queue.clone()).unwrap_or_default();
             queue.configure(up.max_inflight, up.queue.map(|q| (q.max, q.timeout)));
             let capped = (up.max_inflight > 0).then(|| queue.clone());
@@ -93,6 +127,7 @@ pub fn build(config: Config, previous: Option<&Runtime>, generation: u64) -> Run
                 retry_budget: up.retry_budget,
                 hash_key: up.hash_key.clone(),
                 sticky,
+                slow_start: up.slow_start,
             }
         })
         .collect();
@@ -102,11 +137,15 @@ pub fn build(config: Config, previous: Option<&Runtime>, generation: u64) -> Run
     for old in previous.map_or(&[][..], |p| &p.upstreams[..]) {
         let Some(new) = upstreams.iter().find(|u| u.name == old.name) else {
             old.queue.close();
-            old.backends.iter().for_each(|b| b.set_queue(None));
+            old.backends.iter().for_each(|b| {
+                b.set_queue(None);
+                b.retire();
+            });
             continue;
         };
         for b in old.backends.iter().filter(|b| !new.backends.iter().any(|n| Arc::ptr_eq(n, b))) {
             b.set_queue(None);
+            b.retire();
         }
     }
 
@@ -123,5 +162,5 @@ pub fn build(config: Config, previous: Option<&Runtime>, generation: u64) -> Run
         config.routes.iter().map(|r| Router::route(r, index_of(&r.upstream), route_limits(&r.rate_limit))).collect()
     };
     let router = Router::new(routes);
-    Runtime { generation, config, router, upstreams, metrics, limits, server_limits, limit_store }
+    Runtime { generation, config, router, upstreams, metrics, limits, server_limits, limit_store, resolved }
 }

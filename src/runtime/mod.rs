@@ -16,6 +16,7 @@ use arc_swap::ArcSwap;
 use crate::backend::{Backend, SlotQueue};
 use crate::balance::{self, Balancer, Sticky};
 use crate::config::{Config, HashKey, HealthCheckConfig, PassiveConfig, StrategyName, Timeouts};
+use crate::discovery::{self, Found, Resolved, Target};
 use crate::limit::{LimitStore, RateLimiter};
 use crate::metrics::{Metrics, UpstreamStats};
 pub use build::build;
@@ -39,6 +40,8 @@ pub struct Runtime {
     pub server_limits: Vec<usize>,
     /// `[limit_store]`, kept across reloads while its config is unchanged.
     pub limit_store: Option<Arc<LimitStore>>,
+    /// The addresses of backend host names this snapshot's backends were made from.
+    pub resolved: Resolved,
 }
 
 #[derive(Debug)]
@@ -66,13 +69,16 @@ pub struct Upstream {
     pub hash_key: Option<HashKey>,
     /// `[sticky]`: each backend's cookie.
     pub sticky: Option<Sticky>,
+    /// How long a new or recovered backend's share of traffic grows; zero: no ramp.
+    pub slow_start: Duration,
 }
 
 impl Runtime {
     /// Starts the active checkers of every upstream that has `[health_check]`, spread over
     /// one interval, until `stop`; marks the backends of the others up (their checks may
-    /// have been removed by a reload).
-    pub fn spawn_health_checks(&self, stop: &tokio_util::sync::CancellationToken) {
+    /// have been removed by a reload). With `kept`, the runtime this one replaced without a
+    /// reload (DNS), only backends new in this one get a checker: the others keep theirs.
+    pub fn spawn_health_checks(&self, stop: &tokio_util::sync::CancellationToken, kept: Option<&Runtime>) {
         for up in &self.upstreams {
             let Some(hc) = &up.health_check else {
                 for b in &up.backends {
@@ -80,8 +86,12 @@ impl Runtime {
                 }
                 continue;
             };
+            let old = kept.and_then(|k| k.upstreams.iter().find(|o| o.name == up.name));
             let n = up.backends.len() as u32;
             for (i, backend) in up.backends.iter().enumerate() {
+                if old.is_some_and(|o| o.backends.iter().any(|b| Arc::ptr_eq(b, backend))) {
+                    continue;
+                }
                 crate::backend::health::spawn(backend.clone(), hc.clone(), hc.interval * i as u32 / n, stop.clone());
             }
         }
@@ -95,6 +105,34 @@ impl Runtime {
         if let Some(store) = &self.limit_store {
             tokio::spawn(store.clone().run(stop.clone()));
         }
+    }
+}
+
+impl Runtime {
+    /// Starts following the backend host names of this snapshot's upstreams (SPEC 12)
+    /// until `stop`, sending each change of their addresses to `found`.
+    pub fn spawn_discovery(&self, stop: &tokio_util::sync::CancellationToken, found: tokio::sync::mpsc::Sender<Found>) {
+        let mut targets: Vec<Target> = Vec::new();
+        for (up, stats) in self.config.upstreams.iter().zip(&self.upstreams) {
+            for name in up.backends.iter().filter_map(|b| b.name.as_deref()) {
+                let failures = stats.stats.dns_failures.clone();
+                match targets.iter_mut().find(|t| &*t.name == name) {
+                    Some(t) => {
+                        t.interval = t.interval.min(up.resolve_interval);
+                        if !t.failures.iter().any(|f| Arc::ptr_eq(f, &failures)) {
+                            t.failures.push(failures);
+                        }
+                    }
+                    None => targets.push(Target {
+                        name: name.into(),
+                        interval: up.resolve_interval,
+                        failures: vec![failures],
+                    }),
+                }
+            }
+        }
+        let (nameservers, known) = (self.config.nameservers.clone(), self.resolved.clone());
+        tokio::spawn(discovery::follow(targets, nameservers, known, self.generation, found, stop.clone()));
     }
 }
 
@@ -142,6 +180,7 @@ impl Upstream {
             passive: &self.passive,
             cap: self.max_inflight,
             queue: &self.queue,
+            slow_start: self.slow_start,
         }
     }
 }
