@@ -15,6 +15,7 @@ use arc_swap::ArcSwap;
 
 use crate::backend::{Backend, SlotQueue};
 use crate::balance::{self, Balancer, Sticky};
+use crate::cache::Cache;
 use crate::config::{Config, HashKey, HealthCheckConfig, PassiveConfig, StrategyName, Timeouts};
 use crate::limit::{LimitStore, RateLimiter};
 use crate::metrics::{Metrics, UpstreamStats};
@@ -39,6 +40,8 @@ pub struct Runtime {
     pub server_limits: Vec<usize>,
     /// `[limit_store]`, kept across reloads while its config is unchanged.
     pub limit_store: Option<Arc<LimitStore>>,
+    /// Every `[caches.*]`, in name order; each kept across reloads while unchanged.
+    pub caches: Vec<Arc<Cache>>,
 }
 
 #[derive(Debug)]
