@@ -368,3 +368,51 @@ fn an_unknown_cache_name_is_a_config_error() {
     assert_ne!(code, 0);
     assert!(err.contains("b.toml:7:9: no [caches.edge] is defined"), "file:line:col of the name: {err}");
 }
+
+#[tokio::test]
+async fn a_leader_whose_client_leaves_stores_nothing_half_and_its_waiter_is_answered() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let origin = Origin::start().await;
+    let b = start(&origin, "1MiB", "64KiB");
+    let t = target("/leave", &[("cc", "max-age=60"), ("size", "10000"), ("drip", "40")]);
+    // The first client reads the head and a first piece, then leaves.
+    let mut leaver = tokio::net::TcpStream::connect(b.addr()).await.unwrap();
+    leaver.write_all(format!("GET {t} HTTP/1.1\r\nhost: test.local\r\n\r\n").as_bytes()).await.unwrap();
+    let mut buf = [0u8; 512];
+    let n = leaver.read(&mut buf).await.unwrap();
+    assert!(n > 0);
+    // A second one arrives while the first is being served: it waits for it.
+    let addr = b.addr();
+    let t2 = t.clone();
+    let waiter = tokio::spawn(async move { get(addr, &t2).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(leaver);
+    let r = waiter.await.unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body.len(), 10000, "a whole body, never a half-stored one");
+    let third = get(b.addr(), &t).await;
+    assert_eq!(third.body.len(), 10000);
+    assert_eq!(status_of(&third), "balancer; hit");
+    assert_eq!(origin.hits(&t), 2, "the waiter fetched anew once the first client left");
+}
+
+#[tokio::test]
+async fn a_cache_with_unchanged_settings_keeps_its_entries_across_a_reload() {
+    let origin = Origin::start().await;
+    let b = start(&origin, "1MiB", "64KiB");
+    let t = target("/reload", &[("cc", "max-age=60")]);
+    get(b.addr(), &t).await;
+    let text = std::fs::read_to_string(&b.config_path).unwrap();
+    b.write_config(&format!("{text}\n[[routes]]\npath_prefix = \"/other\"\nupstream = \"app\"\n"));
+    let r = send(b.admin(), Request::post("/reload").body(Full::default()).unwrap()).await;
+    assert_eq!(r.json()["ok"], true, "{}", r.text());
+    assert_eq!(status_of(&get(b.addr(), &t).await), "balancer; hit");
+    let config = get(b.admin(), "/config").await.text();
+    assert!(config.contains("[caches.edge]") && config.contains("cache = \"edge\""), "{config}");
+    // Changed settings: a new, empty cache.
+    let text = std::fs::read_to_string(&b.config_path).unwrap().replace("max_size = \"1MiB\"", "max_size = \"2MiB\"");
+    b.write_config(&text);
+    let r = send(b.admin(), Request::post("/reload").body(Full::default()).unwrap()).await;
+    assert_eq!(r.json()["ok"], true, "{}", r.text());
+    assert_eq!(status_of(&get(b.addr(), &t).await), "balancer; fwd=miss; fwd-status=200; stored");
+}

@@ -3,7 +3,7 @@
 //!
 //! Query keys: `cc` (Cache-Control), `etag`, `lm` (Last-Modified), `vary`, `cookie`
 //! (adds Set-Cookie), `size` (body of that many bytes), `delay` (ms before the head),
-//! `status`. The body is `hit N of TARGET` (or `size` bytes of `x`). A request whose
+//! `drip` (the body in 10 pieces, this many ms apart), `status`. The body is `hit N of TARGET` (or `size` bytes of `x`). A request whose
 //! `If-None-Match` holds the `etag` gets 304 with the same Cache-Control.
 
 use std::collections::HashMap;
@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::Frame;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
@@ -44,7 +45,43 @@ fn query(target: &str) -> HashMap<String, String> {
         .collect()
 }
 
-async fn answer(req: Request<Incoming>, seen: Arc<Mutex<Vec<Seen>>>) -> Result<Response<Full<Bytes>>, Infallible> {
+type Body = BoxBody<Bytes, Infallible>;
+
+fn full(b: Bytes) -> Body {
+    Full::new(b).boxed()
+}
+
+/// A body sent in pieces as they come from a channel.
+struct Drip(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl http_body::Body for Drip {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|piece| piece.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+/// `body` in 10 pieces, `ms` apart.
+fn drip(body: Bytes, ms: u64) -> Body {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(1);
+    tokio::spawn(async move {
+        let step = body.len().div_ceil(10).max(1);
+        for piece in body.chunks(step) {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            if tx.send(Bytes::copy_from_slice(piece)).await.is_err() {
+                return;
+            }
+        }
+    });
+    Drip(rx).boxed()
+}
+
+async fn answer(req: Request<Incoming>, seen: Arc<Mutex<Vec<Seen>>>) -> Result<Response<Body>, Infallible> {
     let target = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned();
     let n = {
         let mut s = seen.lock().unwrap();
@@ -65,7 +102,7 @@ async fn answer(req: Request<Incoming>, seen: Arc<Mutex<Vec<Seen>>>) -> Result<R
             req.headers().get("if-none-match").and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains(&etag));
         b = b.header("etag", etag.as_str());
         if matches {
-            return Ok(b.status(StatusCode::NOT_MODIFIED).body(Full::default()).unwrap());
+            return Ok(b.status(StatusCode::NOT_MODIFIED).body(full(Bytes::new())).unwrap());
         }
     }
     if let Some(lm) = q.get("lm") {
@@ -85,7 +122,11 @@ async fn answer(req: Request<Incoming>, seen: Arc<Mutex<Vec<Seen>>>) -> Result<R
             Bytes::from(format!("hit {n} of {target} for {enc}"))
         }
     };
-    Ok(b.status(status).body(Full::new(body)).unwrap())
+    let body = match q.get("drip").and_then(|d| d.parse().ok()) {
+        Some(ms) => drip(body, ms),
+        None => full(body),
+    };
+    Ok(b.status(status).body(body).unwrap())
 }
 
 impl Origin {
