@@ -172,6 +172,8 @@ pub(crate) struct Entry {
     if_error: Duration,
     /// Bytes counted against `max_size`.
     pub weight: u32,
+    /// It has a `Vary`: only the policy can tell whether a request matches it.
+    varies: bool,
 }
 
 /// How a stored entry stands for one request.
@@ -201,11 +203,19 @@ impl Entry {
         let head_bytes: usize = headers.iter().map(|(n, v)| n.as_str().len() + v.len() + 32).sum();
         // The policy keeps its own copy of the response's fields and of the request's.
         let weight = (ENTRY_OVERHEAD + 2 * head_bytes + body.len()).min(u32::MAX as usize) as u32;
-        Entry { policy, status, headers, body, fresh_until, while_revalidate, if_error, weight }
+        let varies = headers.contains_key(header::VARY);
+        Entry { policy, status, headers, body, fresh_until, while_revalidate, if_error, weight, varies }
     }
 
     /// Whether this entry answers `req` (a GET or a HEAD) now.
     pub(crate) fn freshness(&self, req: &Parts, now: SystemTime) -> Freshness {
+        // The common hit: no `Vary`, no request directives. The policy's answer would be
+        // its freshness alone, and asking it builds a response head (a map and a date)
+        // that balancer does not use.
+        if !self.varies && !req.headers.contains_key(header::CACHE_CONTROL) && !req.headers.contains_key(header::PRAGMA)
+        {
+            return if now < self.fresh_until { Freshness::Fresh } else { Freshness::Stale };
+        }
         match self.policy.before_request(&AsGet(req), now) {
             BeforeRequest::Fresh(_) => Freshness::Fresh,
             BeforeRequest::Stale { matches: true, .. } => Freshness::Stale,
@@ -373,6 +383,20 @@ mod tests {
         assert!(entry.within_while_revalidate(later));
         assert!(!entry.within_while_revalidate(now + Duration::from_secs(7)));
         assert!(!entry.within_if_error(later));
+    }
+
+    #[test]
+    fn the_quick_freshness_check_agrees_with_the_policy() {
+        let now = SystemTime::now();
+        let res = head(&[("cache-control", "max-age=2"), ("age", "1")]);
+        let entry = Storable::judge(&get(&[]), StatusCode::OK, &res, now).unwrap().into_entry(Bytes::new(), now);
+        for (at, want) in [(0, Freshness::Fresh), (2, Freshness::Stale), (5, Freshness::Stale)] {
+            let t = now + Duration::from_millis(at * 1000 + 10);
+            assert_eq!(entry.freshness(&get(&[]), t), want, "quick, at +{at}s");
+            assert_eq!(entry.freshness(&get(&[("cache-control", "max-stale=0")]), t), want, "policy, at +{at}s");
+        }
+        // The request's own directives go to the policy.
+        assert_eq!(entry.freshness(&get(&[("cache-control", "no-cache")]), now), Freshness::Stale);
     }
 
     #[test]
