@@ -177,6 +177,13 @@ async fn head_is_answered_from_the_get_entry() {
     assert_eq!(head.header("content-length"), Some(full.body.len().to_string().as_str()));
     assert!(head.body.is_empty());
     assert_eq!(origin.hits(&t), 1);
+    // A HEAD that finds no entry goes on as a HEAD and stores nothing.
+    let cold = target("/h-cold", &[("cc", "max-age=60")]);
+    let req = Request::head(&cold).header("host", "test.local").body(Full::default()).unwrap();
+    let r = send(b.addr(), req).await;
+    assert_eq!((r.status.as_u16(), status_of(&r)), (200, "balancer; fwd=miss; fwd-status=200"));
+    assert_eq!(origin.seen(&cold)[0].method, "HEAD");
+    assert_eq!(status_of(&get(b.addr(), &cold).await), "balancer; fwd=miss; fwd-status=200; stored");
 }
 
 #[tokio::test]

@@ -240,16 +240,22 @@ pub(super) async fn serve(
         }
         match cache.join(&key) {
             Role::Leader(l) => {
+                // A fetch may have stored its response between the look above and now.
+                let now = SystemTime::now();
+                if let Found::Fresh(e) = cache.lookup(&key, parts, now) {
+                    l.finish(Outcome::Stored);
+                    note.set(Counted::Hit, "balancer; hit");
+                    return Ok(Reply::Stored(answer(&e, parts, now)));
+                }
                 leader = Some(l);
                 break found;
             }
+            // After a fetch that stored, the next look finds the entry (unless this
+            // request's `Vary` fields select another); after one that could not store,
+            // nothing fresh: either way, without a fresh entry this request goes alone.
             Role::Waiter(w) => match w.outcome().await {
-                Outcome::Stored => collapsed = true,
+                Outcome::Stored | Outcome::Pass => collapsed = true,
                 Outcome::Abandoned => {}
-                Outcome::Pass => {
-                    collapsed = true;
-                    // The next look finds nothing fresh: this request goes alone.
-                }
             },
         }
     };
@@ -263,7 +269,9 @@ pub(super) async fn serve(
         Found::Stale(e) => Some(e),
         _ => None,
     };
-    let validating = stale.as_ref().filter(|e| e.has_validator());
+    // A HEAD goes on as it came: a 304 to it would answer the client's own condition,
+    // not the entry's validators.
+    let validating = stale.as_ref().filter(|e| e.has_validator() && parts.method == Method::GET);
     let client_conditional =
         parts.headers.contains_key(header::IF_NONE_MATCH) || parts.headers.contains_key(header::IF_MODIFIED_SINCE);
     let sent = (validating.is_some() || client_conditional)
