@@ -110,6 +110,7 @@ fn routes(c: &mut Criterion) {
                 upstream: i,
                 strip_prefix: false,
                 limits: vec![],
+                cache: None,
             })
             .collect();
         let router = Router::new(table);

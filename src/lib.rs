@@ -15,6 +15,7 @@ pub(crate) mod admin;
 pub mod app;
 pub mod backend;
 pub mod balance;
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod diff;

@@ -16,6 +16,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("proxy", 4),
     ("runtime", 5),
     ("balance", 6),
+    ("cache", 6),
     ("backend", 7),
     ("limit", 7),
     ("logging", 8),

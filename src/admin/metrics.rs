@@ -168,6 +168,31 @@ impl prometheus_client::collector::Collector for RuntimeCollector {
         )?;
         ConstCounter::new(m.limit_store_errors.load(Relaxed)).encode(family)?;
 
+        if !rt.caches.is_empty() {
+            let mut family = enc.encode_descriptor(
+                "balancer_cache_requests",
+                "Requests on cached routes, by cache and result (hit, miss, stale, revalidated, bypass).",
+                None,
+                MetricType::Counter,
+            )?;
+            for cache in &rt.caches {
+                for (result, n) in cache.results() {
+                    let labels = [("cache", cache.name.as_str()), ("result", result)];
+                    ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
+                }
+            }
+            let mut family = enc.encode_descriptor(
+                "balancer_cache_bytes",
+                "Bytes held by each cache, heads and bodies (bounded by max_size).",
+                None,
+                MetricType::Gauge,
+            )?;
+            for cache in &rt.caches {
+                let bytes = i64::try_from(cache.bytes()).unwrap_or(i64::MAX);
+                ConstGauge::new(bytes).encode(family.encode_family(&[("cache", cache.name.as_str())])?)?;
+            }
+        }
+
         let mut family =
             enc.encode_descriptor("balancer_config_reloads", "Config reloads, by result.", None, MetricType::Counter)?;
         ConstCounter::new(m.reloads_success.load(Relaxed)).encode(family.encode_family(&[("result", "success")])?)?;

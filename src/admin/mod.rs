@@ -1,5 +1,6 @@
 //! The admin listener: `/healthz`, `/metrics` (Prometheus text), `/status` (JSON),
-//! `/config` (the running config as TOML, secrets hidden) and `POST /reload`.
+//! `/config` (the running config as TOML, secrets hidden), `POST /reload` and
+//! `POST /cache/purge`.
 //!
 //! Everything is read at request time from the live runtime; the admin listener keeps no
 //! state of its own beyond the metrics registry.
@@ -77,11 +78,12 @@ impl Admin {
                     json(StatusCode::UNPROCESSABLE_ENTITY, &serde_json::json!({ "ok": false, "error": error }))
                 }
             },
+            (&Method::POST, "/cache/purge") => self.purge(req.into_body()).await,
             (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "ok\n".into()),
             (&Method::GET | &Method::HEAD, "/metrics") => self.metrics(),
             (&Method::GET | &Method::HEAD, "/status") => json(StatusCode::OK, &self.status()),
             (&Method::GET | &Method::HEAD, "/config") => self.config(),
-            (_, "/healthz" | "/metrics" | "/status" | "/reload" | "/config") => {
+            (_, "/healthz" | "/metrics" | "/status" | "/reload" | "/config" | "/cache/purge") => {
                 text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n".into())
             }
             (_, path) => text(StatusCode::NOT_FOUND, format!("no admin endpoint at {path}\n")),
@@ -112,6 +114,38 @@ impl Admin {
             .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/toml; charset=utf-8"));
         resp.headers_mut().insert("x-balancer-generation", header::HeaderValue::from(rt.generation));
         resp
+    }
+
+    /// `POST /cache/purge` with `{"cache": NAME, "prefix": "/path"}`: drops the entries of
+    /// that cache whose path starts with the prefix, answers `{"purged": N}`.
+    async fn purge(&self, body: Incoming) -> Response<Full<Bytes>> {
+        use http_body_util::BodyExt;
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Purge {
+            cache: String,
+            #[serde(default = "root")]
+            prefix: String,
+        }
+        fn root() -> String {
+            "/".into()
+        }
+        let bytes = match http_body_util::Limited::new(body, 64 * 1024).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => return json(StatusCode::BAD_REQUEST, &serde_json::json!({ "error": e.to_string() })),
+        };
+        let purge: Purge = match serde_json::from_slice(&bytes) {
+            Ok(p) => p,
+            Err(e) => return json(StatusCode::BAD_REQUEST, &serde_json::json!({ "error": e.to_string() })),
+        };
+        let rt = self.runtime.load();
+        match rt.caches.iter().find(|c| c.name == purge.cache) {
+            Some(cache) => json(StatusCode::OK, &serde_json::json!({ "purged": cache.purge(&purge.prefix) })),
+            None => json(
+                StatusCode::NOT_FOUND,
+                &serde_json::json!({ "error": format!("no [caches.{}] is defined", purge.cache) }),
+            ),
+        }
     }
 
     fn status(&self) -> Status {

@@ -75,6 +75,8 @@ pub struct Config {
     pub log: LogConfig,
     pub upstreams: Vec<UpstreamConfig>,
     pub rate_limits: BTreeMap<String, RateLimitConfig>,
+    /// `[caches.*]`, by name.
+    pub caches: BTreeMap<String, CacheConfig>,
     pub routes: Vec<RouteConfig>,
     /// `[limit_store]`: where `shared` limits keep their buckets.
     pub limit_store: Option<LimitStoreConfig>,
@@ -273,6 +275,15 @@ pub struct RouteConfig {
     pub upstream: String,
     pub rate_limit: Vec<String>,
     pub strip_prefix: bool,
+    /// The name of a `[caches.*]` entry (checked to exist).
+    pub cache: Option<String>,
+}
+
+/// `[caches.NAME]`, checked: both sizes in bytes, `max_object <= max_size`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheConfig {
+    pub max_size: u64,
+    pub max_object: u64,
 }
 
 /// Where the config came from, so it can be read again the same way.

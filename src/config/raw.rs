@@ -21,6 +21,9 @@ pub struct RawConfig {
     pub timeouts: RawTimeouts,
     pub upstreams: BTreeMap<String, RawUpstream>,
     pub rate_limits: BTreeMap<String, RawRateLimit>,
+    /// `[caches.NAME]`: response caches that routes name with `cache = "NAME"`.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub caches: BTreeMap<String, RawCache>,
     pub routes: Vec<RawRoute>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub limit_store: Option<RawLimitStore>,
@@ -443,6 +446,29 @@ pub struct RawRoute {
     pub rate_limit: OneOrMany,
     #[serde(default)]
     pub strip_prefix: bool,
+    /// The `[caches.NAME]` this route's GET and HEAD responses are kept in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<String>,
+}
+
+/// `[caches.NAME]`: an in-memory response cache (SPEC 14).
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCache {
+    /// Heads and bodies together; least recently used entries go first.
+    #[serde(default = "default_cache_size")]
+    pub max_size: ByteSize,
+    /// Larger responses pass through unstored.
+    #[serde(default = "default_cache_object")]
+    pub max_object: ByteSize,
+}
+
+fn default_cache_size() -> ByteSize {
+    ByteSize::mib(256)
+}
+
+fn default_cache_object() -> ByteSize {
+    ByteSize::mib(8)
 }
 
 fn root_prefix() -> String {

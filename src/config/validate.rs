@@ -128,6 +128,25 @@ pub fn validate(raw: &RawConfig, base: &Path) -> Result<Config, KeyError> {
         .map(|(name, up)| upstream(name, up, &timeouts, base, &mut files))
         .collect::<Result<Vec<_>, _>>()?;
 
+    let caches = raw
+        .caches
+        .iter()
+        .map(|(name, c)| {
+            let key = format!("caches.{name}");
+            if c.max_size.0 == 0 {
+                return err(format!("{key}.max_size"), "must be larger than 0");
+            }
+            if c.max_object.0 == 0 || c.max_object.0 > c.max_size.0 {
+                return err(format!("{key}.max_object"), "must be larger than 0 and at most max_size");
+            }
+            // One entry's weight is counted in a u32 by the store.
+            if c.max_object.0 > u64::from(u32::MAX) / 2 {
+                return err(format!("{key}.max_object"), "must be at most 2GiB");
+            }
+            Ok((name.clone(), CacheConfig { max_size: c.max_size.0, max_object: c.max_object.0 }))
+        })
+        .collect::<Result<BTreeMap<_, _>, _>>()?;
+
     let mut routes = Vec::with_capacity(raw.routes.len());
     for (i, r) in raw.routes.iter().enumerate() {
         let key = format!("routes[{i}]");
@@ -159,6 +178,12 @@ pub fn validate(raw: &RawConfig, base: &Path) -> Result<Config, KeyError> {
             upstream: r.upstream.clone(),
             rate_limit: limit_names(&r.rate_limit, &format!("{key}.rate_limit"))?,
             strip_prefix: r.strip_prefix,
+            cache: match &r.cache {
+                Some(name) if !caches.contains_key(name) => {
+                    return err(format!("{key}.cache"), format!(r#"no [caches.{name}] is defined"#));
+                }
+                c => c.clone(),
+            },
         });
     }
 
@@ -184,6 +209,7 @@ pub fn validate(raw: &RawConfig, base: &Path) -> Result<Config, KeyError> {
         log: LogConfig { level: raw.log.level, format: raw.log.format, access: raw.log.access },
         upstreams,
         rate_limits,
+        caches,
         routes,
         limit_store,
         nameservers,

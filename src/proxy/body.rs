@@ -11,6 +11,7 @@ use hyper::body::Incoming;
 
 use super::log::RequestLog;
 use crate::backend::{ConnBody, InflightGuard};
+use crate::cache::Filling;
 use crate::http1::RawFields;
 use crate::http1::server::IncomingBody;
 
@@ -149,6 +150,9 @@ pub struct ResponseBody {
     /// `ConnInfo::writes_raw_fields`); the response's `HeaderMap` then holds only what
     /// balancer adds (a sticky cookie), written after them.
     fields: Option<RawFields>,
+    /// Collects the body for the response cache when the response is being stored
+    /// (`proxy/cache.rs`); `None` on every other response.
+    filling: Option<Box<Filling>>,
 }
 
 /// Not boxed: made once per request, and a box would be an allocation per request.
@@ -162,7 +166,8 @@ enum Kind {
 
 impl ResponseBody {
     pub fn upstream(body: ConnBody, log: RequestLog, inflight: InflightGuard) -> ResponseBody {
-        let mut b = ResponseBody { kind: Kind::Upstream(body), log, inflight: Some(inflight), fields: None };
+        let mut b =
+            ResponseBody { kind: Kind::Upstream(body), log, inflight: Some(inflight), fields: None, filling: None };
         if http_body::Body::is_end_stream(&b) {
             b.ended();
         }
@@ -170,7 +175,18 @@ impl ResponseBody {
     }
 
     pub fn full(bytes: Bytes, log: RequestLog) -> ResponseBody {
-        ResponseBody { kind: Kind::Full(Some(bytes)), log, inflight: None, fields: None }
+        ResponseBody { kind: Kind::Full(Some(bytes)), log, inflight: None, fields: None, filling: None }
+    }
+
+    /// Has `filling` collect this body for the cache; it stores the response when the
+    /// body has ended cleanly (at once, for a body that is already over).
+    pub fn filling(mut self, mut filling: Box<Filling>) -> ResponseBody {
+        if http_body::Body::is_end_stream(&self) {
+            filling.finish();
+        } else {
+            self.filling = Some(filling);
+        }
+        self
     }
 
     /// Carries the backend's `fields` to the server, which writes them.
@@ -187,6 +203,9 @@ impl ResponseBody {
 
     /// The backend's body ended cleanly: its connection can serve another request.
     fn ended(&mut self) {
+        if let Some(mut filling) = self.filling.take() {
+            filling.finish();
+        }
         if let (Kind::Upstream(body), Some(inflight)) = (&mut self.kind, &self.inflight) {
             if let Some(conn) = body.take_reusable() {
                 inflight.backend().pool.release(conn);
@@ -204,12 +223,17 @@ impl Body for ResponseBody {
         let frame = match &mut this.kind {
             Kind::Upstream(b) => match ready!(Pin::new(&mut *b).poll_frame(cx)) {
                 Some(Ok(f)) => {
+                    if let (Some(filling), Some(data)) = (&mut this.filling, f.data_ref()) {
+                        filling.push(data);
+                    }
                     if b.is_end_stream() {
                         this.ended();
                     }
                     f
                 }
                 Some(Err(e)) => {
+                    // A broken body is not stored; its waiters lead anew.
+                    this.filling = None;
                     this.log.note_broken(&e);
                     return Poll::Ready(Some(Err(Box::new(e))));
                 }

@@ -13,6 +13,8 @@
 //!   [`admit::shared`] for those kept in `[limit_store]`.
 //! - [`affinity::of`]: what the request says about its backend (its `hash_key`, its sticky
 //!   cookie), for the upstreams that ask.
+//! - [`cache::serve`], on routes with `cache`: an answer from the route's cache, or the
+//!   forward below with one request per missed key, and the body kept for the store.
 //! - [`forward::forward`]: picks a backend (`balance`), sends the request, reads the head;
 //!   retries on another backend when safe, resends once on a fresh connection.
 //! - [`respond::response`]: the client's response from the backend's head (or the tunnel).
@@ -28,6 +30,7 @@ mod admit;
 mod affinity;
 mod answer;
 pub mod body;
+mod cache;
 mod check;
 mod conn;
 pub mod error;
@@ -51,9 +54,9 @@ use crate::http1::server::PendingUpgrade;
 use crate::runtime::Runtime;
 pub use answer::Answer;
 use body::{ClientBody, ResponseBody};
+use cache::Reply;
 pub use conn::{ActivityGuard, ConnActivity, ConnInfo, Transport};
 pub use error::ProxyError;
-use forward::Proxied;
 pub use log::RequestLog;
 use upgrade::ClientUpgrade;
 
@@ -92,23 +95,37 @@ pub async fn handle(
         _activity: busy,
     };
     let (parts, body) = req.into_parts();
-    Ok(match proxy(&rt, &conn, &parts, body, &mut log).await {
-        Ok(proxied) => respond::response(proxied, &conn, client_upgrade, log),
+    // Set once the route has a cache: every response on it says what the cache did.
+    let mut note: Option<cache::Note> = None;
+    let mut response = match proxy(&rt, &conn, &parts, body, &mut log, &mut note).await {
+        Ok(Reply::Proxied(proxied)) => {
+            let filling = note.as_mut().and_then(|n| n.filling.take());
+            respond::response(proxied, &conn, client_upgrade, log, filling)
+        }
+        Ok(Reply::Stored(stored)) => stored.into_response(log),
         Err(e) => e.into_response(log),
-    })
+    };
+    if let Some(note) = note {
+        note.finish(&mut response);
+    }
+    Ok(response)
 }
 
 /// The steps up to a backend's response head.
 async fn proxy(
     rt: &Runtime,
-    conn: &ConnInfo,
+    conn: &Arc<ConnInfo>,
     parts: &Parts,
     body: ClientBody,
     log: &mut RequestLog,
-) -> Result<Proxied, ProxyError> {
+    note: &mut Option<cache::Note>,
+) -> Result<Reply, ProxyError> {
     check::request(rt, parts, &body)?;
     let routed = route::find(rt, parts);
     log.upstream = routed.route.map(|r| r.upstream);
+    if let Some(cache) = routed.route.and_then(|r| r.cache.as_ref()) {
+        *note = Some(cache::Note::new(cache.clone()));
+    }
     if let Some(pending) = admit::limits(rt, conn, parts, routed.route)? {
         // Boxed: requests without shared limits do not carry the store call's state.
         Box::pin(admit::shared(pending)).await?;
@@ -117,5 +134,16 @@ async fn proxy(
     let target = route::target(parts, route, &routed.path)?;
     let upstream = &rt.upstreams[route.upstream];
     let affinity = affinity::of(rt, conn, parts, &routed.path, upstream);
-    forward::forward(rt, conn, parts, upstream, affinity, &target, routed.host.as_ref(), body, log).await
+    if let (Some(cache), Some(note)) = (&route.cache, note.as_mut()) {
+        let dest = cache::Destination {
+            upstream: route.upstream,
+            affinity,
+            target: target.into_owned(),
+            host: routed.host.clone(),
+        };
+        return cache::serve(cache, rt, conn, parts, dest, body, log, note).await;
+    }
+    forward::forward(rt, conn, parts, upstream, affinity, &target, routed.host.as_ref(), body, log)
+        .await
+        .map(Reply::Proxied)
 }

@@ -13,15 +13,17 @@ use super::headers;
 use super::log::RequestLog;
 use super::upgrade::{self, ClientUpgrade};
 use crate::backend::Framing;
+use crate::cache::Filling;
 
 /// The response for `proxied`; `client_upgrade` is where the client connection goes if
-/// the backend switches protocols.
+/// the backend switches protocols; `filling` collects its body for the route's cache.
 #[inline]
 pub fn response(
     proxied: Proxied,
     conn: &ConnInfo,
     client_upgrade: Option<ClientUpgrade>,
     mut log: RequestLog,
+    filling: Option<Box<Filling>>,
 ) -> Response<ResponseBody> {
     let Proxied { head, inflight, conn: backend_conn, upload, set_cookie } = proxied;
     log.status = head.status.as_u16();
@@ -30,7 +32,10 @@ pub fn response(
         // The fields go to the client as the backend sent them, less the hop-by-hop ones
         // (`headers::write_response_fields`): no map is built. The server writes those of
         // the response's map (balancer's own: a sticky cookie) after them.
-        let body = ResponseBody::upstream(backend_conn.into_body(head.framing, upload), log, inflight);
+        let mut body = ResponseBody::upstream(backend_conn.into_body(head.framing, upload), log, inflight);
+        if let Some(f) = filling {
+            body = body.filling(f);
+        }
         let mut response = Response::new(body.passing(head.fields));
         *response.status_mut() = head.status;
         if let Some(cookie) = set_cookie {
@@ -52,7 +57,10 @@ pub fn response(
     *response.headers_mut() = headers;
     let (parts, ()) = response.into_parts();
     if !switching {
-        let body = ResponseBody::upstream(backend_conn.into_body(head.framing, upload), log, inflight);
+        let mut body = ResponseBody::upstream(backend_conn.into_body(head.framing, upload), log, inflight);
+        if let Some(f) = filling {
+            body = body.filling(f);
+        }
         return Response::from_parts(parts, body);
     }
     match client_upgrade {

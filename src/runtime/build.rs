@@ -7,6 +7,7 @@ use super::router::Router;
 use super::{Runtime, Upstream};
 use crate::backend::Backend;
 use crate::balance;
+use crate::cache::Cache;
 use crate::config::{BackendConfig, Config};
 use crate::discovery::Resolved;
 use crate::limit::{LimitStore, RateLimiter};
@@ -149,6 +150,18 @@ pub fn build(config: Config, previous: Option<&Runtime>, generation: u64, resolv
         }
     }
 
+    // A cache whose settings did not change keeps its entries and counters.
+    let caches: Vec<Arc<Cache>> = config
+        .caches
+        .iter()
+        .map(|(name, cfg)| {
+            let kept = previous.and_then(|p| p.caches.iter().find(|c| c.name == *name && c.config == *cfg));
+            kept.cloned().unwrap_or_else(|| Arc::new(Cache::new(name, *cfg)))
+        })
+        .collect();
+    let cache_named = |name: &Option<String>| {
+        name.as_ref().map(|n| caches.iter().find(|c| c.name == *n).expect("validated cache name").clone())
+    };
     let index_of = |name: &str| upstreams.iter().position(|u| u.name == name).expect("validated upstream name");
     let routes = if config.routes.is_empty() && upstreams.len() == 1 {
         vec![super::router::Route {
@@ -157,10 +170,15 @@ pub fn build(config: Config, previous: Option<&Runtime>, generation: u64, resolv
             upstream: 0,
             strip_prefix: false,
             limits: server_limits.clone(),
+            cache: None,
         }]
     } else {
-        config.routes.iter().map(|r| Router::route(r, index_of(&r.upstream), route_limits(&r.rate_limit))).collect()
+        config
+            .routes
+            .iter()
+            .map(|r| Router::route(r, index_of(&r.upstream), route_limits(&r.rate_limit), cache_named(&r.cache)))
+            .collect()
     };
     let router = Router::new(routes);
-    Runtime { generation, config, router, upstreams, metrics, limits, server_limits, limit_store, resolved }
+    Runtime { generation, config, router, upstreams, metrics, limits, server_limits, limit_store, resolved, caches }
 }

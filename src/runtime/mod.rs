@@ -15,6 +15,7 @@ use arc_swap::ArcSwap;
 
 use crate::backend::{Backend, SlotQueue};
 use crate::balance::{self, Balancer, Sticky};
+use crate::cache::Cache;
 use crate::config::{Config, HashKey, HealthCheckConfig, PassiveConfig, StrategyName, Timeouts};
 use crate::discovery::{self, Found, Resolved, Target};
 use crate::limit::{LimitStore, RateLimiter};
@@ -42,6 +43,8 @@ pub struct Runtime {
     pub limit_store: Option<Arc<LimitStore>>,
     /// The addresses of backend host names this snapshot's backends were made from.
     pub resolved: Resolved,
+    /// Every `[caches.*]`, in name order; each kept across reloads while unchanged.
+    pub caches: Vec<Arc<Cache>>,
 }
 
 #[derive(Debug)]

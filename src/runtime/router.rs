@@ -1,5 +1,8 @@
 //! The route table: host (exact or `*.suffix`) and longest segment-boundary path prefix.
 
+use std::sync::Arc;
+
+use crate::cache::Cache;
 use crate::config::{HostMatch, RouteConfig};
 
 #[derive(Debug)]
@@ -12,6 +15,8 @@ pub struct Route {
     /// Indices into `Runtime::limits` of every limit this route's requests must pass
     /// (server-wide and the route's own), ascending: the order their locks are taken in.
     pub limits: Vec<usize>,
+    /// `cache = "NAME"`: where its GET and HEAD responses are kept.
+    pub cache: Option<Arc<Cache>>,
 }
 
 #[derive(Debug, Default)]
@@ -27,13 +32,14 @@ impl Router {
     }
 
     /// Builds one route from the config (`upstream` and `limits` already resolved).
-    pub fn route(cfg: &RouteConfig, upstream: usize, limits: Vec<usize>) -> Route {
+    pub fn route(cfg: &RouteConfig, upstream: usize, limits: Vec<usize>, cache: Option<Arc<Cache>>) -> Route {
         Route {
             host: cfg.host.clone(),
             prefix: cfg.path_prefix.clone(),
             upstream,
             strip_prefix: cfg.strip_prefix,
             limits,
+            cache,
         }
     }
 
@@ -60,7 +66,7 @@ mod tests {
     use super::*;
 
     fn r(host: Option<HostMatch>, prefix: &str, upstream: usize) -> Route {
-        Route { host, prefix: prefix.into(), upstream, strip_prefix: false, limits: vec![] }
+        Route { host, prefix: prefix.into(), upstream, strip_prefix: false, limits: vec![], cache: None }
     }
 
     #[test]

@@ -8,6 +8,7 @@
 pub mod client;
 pub mod duplex;
 pub mod gunicorn;
+pub mod origin;
 pub mod redis;
 pub mod tls;
 pub mod upstream;

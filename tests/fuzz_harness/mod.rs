@@ -192,7 +192,7 @@ path_prefix = "/"
 upstream = "app"
 "#;
         let loaded = config::parse(text, Path::new("router.toml"), &Overrides::default()).expect("router config");
-        Router::new(loaded.config.routes.iter().map(|r| Router::route(r, 0, Vec::new())).collect())
+        Router::new(loaded.config.routes.iter().map(|r| Router::route(r, 0, Vec::new(), None)).collect())
     })
 }
 
