@@ -28,6 +28,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("worker", 10),
     ("memory", 10),
     ("notify", 10),
+    ("otlp", 10),
     ("host", 11),
 ];
 

@@ -78,6 +78,8 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// `[limit_store]`: where `shared` limits keep their buckets.
     pub limit_store: Option<LimitStoreConfig>,
+    /// `[tracing] otlp_endpoint`: the OTLP/HTTP collector spans are exported to.
+    pub otlp_endpoint: Option<http::Uri>,
     /// Every file this config reads besides itself (certificates, keys, CAs): a change to
     /// any of them is a reason to reload.
     pub files: Vec<PathBuf>,

@@ -24,6 +24,17 @@ pub struct RawConfig {
     pub routes: Vec<RawRoute>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub limit_store: Option<RawLimitStore>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<RawTracing>,
+}
+
+/// `[tracing]`: where spans go.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTracing {
+    /// An OTLP/HTTP collector (`http://host:4318`): a span per request is exported there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub otlp_endpoint: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]

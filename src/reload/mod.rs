@@ -254,6 +254,7 @@ impl Reloader {
         self.checks = CancellationToken::new();
         next.spawn_health_checks(&self.checks);
         next.spawn_limit_store(&self.checks);
+        next.spawn_span_export();
         self.log.apply(&next.config.log);
         if let Some(mut bound) = admin_listener {
             self.admin.stop.cancel();

@@ -9,6 +9,7 @@ use crate::balance;
 use crate::config::Config;
 use crate::limit::{LimitStore, RateLimiter};
 use crate::metrics::Metrics;
+use crate::otlp::SpanExport;
 
 /// Compiles `config`, reusing the `Arc<Backend>` (health, counters, pool) of every backend
 /// whose upstream name and URL are unchanged from `previous`.
@@ -31,6 +32,12 @@ pub fn build(config: Config, previous: Option<&Runtime>, generation: u64) -> Run
         match previous.and_then(|p| p.limit_store.as_ref()).filter(|s| s.config == *cfg) {
             Some(kept) => kept.clone(),
             None => Arc::new(LimitStore::new(cfg.clone(), metrics.limit_store_errors.clone())),
+        }
+    });
+    let span_export = config.otlp_endpoint.as_ref().map(|endpoint| {
+        match previous.and_then(|p| p.span_export.as_ref()).filter(|e| e.configured == *endpoint) {
+            Some(kept) => kept.clone(),
+            None => Arc::new(SpanExport::new(endpoint.clone())),
         }
     });
     let limit_index = |name: &String| limits.iter().position(|l| l.name == *name).expect("validated limit name");
@@ -123,5 +130,5 @@ pub fn build(config: Config, previous: Option<&Runtime>, generation: u64) -> Run
         config.routes.iter().map(|r| Router::route(r, index_of(&r.upstream), route_limits(&r.rate_limit))).collect()
     };
     let router = Router::new(routes);
-    Runtime { generation, config, router, upstreams, metrics, limits, server_limits, limit_store }
+    Runtime { generation, config, router, upstreams, metrics, limits, server_limits, limit_store, span_export }
 }

@@ -18,6 +18,7 @@ use crate::balance::{self, Balancer, Sticky};
 use crate::config::{Config, HashKey, HealthCheckConfig, PassiveConfig, StrategyName, Timeouts};
 use crate::limit::{LimitStore, RateLimiter};
 use crate::metrics::{Metrics, UpstreamStats};
+use crate::otlp::SpanExport;
 pub use build::build;
 use router::Router;
 
@@ -39,6 +40,9 @@ pub struct Runtime {
     pub server_limits: Vec<usize>,
     /// `[limit_store]`, kept across reloads while its config is unchanged.
     pub limit_store: Option<Arc<LimitStore>>,
+    /// `[tracing] otlp_endpoint`: where each request's span goes; kept across reloads while
+    /// the endpoint is unchanged. `None` costs the request path one check.
+    pub span_export: Option<Arc<SpanExport>>,
 }
 
 #[derive(Debug)]
@@ -94,6 +98,17 @@ impl Runtime {
     pub fn spawn_limit_store(&self, stop: &tokio_util::sync::CancellationToken) {
         if let Some(store) = &self.limit_store {
             tokio::spawn(store.clone().run(stop.clone()));
+        }
+    }
+}
+
+impl Runtime {
+    /// Starts the span exporter's task if this generation brought a new exporter (one
+    /// kept from the previous generation is already running). The task ends by itself
+    /// once no generation holds the exporter.
+    pub fn spawn_span_export(&self) {
+        if let Some(export) = &self.span_export {
+            export.start();
         }
     }
 }
