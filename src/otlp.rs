@@ -140,6 +140,13 @@ async fn run(mut receiver: mpsc::Receiver<SpanRecord>, endpoint: Uri, counters: 
             }
         }
         let n = batch.len() as u64;
+        // While the collector is down, a batch is dropped before it is encoded, unless a
+        // connection can be made again: a dead collector costs little more than the queue.
+        if client.failing && client.reconnect().await.is_err() {
+            batch.clear();
+            counters.failed.fetch_add(n, Relaxed);
+            continue;
+        }
         let body = encode(batch.drain(..));
         match client.post(body).await {
             Ok(()) => counters.exported.fetch_add(n, Relaxed),
@@ -194,6 +201,16 @@ impl Client {
             self.conn = None;
         }
         result
+    }
+
+    /// Opens a connection if there is no open one (within [`EXPORT_TIMEOUT`]).
+    async fn reconnect(&mut self) -> Result<(), ExportError> {
+        if self.conn.as_ref().is_some_and(|c| !c.is_closed()) {
+            return Ok(());
+        }
+        let conn = tokio::time::timeout(EXPORT_TIMEOUT, self.connect()).await.map_err(|_| ExportError::Timeout)??;
+        self.conn = Some(conn);
+        Ok(())
     }
 
     async fn try_post(&mut self, body: Vec<u8>) -> Result<(), ExportError> {

@@ -31,7 +31,11 @@ struct Collector {
 
 impl Collector {
     async fn start() -> Collector {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on("127.0.0.1:0".parse().unwrap()).await
+    }
+
+    async fn start_on(addr: SocketAddr) -> Collector {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let spans: Arc<Mutex<Vec<(String, Span)>>> = Arc::default();
         let posts: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
@@ -213,7 +217,8 @@ async fn spans_are_batched_and_follow_a_reload() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_unreachable_collector_costs_requests_nothing() {
     let up = Upstream::start("a").await;
-    let b = Balancer::start(&config_with_admin(&[up.addr], &tracing(dead_addr())), &[]);
+    let dead = dead_addr();
+    let b = Balancer::start(&config_with_admin(&[up.addr], &tracing(dead)), &[]);
     let mut conn = Conn::open(b.addr()).await;
     for i in 0..500 {
         let r = conn.get(&format!("/{i}")).await.unwrap();
@@ -231,7 +236,17 @@ async fn an_unreachable_collector_costs_requests_nothing() {
     let warned =
         b.logs().iter().filter(|l| l["message"].as_str().is_some_and(|m| m.starts_with("span export failed"))).count();
     assert_eq!(warned, 1, "logged once while it stays down");
-    assert_eq!(up.hits(), 500);
+    assert!(up.hits() >= 500);
+
+    // The collector comes up on that port: spans flow again, and that is logged.
+    let collector = Collector::start_on(dead).await;
+    let arrived = wait_until(Duration::from_secs(10), || async {
+        get(b.addr(), "/again").await;
+        !collector.spans().is_empty()
+    })
+    .await;
+    assert!(arrived, "no span after the collector came back");
+    b.wait_for_log(Duration::from_secs(5), |l| l["message"] == "span export works again");
 }
 
 #[test]
