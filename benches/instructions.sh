@@ -6,6 +6,10 @@
 #
 #   benches/instructions.sh                  # both, 6 s of wrk -c10 each after a warm-up
 #   TARGETS=balancer benches/instructions.sh
+#   TARGETS="balancer balancer-otlp balancer-otlp-down" benches/instructions.sh
+#     balancer-otlp: a span per request exported to a collector that accepts them (the
+#     demo backend answers the POSTs 200), the exporter task's work included;
+#     balancer-otlp-down: exported to a closed port (every batch fails to connect).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benches/nginx_conf.sh
@@ -37,6 +41,11 @@ access = false
 backends = ["http://127.0.0.1:19301"]
 keepalive = 64
 CFG
+for t in otlp otlp-down; do
+  port=19301; [ $t = otlp-down ] && port=19309
+  sed "s/19302/19304/" "$OUT/balancer.toml" > "$OUT/balancer-$t.toml"
+  printf '[tracing]\notlp_endpoint = "http://127.0.0.1:%s"\n' $port >> "$OUT/balancer-$t.toml"
+done
 nginx_conf "$PWD/$OUT/nginx" 1 19303 19301 "master_process off; daemon off;"
 
 measure() { # name port command...
@@ -50,12 +59,14 @@ measure() { # name port command...
   callgrind_control -d "$pid" >/dev/null 2>&1
   kill -INT "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true
   local ir; ir=$(callgrind_annotate "$OUT/$name.cg.1" 2>/dev/null | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1}')
-  printf '%-9s %8d requests  %6d instructions per request\n' "$name" "$n" $((ir / n))
+  printf '%-18s %8d requests  %6d instructions per request\n' "$name" "$n" $((ir / n))
 }
 
 for t in $TARGETS; do
   case $t in
     balancer) measure balancer 19302 target/release/balancer -c "$OUT/balancer.toml" ;;
+    balancer-otlp) measure balancer-otlp 19304 target/release/balancer -c "$OUT/balancer-otlp.toml" ;;
+    balancer-otlp-down) measure balancer-otlp-down 19304 target/release/balancer -c "$OUT/balancer-otlp-down.toml" ;;
     nginx) measure nginx 19303 nginx -c "$PWD/$OUT/nginx/nginx.conf" -p "$PWD/$OUT/nginx" ;;
   esac
 done

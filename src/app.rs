@@ -42,6 +42,7 @@ pub async fn run(loaded: Loaded, source: ConfigSource, log: LogHandle, workers: 
     let checks = CancellationToken::new();
     runtime.load().spawn_health_checks(&checks, None);
     runtime.load().spawn_limit_store(&checks);
+    runtime.load().spawn_span_export();
     let (handle, requests) = reload::channel();
     let admin_stop = CancellationToken::new();
     if let Some(l) = admin_listener {

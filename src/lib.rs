@@ -27,6 +27,7 @@ pub mod logging;
 pub(crate) mod memory;
 pub(crate) mod metrics;
 pub(crate) mod notify;
+pub(crate) mod otlp;
 pub mod path;
 pub mod proxy;
 pub(crate) mod reload;

@@ -19,6 +19,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("cache", 6),
     ("backend", 7),
     ("limit", 7),
+    ("discovery", 7),
     ("logging", 8),
     ("config", 9),
     ("tls", 10),
@@ -29,6 +30,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("worker", 10),
     ("memory", 10),
     ("notify", 10),
+    ("otlp", 10),
     ("host", 11),
 ];
 

@@ -192,6 +192,25 @@ impl prometheus_client::collector::Collector for RuntimeCollector {
                 ConstGauge::new(bytes).encode(family.encode_family(&[("cache", cache.name.as_str())])?)?;
             }
         }
+        if let Some(export) = &rt.span_export {
+            let c = &export.counters;
+            let family = enc.encode_descriptor(
+                "balancer_spans_exported",
+                "Spans an OTLP collector accepted ([tracing] otlp_endpoint).",
+                None,
+                MetricType::Counter,
+            )?;
+            ConstCounter::new(c.exported.load(Relaxed)).encode(family)?;
+            let mut family = enc.encode_descriptor(
+                "balancer_spans_dropped",
+                "Spans not exported, by reason: queue_full (the exporter fell behind), export_failed (the collector was down, slow or refused).",
+                None,
+                MetricType::Counter,
+            )?;
+            for (reason, n) in [("queue_full", &c.dropped_full), ("export_failed", &c.failed)] {
+                ConstCounter::new(n.load(Relaxed)).encode(family.encode_family(&[("reason", reason)])?)?;
+            }
+        }
 
         let mut family =
             enc.encode_descriptor("balancer_config_reloads", "Config reloads, by result.", None, MetricType::Counter)?;

@@ -1,10 +1,11 @@
-//! The admin listener: `/healthz`, `/metrics` (Prometheus text), `/status` (JSON),
-//! `/config` (the running config as TOML, secrets hidden), `POST /reload` and
-//! `POST /cache/purge`.
+//! The admin listener: `/` (the dashboard) and `/dashboard.json` (its feed), `/healthz`,
+//! `/metrics` (Prometheus text), `/status` (JSON), `/config` (the running config as TOML,
+//! secrets hidden), `POST /reload` and `POST /cache/purge`.
 //!
 //! Everything is read at request time from the live runtime; the admin listener keeps no
 //! state of its own beyond the metrics registry.
 
+mod dashboard;
 mod metrics;
 
 use std::convert::Infallible;
@@ -79,11 +80,15 @@ impl Admin {
                 }
             },
             (&Method::POST, "/cache/purge") => self.purge(req.into_body()).await,
+            (&Method::GET | &Method::HEAD, "/") => page(),
+            (&Method::GET | &Method::HEAD, "/dashboard.json") => {
+                json(StatusCode::OK, &dashboard::feed(&self.runtime.load()))
+            }
             (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "ok\n".into()),
             (&Method::GET | &Method::HEAD, "/metrics") => self.metrics(),
             (&Method::GET | &Method::HEAD, "/status") => json(StatusCode::OK, &self.status()),
             (&Method::GET | &Method::HEAD, "/config") => self.config(),
-            (_, "/healthz" | "/metrics" | "/status" | "/reload" | "/config" | "/cache/purge") => {
+            (_, "/" | "/dashboard.json" | "/healthz" | "/metrics" | "/status" | "/reload" | "/config" | "/cache/purge") => {
                 text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n".into())
             }
             (_, path) => text(StatusCode::NOT_FOUND, format!("no admin endpoint at {path}\n")),
@@ -229,6 +234,21 @@ struct BackendStatus {
     inflight: usize,
     requests: u64,
     failures: u64,
+}
+
+/// The dashboard page. It loads nothing but its feed, and says so to the browser.
+fn page() -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from_static(dashboard::PAGE.as_bytes())));
+    let headers = resp.headers_mut();
+    headers.insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/html; charset=utf-8"));
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        header::HeaderValue::from_static(
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src data:",
+        ),
+    );
+    headers.insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-cache"));
+    resp
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {

@@ -83,6 +83,8 @@ pub struct Config {
     /// `[resolver]`: the name servers backend host names are looked up on; empty: those
     /// of `/etc/resolv.conf`.
     pub nameservers: Vec<SocketAddr>,
+    /// `[tracing] otlp_endpoint`: the OTLP/HTTP collector spans are exported to.
+    pub otlp_endpoint: Option<http::Uri>,
     /// Every file this config reads besides itself (certificates, keys, CAs): a change to
     /// any of them is a reason to reload.
     pub files: Vec<PathBuf>,

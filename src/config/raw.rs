@@ -29,6 +29,8 @@ pub struct RawConfig {
     pub limit_store: Option<RawLimitStore>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub resolver: Option<RawResolver>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<RawTracing>,
 }
 
 /// `[resolver]`: where backend host names are looked up (default: `/etc/resolv.conf`).
@@ -38,6 +40,15 @@ pub struct RawResolver {
     /// `ip` or `ip:port` (port 53 by default).
     #[serde(default)]
     pub nameservers: Vec<String>,
+}
+
+/// `[tracing]`: where spans go.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTracing {
+    /// An OTLP/HTTP collector (`http://host:4318`): a span per request is exported there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub otlp_endpoint: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]

@@ -118,6 +118,7 @@ pub fn validate(raw: &RawConfig, base: &Path) -> Result<Config, KeyError> {
         None => Vec::new(),
         Some(r) => r.nameservers.iter().enumerate().map(|(i, n)| nameserver(n, i)).collect::<Result<_, _>>()?,
     };
+    let otlp_endpoint = raw.tracing.as_ref().and_then(|t| t.otlp_endpoint.as_deref()).map(otlp_endpoint).transpose()?;
 
     if raw.upstreams.is_empty() {
         return err("upstreams", "no upstreams are configured: add an [upstreams.NAME] table or pass --backend URL");
@@ -213,6 +214,7 @@ pub fn validate(raw: &RawConfig, base: &Path) -> Result<Config, KeyError> {
         routes,
         limit_store,
         nameservers,
+        otlp_endpoint,
         files,
         // Rendered from the raw config by `config::finish`.
         effective_toml: Default::default(),
@@ -255,6 +257,25 @@ fn tls_listeners(
         sni.push((host, pair(&entry.cert, &entry.key, &format!("{at}.cert"))?));
     }
     Ok(TlsListeners { listen, certs: crate::tls::ServerCerts { default, sni } })
+}
+
+/// `[tracing] otlp_endpoint`: an `http://host[:port][/path]` URL (OTLP/HTTP; spans are
+/// POSTed to its `/v1/traces`). TLS to the collector is not built: a local collector or
+/// agent is the usual hop.
+fn otlp_endpoint(url: &str) -> Result<http::Uri, KeyError> {
+    const KEY: &str = "tracing.otlp_endpoint";
+    let uri: http::Uri = url.trim().parse().or_else(|e| err(KEY, format!(r#""{url}" is not a URL: {e}"#)))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
+            return err(KEY, "https is not supported: send to a local collector or agent over http://");
+        }
+        _ => return err(KEY, format!(r#""{url}" is not an http:// URL: write e.g. "http://127.0.0.1:4318""#)),
+    }
+    if uri.host().is_none_or(str::is_empty) || uri.query().is_some() {
+        return err(KEY, format!(r#""{url}" needs a host and no query: write e.g. "http://127.0.0.1:4318""#));
+    }
+    Ok(uri)
 }
 
 fn addr(a: &str, key: &str) -> Result<SocketAddr, KeyError> {
@@ -532,5 +553,15 @@ mod tests {
         assert!(backend_url("127.0.0.1:8000").is_err());
         assert!(backend_url("http://h:1/path").is_err());
         assert!(backend_url("ftp://h:1").is_err());
+    }
+
+    #[test]
+    fn otlp_endpoints() {
+        assert_eq!(otlp_endpoint("http://127.0.0.1:4318").unwrap().port_u16(), Some(4318));
+        assert!(otlp_endpoint("http://collector/otlp").is_ok());
+        assert!(otlp_endpoint("https://collector:4318").unwrap_err().message.contains("https"));
+        assert!(otlp_endpoint("127.0.0.1:4318").is_err());
+        assert!(otlp_endpoint("grpc://c:4317").is_err());
+        assert!(otlp_endpoint("http://c:4318/?x=1").is_err());
     }
 }

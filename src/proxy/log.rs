@@ -2,13 +2,15 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use http::{HeaderValue, Method, Uri};
 
 use super::ActivityGuard;
 use super::trace::TraceContext;
 use crate::backend::Backend;
+use crate::otlp::SpanExport;
+use crate::otlp::SpanRecord;
 use crate::runtime::Runtime;
 
 /// Everything the access-log line needs, gathered along the request path. Also holds the
@@ -38,6 +40,33 @@ impl RequestLog {
         Some(&*self.runtime.upstreams[self.upstream?].backends[self.backend?])
     }
 
+    /// Hands this request's span to the OTLP exporter (sampled traces only).
+    #[cold]
+    fn export_span(&self, export: &SpanExport, elapsed: std::time::Duration) {
+        if !self.trace.sampled() {
+            return;
+        }
+        let (trace_id, span_id, parent_id) = self.trace.ids();
+        let end = SystemTime::now();
+        let backend = self.backend();
+        export.record(SpanRecord {
+            trace_id,
+            span_id,
+            parent_id,
+            start: end.checked_sub(elapsed).unwrap_or(end),
+            end,
+            method: self.method.clone(),
+            uri: self.uri.clone(),
+            status: self.status,
+            upstream: match (backend, self.upstream) {
+                (Some(b), _) => Some(b.upstream.clone()),
+                (None, Some(i)) => Some(Arc::from(self.runtime.upstreams[i].name.as_str())),
+                (None, None) => None,
+            },
+            backend: backend.map(|b| b.url.clone()),
+        });
+    }
+
     pub fn note_broken(&mut self, e: &dyn std::fmt::Display) {
         self.broken = true;
         if let Some(b) = self.backend() {
@@ -57,6 +86,9 @@ impl Drop for RequestLog {
         }
         if let Some(u) = upstream {
             u.stats.durations.observe(elapsed);
+        }
+        if let Some(export) = &self.runtime.span_export {
+            self.export_span(export, elapsed);
         }
         if !self.runtime.config.log.access {
             return;

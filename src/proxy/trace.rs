@@ -4,7 +4,7 @@
 //! balancer starts a trace (a random trace id, sampled) and drops any `tracestate`, which
 //! belonged to a trace no longer continued.
 //!
-//! A context is 58 bytes on the stack: parsing, making ids and writing the header allocate
+//! A context is 74 bytes on the stack: parsing, making ids and writing the header allocate
 //! nothing.
 
 use std::cell::Cell;
@@ -22,6 +22,8 @@ pub struct TraceContext {
     trace_id: [u8; 32],
     /// Balancer's own span: the backend's parent.
     span_id: [u8; 16],
+    /// The client's span (balancer's parent), when `continued`; zeros otherwise.
+    parent_id: [u8; 16],
     flags: [u8; 2],
     /// The client sent a valid `traceparent`: this continues its trace, and its
     /// `tracestate` goes along.
@@ -40,12 +42,12 @@ impl TraceContext {
         };
         let span_id = hex16(nonzero_random());
         match parent {
-            Some((trace_id, flags)) => TraceContext { trace_id, span_id, flags, continued: true },
+            Some((trace_id, parent_id, flags)) => TraceContext { trace_id, span_id, parent_id, flags, continued: true },
             None => {
                 let mut trace_id = [0u8; 32];
                 trace_id[..16].copy_from_slice(&hex16(nonzero_random()));
                 trace_id[16..].copy_from_slice(&hex16(random()));
-                TraceContext { trace_id, span_id, flags: *b"01", continued: false }
+                TraceContext { trace_id, span_id, parent_id: [b'0'; 16], flags: *b"01", continued: false }
             }
         }
     }
@@ -58,6 +60,18 @@ impl TraceContext {
     /// Balancer's span id, 16 lower-case hex digits.
     pub fn span_id(&self) -> &str {
         std::str::from_utf8(&self.span_id).unwrap_or("-")
+    }
+
+    /// The ids as hex digits (trace, balancer's span, the client's span when continued),
+    /// for a span exported over OTLP.
+    pub fn ids(&self) -> ([u8; 32], [u8; 16], Option<[u8; 16]>) {
+        (self.trace_id, self.span_id, self.continued.then_some(self.parent_id))
+    }
+
+    /// The sampled flag: whether whoever started the trace records it (a span is exported
+    /// only then, as an OpenTelemetry SDK's default parent-based sampler does).
+    pub fn sampled(&self) -> bool {
+        HEX_VALUE[usize::from(self.flags[1])] & 1 == 1
     }
 
     /// Appends `traceparent: 00-...\r\n`.
@@ -76,7 +90,7 @@ impl TraceContext {
 /// 3.2): `version-traceid-parentid-flags` in lower-case hex; version `ff` is invalid; a
 /// version above `00` is read as `00` where it may carry more after a `-`; all-zero ids
 /// are invalid.
-fn parse(v: &[u8]) -> Option<([u8; 32], [u8; 2])> {
+fn parse(v: &[u8]) -> Option<([u8; 32], [u8; 16], [u8; 2])> {
     let head: &[u8; 55] = v.get(..55)?.try_into().ok()?;
     let version = &head[..2];
     let exact = version == b"00";
@@ -92,7 +106,7 @@ fn parse(v: &[u8]) -> Option<([u8; 32], [u8; 2])> {
     if bad || trace == [b'0'; 32] || parent == [b'0'; 16] {
         return None;
     }
-    Some((trace.try_into().ok()?, [head[53], head[54]]))
+    Some((trace.try_into().ok()?, parent.try_into().ok()?, [head[53], head[54]]))
 }
 
 /// Which bytes are lower-case hex digits (upper case is invalid in `traceparent`).
@@ -101,6 +115,21 @@ const LOWER_HEX: [bool; 256] = {
     let mut b = 0;
     while b < 256 {
         table[b] = matches!(b as u8, b'0'..=b'9' | b'a'..=b'f');
+        b += 1;
+    }
+    table
+};
+
+/// Each lower-case hex digit's value (0 for any other byte).
+const HEX_VALUE: [u8; 256] = {
+    let mut table = [0u8; 256];
+    let mut b = 0;
+    while b < 256 {
+        table[b] = match b as u8 {
+            d @ b'0'..=b'9' => d - b'0',
+            d @ b'a'..=b'f' => d - b'a' + 10,
+            _ => 0,
+        };
         b += 1;
     }
     table
@@ -174,8 +203,14 @@ mod tests {
     #[test]
     fn a_valid_parent_is_continued_with_a_new_span() {
         let c = ctx(&[VALID]);
-        assert!(c.continued);
+        assert!(c.continued && c.sampled());
         assert_eq!(c.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(
+            c.ids().2.as_ref().map(|p| &p[..]),
+            Some(&b"00f067aa0ba902b7"[..]),
+            "the client's span is the parent"
+        );
+        assert!(!ctx(&[&VALID.replace("-01", "-00")]).sampled());
         assert_ne!(c.span_id(), "00f067aa0ba902b7");
         assert_eq!(written(&c), format!("traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-{}-01\r\n", c.span_id()));
         assert!(written(&ctx(&[&VALID.replace("-01", "-00")])).ends_with("-00\r\n"), "flags kept");
@@ -209,7 +244,7 @@ mod tests {
         }
         assert!(!ctx(&[VALID, VALID]).continued, "two traceparent fields");
         let (a, b) = (ctx(&[]), ctx(&[]));
-        assert!(!a.continued);
+        assert!(!a.continued && a.sampled() && a.ids().2.is_none());
         assert_ne!(a.trace_id(), b.trace_id());
         assert_ne!(a.span_id(), b.span_id());
     }

@@ -278,6 +278,7 @@ impl Reloader {
         next.spawn_health_checks(&self.checks, None);
         next.spawn_limit_store(&self.checks);
         next.spawn_discovery(&self.checks, self.found_tx.clone());
+        next.spawn_span_export();
         self.log.apply(&next.config.log);
         if let Some(mut bound) = admin_listener {
             self.admin.stop.cancel();

@@ -12,6 +12,7 @@ use crate::config::{BackendConfig, Config};
 use crate::discovery::Resolved;
 use crate::limit::{LimitStore, RateLimiter};
 use crate::metrics::Metrics;
+use crate::otlp::SpanExport;
 
 /// Compiles `config`, reusing the `Arc<Backend>` (health, counters, pool) of every backend
 /// whose upstream name, URL and host name are unchanged from `previous`. A backend host
@@ -35,6 +36,12 @@ pub fn build(config: Config, previous: Option<&Runtime>, generation: u64, resolv
         match previous.and_then(|p| p.limit_store.as_ref()).filter(|s| s.config == *cfg) {
             Some(kept) => kept.clone(),
             None => Arc::new(LimitStore::new(cfg.clone(), metrics.limit_store_errors.clone())),
+        }
+    });
+    let span_export = config.otlp_endpoint.as_ref().map(|endpoint| {
+        match previous.and_then(|p| p.span_export.as_ref()).filter(|e| e.configured == *endpoint) {
+            Some(kept) => kept.clone(),
+            None => Arc::new(SpanExport::new(endpoint.clone())),
         }
     });
     let limit_index = |name: &String| limits.iter().position(|l| l.name == *name).expect("validated limit name");
@@ -180,5 +187,17 @@ pub fn build(config: Config, previous: Option<&Runtime>, generation: u64, resolv
             .collect()
     };
     let router = Router::new(routes);
-    Runtime { generation, config, router, upstreams, metrics, limits, server_limits, limit_store, resolved, caches }
+    Runtime {
+        generation,
+        config,
+        router,
+        upstreams,
+        metrics,
+        limits,
+        server_limits,
+        limit_store,
+        resolved,
+        caches,
+        span_export,
+    }
 }

@@ -20,6 +20,7 @@ use crate::config::{Config, HashKey, HealthCheckConfig, PassiveConfig, StrategyN
 use crate::discovery::{self, Found, Resolved, Target};
 use crate::limit::{LimitStore, RateLimiter};
 use crate::metrics::{Metrics, UpstreamStats};
+use crate::otlp::SpanExport;
 pub use build::build;
 use router::Router;
 
@@ -45,6 +46,9 @@ pub struct Runtime {
     pub resolved: Resolved,
     /// Every `[caches.*]`, in name order; each kept across reloads while unchanged.
     pub caches: Vec<Arc<Cache>>,
+    /// `[tracing] otlp_endpoint`: where each request's span goes; kept across reloads while
+    /// the endpoint is unchanged. `None` costs the request path one check.
+    pub span_export: Option<Arc<SpanExport>>,
 }
 
 #[derive(Debug)]
@@ -136,6 +140,15 @@ impl Runtime {
         }
         let (nameservers, known) = (self.config.nameservers.clone(), self.resolved.clone());
         tokio::spawn(discovery::follow(targets, nameservers, known, self.generation, found, stop.clone()));
+    }
+
+    /// Starts the span exporter's task if this generation brought a new exporter (one
+    /// kept from the previous generation is already running). The task ends by itself
+    /// once no generation holds the exporter.
+    pub fn spawn_span_export(&self) {
+        if let Some(export) = &self.span_export {
+            export.start();
+        }
     }
 }
 
