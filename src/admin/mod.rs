@@ -88,9 +88,10 @@ impl Admin {
             (&Method::GET | &Method::HEAD, "/metrics") => self.metrics(),
             (&Method::GET | &Method::HEAD, "/status") => json(StatusCode::OK, &self.status()),
             (&Method::GET | &Method::HEAD, "/config") => self.config(),
-            (_, "/" | "/dashboard.json" | "/healthz" | "/metrics" | "/status" | "/reload" | "/config" | "/cache/purge") => {
-                text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n".into())
-            }
+            (
+                _,
+                "/" | "/dashboard.json" | "/healthz" | "/metrics" | "/status" | "/reload" | "/config" | "/cache/purge",
+            ) => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n".into()),
             (_, path) => text(StatusCode::NOT_FOUND, format!("no admin endpoint at {path}\n")),
         }
     }

@@ -33,6 +33,9 @@ use passive::{PassiveState, Transition};
 pub use pool::{ConnectError, Pool};
 pub use queue::{Entry, QueueRefusal, SlotQueue, Ticket};
 
+/// Where a backend found by DNS came from: the host name, and the address it resolved to.
+pub type FoundAt = (Arc<str>, std::net::SocketAddr);
+
 #[derive(Debug)]
 pub struct Backend {
     /// The URL as written in the config, for logs, metrics and `/status`.
@@ -87,7 +90,7 @@ impl Backend {
         upstream: &str,
         url: &str,
         authority: Authority,
-        found: Option<(Arc<str>, std::net::SocketAddr)>,
+        found: Option<FoundAt>,
         pool: PoolConfig,
         tls: Option<BackendTls>,
     ) -> Backend {

@@ -132,4 +132,33 @@ mod tests {
         let one = backends(1);
         assert!(!may_eject(&one, 0, 100), "never the last backend up");
     }
+
+    /// Picks of backend 1 out of `n`, both round-robin with equal weights.
+    fn share_of_one(bs: &[Arc<Backend>], slow_start: Duration, n: usize) -> f64 {
+        let rr = crate::balance::RoundRobin::new(&[1, 1]);
+        let cfg = PassiveConfig { max_fails: 0, fail_timeout: Duration::from_secs(1), max_ejected_percent: 50 };
+        let ones = (0..n)
+            .filter(|_| pick(&rr, bs, &cfg, Affinity::default(), slow_start, |_| true) == Some((1, false)))
+            .count();
+        ones as f64 / n as f64
+    }
+
+    #[test]
+    fn a_backend_back_up_ramps_from_a_tenth_of_its_weight() {
+        let bs = backends(2);
+        let hour = Duration::from_secs(3600);
+        assert!((share_of_one(&bs, hour, 10_000) - 0.5).abs() < 0.01, "no ramp before any change");
+        bs[1].set_active_up(false, "test");
+        bs[1].set_active_up(true, "test");
+        // Weight 1 against 0.1: 1/11 of the picks.
+        let share = share_of_one(&bs, hour, 20_000);
+        assert!((0.06..0.125).contains(&share), "{share}");
+        assert!((share_of_one(&bs, Duration::ZERO, 10_000) - 0.5).abs() < 0.01, "slow_start 0: no ramp");
+        // Only ramping backends accept: one of them is taken rather than none.
+        let rr = crate::balance::RoundRobin::new(&[1, 1]);
+        let cfg = PassiveConfig { max_fails: 0, fail_timeout: Duration::from_secs(1), max_ejected_percent: 50 };
+        for _ in 0..100 {
+            assert_eq!(pick(&rr, &bs, &cfg, Affinity::default(), hour, |i| i == 1), Some((1, false)));
+        }
+    }
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use super::router::Router;
 use super::{Runtime, Upstream};
-use crate::backend::Backend;
+use crate::backend::{Backend, FoundAt};
 use crate::balance;
 use crate::cache::Cache;
 use crate::config::{BackendConfig, Config};
@@ -65,7 +65,7 @@ pub fn build(config: Config, previous: Option<&Runtime>, generation: u64, resolv
                 (b.scheme == http::uri::Scheme::HTTPS).then(|| up.tls.clone()).flatten()
             };
             // Each entry as written, or each address its name resolves to, with its weight.
-            let mut found: Vec<(&BackendConfig, Option<(Arc<str>, SocketAddr)>)> = Vec::new();
+            let mut found: Vec<(&BackendConfig, Option<FoundAt>)> = Vec::new();
             for b in &up.backends {
                 match &b.name {
                     None => found.push((b, None)),

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod client;
+pub mod dns;
 pub mod duplex;
 pub mod gunicorn;
 pub mod origin;
