@@ -68,36 +68,10 @@ CFG
 wait_port 19121
 
 rm -rf "$SHM"; mkdir -p "$SHM" "$OUT/nginx"
-cat > "$OUT/nginx/nginx.conf" <<CFG
-worker_processes $WORKERS;
-pid $PWD/$OUT/nginx/nginx.pid;
-error_log $PWD/$OUT/nginx/error.log warn;
-events { worker_connections 20000; }
-http {
-  access_log off;
-  upstream app { server 127.0.0.1:$ORIGIN; keepalive 256; }
-  proxy_cache_path $SHM levels=1:2 keys_zone=edge:10m max_size=256m;
-  map \$http_x_request_id \$rid { default \$http_x_request_id; "" \$request_id; }
-  server {
-    listen 127.0.0.1:19123 backlog=1024;
-    keepalive_requests 1000000;
-    location / {
-      proxy_pass http://app;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Host \$http_host;
-      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
-      proxy_set_header X-Forwarded-Proto \$scheme;
-      proxy_set_header X-Forwarded-Host \$http_host;
-      proxy_set_header X-Request-Id \$rid;
-      add_header X-Request-Id \$rid always;
-      proxy_cache edge;
-      proxy_cache_lock on;
-      add_header Cache-Status \$upstream_cache_status always;
-    }
-  }
-}
-CFG
+. benches/nginx_conf.sh
+nginx_conf "$PWD/$OUT/nginx" "$WORKERS" 19123 "$ORIGIN" "" \
+  "proxy_cache_path $SHM levels=1:2 keys_zone=edge:10m max_size=256m;" \
+  "proxy_cache edge; proxy_cache_lock on; add_header Cache-Status \$upstream_cache_status always;"
 nginx -c "$PWD/$OUT/nginx/nginx.conf" -p "$PWD/$OUT/nginx" -g "daemon off;" 2>>"$OUT/nginx/stderr" & pids+=($!); NGINX_PID=$!
 wait_port 19123
 

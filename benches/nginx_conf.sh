@@ -2,12 +2,14 @@
 # load.sh and instructions.sh): keep-alive to the backend, and the header work SPEC asks
 # of balancer.
 #
-#   nginx_conf DIR WORKERS PORT BACKEND_PORT [EXTRA]   # writes DIR/nginx.conf
+#   nginx_conf DIR WORKERS PORT BACKEND_PORT [EXTRA [HTTP_EXTRA [LOCATION_EXTRA]]]
+#                                                    # writes DIR/nginx.conf
 #
 # EXTRA: more top-level directives (instructions.sh runs nginx in one process under
-# valgrind).
+# valgrind); HTTP_EXTRA and LOCATION_EXTRA: more in `http` and in `location /` (cache.sh
+# adds proxy_cache there).
 nginx_conf() {
-  local dir=$1 workers=$2 port=$3 backend=$4 extra=${5:-}
+  local dir=$1 workers=$2 port=$3 backend=$4 extra=${5:-} http_extra=${6:-} location_extra=${7:-}
   mkdir -p "$dir"
   cat > "$dir/nginx.conf" <<CFG
 worker_processes $workers;
@@ -18,6 +20,7 @@ events { worker_connections 20000; }
 http {
   access_log off;
   upstream app { server 127.0.0.1:$backend; keepalive 256; }
+  $http_extra
   # The client's Host, X-Forwarded-*, and a request id kept from the client or made, sent
   # to the backend and returned to the client.
   map \$http_x_request_id \$rid { default \$http_x_request_id; "" \$request_id; }
@@ -34,6 +37,7 @@ http {
       proxy_set_header X-Forwarded-Host \$http_host;
       proxy_set_header X-Request-Id \$rid;
       add_header X-Request-Id \$rid always;
+      $location_extra
     }
   }
 }

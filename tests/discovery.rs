@@ -78,14 +78,21 @@ async fn wait_listed(bal: &Balancer, want: &[&Upstream]) {
     }
 }
 
+/// Upstreams named `names`, a DNS server with `NAME` on the first of them, and balancer
+/// following it (`extra`: more upstream keys), once `/status` lists that one backend.
+async fn following(names: &[&str], extra: &str) -> (Vec<Upstream>, DnsServer, Balancer) {
+    let ups = upstreams_on_one_port(names).await;
+    let dns = DnsServer::start().await;
+    dns.set(NAME, Answer::Addresses(vec![ip(&ups[0])]));
+    let bal = Balancer::start(&config(&dns, ups[0].addr.port(), extra), &[]);
+    wait_listed(&bal, &[&ups[0]]).await;
+    (ups, dns, bal)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn addresses_that_appear_get_traffic_and_ones_that_go_drain_without_a_reload() {
-    let ups = upstreams_on_one_port(&["a", "b"]).await;
+    let (ups, dns, bal) = following(&["a", "b"], "").await;
     let (a, b) = (&ups[0], &ups[1]);
-    let dns = DnsServer::start().await;
-    dns.set(NAME, Answer::Addresses(vec![ip(a)]));
-    let bal = Balancer::start(&config(&dns, a.addr.port(), ""), &[]);
-    wait_listed(&bal, &[a]).await;
 
     // The name is sent as Host, not the address.
     let r = get(bal.addr(), "/who").await;
@@ -136,17 +143,14 @@ async fn addresses_that_appear_get_traffic_and_ones_that_go_drain_without_a_relo
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_to_a_removed_address_stays_open_until_it_closes() {
-    let ups = upstreams_on_one_port(&["a", "b"]).await;
+    let (ups, dns, bal) = following(&["a", "b"], "").await;
     let (a, b) = (&ups[0], &ups[1]);
-    let dns = DnsServer::start().await;
-    dns.set(NAME, Answer::Addresses(vec![ip(a)]));
-    let bal = Balancer::start(&config(&dns, a.addr.port(), ""), &[]);
-    wait_listed(&bal, &[a]).await;
 
     let mut s = tokio::net::TcpStream::connect(bal.addr()).await.unwrap();
     s.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n").await.unwrap();
     let head = upstream::read_head(&mut s).await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert_eq!(a.hits(), 1, "the tunnel is to the address about to go");
 
     dns.set(NAME, Answer::Addresses(vec![ip(b)]));
     wait_listed(&bal, &[b]).await;
@@ -160,12 +164,8 @@ async fn a_websocket_to_a_removed_address_stays_open_until_it_closes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn servfail_a_timeout_and_an_empty_answer_keep_the_last_addresses() {
-    let ups = upstreams_on_one_port(&["a"]).await;
+    let (ups, dns, bal) = following(&["a"], "").await;
     let a = &ups[0];
-    let dns = DnsServer::start().await;
-    dns.set(NAME, Answer::Addresses(vec![ip(a)]));
-    let bal = Balancer::start(&config(&dns, a.addr.port(), ""), &[]);
-    wait_listed(&bal, &[a]).await;
 
     let failures = || async {
         let text = get(bal.admin(), "/metrics").await.text();
@@ -212,12 +212,8 @@ async fn a_name_that_does_not_resolve_at_start_answers_503_then_serves() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_start_grows_a_new_backends_share_over_time() {
-    let ups = upstreams_on_one_port(&["a", "b"]).await;
+    let (ups, dns, bal) = following(&["a", "b"], "slow_start = \"4s\"").await;
     let (a, b) = (&ups[0], &ups[1]);
-    let dns = DnsServer::start().await;
-    dns.set(NAME, Answer::Addresses(vec![ip(a)]));
-    let bal = Balancer::start(&config(&dns, a.addr.port(), "slow_start = \"4s\""), &[]);
-    wait_listed(&bal, &[a]).await;
 
     dns.set(NAME, Answer::Addresses(vec![ip(a), ip(b)]));
     wait_listed(&bal, &[a, b]).await;

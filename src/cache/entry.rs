@@ -19,19 +19,9 @@ const STORABLE_STATUSES: &[u16] = &[200, 203, 204, 300, 301, 308, 404, 405, 410,
 
 /// Fields a stored response does not keep: per-connection ones, the length (the server
 /// writes the stored body's), and the request id (each answer carries its own).
-const NOT_STORED: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-authenticate",
-    "content-length",
-    "x-request-id",
-    "cache-status",
-];
+fn not_stored(name: &str) -> bool {
+    crate::http1::HOP_BY_HOP.contains(&name) || matches!(name, "content-length" | "x-request-id" | "cache-status")
+}
 
 /// The options for a shared cache that never guesses a freshness lifetime.
 fn options() -> CacheOptions {
@@ -136,7 +126,7 @@ impl Storable {
         }
         let mut kept = HeaderMap::with_capacity(headers.len());
         for (name, value) in headers {
-            if !NOT_STORED.contains(&name.as_str()) {
+            if !not_stored(name.as_str()) {
                 kept.append(name.clone(), value.clone());
             }
         }
@@ -265,7 +255,7 @@ impl Entry {
     pub(crate) fn refreshed(&self, req: &Parts, not_modified: &HeaderMap, now: SystemTime) -> Entry {
         let mut headers = self.headers.clone();
         for name in not_modified.keys() {
-            if NOT_STORED.contains(&name.as_str())
+            if not_stored(name.as_str())
                 || *name == header::CONTENT_TYPE
                 || *name == header::CONTENT_ENCODING
                 || *name == header::CONTENT_RANGE

@@ -407,3 +407,16 @@ mod chunk_tests {
         }
     }
 }
+
+/// Headers that describe one connection, never forwarded.
+pub const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-authenticate",
+];

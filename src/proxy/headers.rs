@@ -9,24 +9,11 @@ use http::{Method, Version};
 use super::request_id::X_REQUEST_ID;
 use super::trace::{TRACEPARENT, TRACESTATE, TraceContext};
 use crate::backend::RequestFraming;
-use crate::http1::{RawFields, put_field};
+use crate::http1::{HOP_BY_HOP, RawFields, put_field};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-
-/// Headers that describe one connection, never forwarded.
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-authorization",
-    "proxy-authenticate",
-];
 
 fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(&name.as_str())
