@@ -18,12 +18,8 @@ OUT=${OUT:-target/cache-bench}
 SHM=${SHM:-/dev/shm/balancer-cache-bench}
 mkdir -p "$OUT"
 
-need=()
-command -v wrk >/dev/null || need+=(wrk)
-command -v nginx >/dev/null || need+=(nginx)
-if [ ${#need[@]} -gt 0 ]; then
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}") >/dev/null
-fi
+. benches/install.sh
+install_missing wrk nginx
 [ -n "${NO_BUILD:-}" ] || cargo build --release -q --bin balancer --example demo_backend
 BAL=target/release/balancer
 DEMO=target/release/examples/demo_backend

@@ -17,13 +17,8 @@ TARGETS=${TARGETS:-"balancer nginx"}
 DURATION=${DURATION:-6s}
 OUT=${OUT:-target/instructions}
 mkdir -p "$OUT"
-need=()
-command -v valgrind >/dev/null || need+=(valgrind)
-command -v wrk >/dev/null || need+=(wrk)
-command -v nginx >/dev/null || need+=(nginx)
-if [ ${#need[@]} -gt 0 ]; then
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}") >/dev/null
-fi
+. benches/install.sh
+install_missing valgrind wrk nginx
 cargo build --release -q --bin balancer --example demo_backend
 
 pids=()

@@ -21,14 +21,8 @@ TARGETS=${TARGETS:-"direct balancer nginx haproxy"}
 OUT=${OUT:-target/load}
 mkdir -p "$OUT"
 
-need=()
-command -v wrk >/dev/null || need+=(wrk)
-command -v nginx >/dev/null || need+=(nginx)
-command -v haproxy >/dev/null || need+=(haproxy)
-if [ ${#need[@]} -gt 0 ]; then
-  echo "installing ${need[*]} ..."
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}") >/dev/null
-fi
+. benches/install.sh
+install_missing wrk nginx haproxy
 cargo build --release -q --bin balancer --example demo_backend
 BAL=target/release/balancer
 DEMO=target/release/examples/demo_backend

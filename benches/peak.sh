@@ -14,12 +14,8 @@ source benches/nginx_conf.sh
 DURATION=${DURATION:-15s}
 OUT=${OUT:-target/peak}
 mkdir -p "$OUT"
-need=()
-command -v wrk >/dev/null || need+=(wrk)
-command -v nginx >/dev/null || need+=(nginx)
-if [ ${#need[@]} -gt 0 ]; then
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}") >/dev/null
-fi
+. benches/install.sh
+install_missing wrk nginx
 command -v gunicorn >/dev/null || python3 -m pip install -q gunicorn
 cargo build --release -q --bin balancer
 

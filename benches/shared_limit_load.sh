@@ -12,12 +12,8 @@ REPEAT=${REPEAT:-3}
 CONNS=${CONNS:-50}
 WORKERS=${WORKERS:-1}
 
-need=()
-command -v wrk >/dev/null || need+=(wrk)
-command -v redis-server >/dev/null || need+=(redis-server)
-if [ ${#need[@]} -gt 0 ]; then
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}") >/dev/null
-fi
+. benches/install.sh
+install_missing wrk redis-server
 cargo build --release -q --bin balancer --example demo_backend
 tmp=$(mktemp -d)
 pids=()
