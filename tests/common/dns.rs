@@ -101,15 +101,19 @@ fn answer(zone: &Zone, query: &[u8], udp: bool) -> Option<Vec<u8>> {
     let query = Message::from_vec(query).ok()?;
     let q = query.queries().first()?.clone();
     let name = q.name().to_ascii().trim_end_matches('.').to_ascii_lowercase();
-    let mut reply = Message::new();
-    reply
-        .set_id(query.id())
-        .set_message_type(MessageType::Response)
-        .set_op_code(query.op_code())
-        .set_authoritative(true)
-        .set_recursion_desired(query.recursion_desired())
-        .set_recursion_available(true)
-        .add_query(q.clone());
+    // A response to `query` that repeats its question, with no record yet.
+    let response_to = || {
+        let mut m = Message::new();
+        m.set_id(query.id())
+            .set_message_type(MessageType::Response)
+            .set_op_code(query.op_code())
+            .set_authoritative(true)
+            .set_recursion_desired(query.recursion_desired())
+            .set_recursion_available(true)
+            .add_query(q.clone());
+        m
+    };
+    let mut reply = response_to();
     let found = zone.lock().unwrap().get(&name).cloned();
     match found {
         None => {
@@ -133,14 +137,7 @@ fn answer(zone: &Zone, query: &[u8], udp: bool) -> Option<Vec<u8>> {
     }
     let bytes = reply.to_vec().ok()?;
     if udp && bytes.len() > 512 {
-        let mut truncated = Message::new();
-        truncated
-            .set_id(query.id())
-            .set_message_type(MessageType::Response)
-            .set_op_code(query.op_code())
-            .set_truncated(true)
-            .add_query(q);
-        return truncated.to_vec().ok();
+        return response_to().set_truncated(true).to_vec().ok();
     }
     Some(bytes)
 }

@@ -387,6 +387,11 @@ pub struct TlsUpstream {
 
 impl TlsUpstream {
     pub async fn start(name: &str, leaf: &Leaf) -> TlsUpstream {
+        Self::start_on("127.0.0.1:0".parse().unwrap(), name, leaf).await
+    }
+
+    /// Like [`TlsUpstream::start`], on `addr` (another loopback address, for DNS tests).
+    pub async fn start_on(addr: SocketAddr, name: &str, leaf: &Leaf) -> TlsUpstream {
         let certs = vec![CertificateDer::from(leaf.der.clone())];
         let key = PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
         let mut config = ServerConfig::builder_with_provider(provider())
@@ -397,7 +402,7 @@ impl TlsUpstream {
             .unwrap();
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let connections = Arc::new(AtomicUsize::new(0));
         let handshakes = Arc::new(AtomicUsize::new(0));
