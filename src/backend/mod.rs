@@ -50,9 +50,6 @@ pub struct Backend {
     /// When it last joined its upstream or came back up ([`clock`] + 1), while its share
     /// still grows under `slow_start`; 0 once it has all of it.
     ramp_since: AtomicU64,
-    /// Gone from its upstream (by reload or DNS): its checker stops and its connections
-    /// are not pooled again. Requests already on it finish.
-    retired: AtomicBool,
     /// Written by the active checker (true when none is configured), read by pickers.
     active_up: AtomicBool,
     /// Written by the request path on failures and successes, read by pickers.
@@ -101,7 +98,6 @@ impl Backend {
             authority,
             name: found.map(|f| f.0),
             ramp_since: AtomicU64::new(0),
-            retired: AtomicBool::new(false),
             active_up: AtomicBool::new(true),
             passive: PassiveState::default(),
             inflight: AtomicUsize::new(0),
@@ -177,12 +173,12 @@ impl Backend {
     /// Takes the backend out of service for good (gone from its upstream): its checker
     /// stops at its next tick and its idle connections are closed now.
     pub fn retire(&self) {
-        self.retired.store(true, Relaxed);
-        self.pool.close_idle();
+        self.pool.close();
     }
 
+    /// Gone from its upstream (by reload or DNS); requests already on it finish.
     pub fn is_retired(&self) -> bool {
-        self.retired.load(Relaxed)
+        self.pool.is_closed()
     }
 
     /// Forgets passive failures (passive checks were turned off).

@@ -98,10 +98,14 @@ impl Pool {
     }
 
     /// Closes every idle connection and keeps none from now on (the backend is retired).
-    pub fn close_idle(&self) {
+    pub fn close(&self) {
         self.closed.store(true, Relaxed);
         let idle = std::mem::take(&mut self.inner.lock().expect("pool lock").idle);
         drop(idle);
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Relaxed)
     }
 
     /// Applies a reloaded upstream's settings; idle connections are kept.
