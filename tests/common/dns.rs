@@ -41,9 +41,17 @@ pub struct DnsServer {
 impl DnsServer {
     /// Starts on a free port of 127.0.0.1; a name not set gets NXDOMAIN.
     pub async fn start() -> DnsServer {
-        let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let addr = udp.local_addr().unwrap();
-        let tcp = TcpListener::bind(addr).await.unwrap();
+        // A free UDP port may be taken for TCP (by another test): then another port.
+        let mut tries = 0;
+        let (udp, tcp, addr) = loop {
+            let udp = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let addr = udp.local_addr().unwrap();
+            match TcpListener::bind(addr).await {
+                Ok(tcp) => break (udp, tcp, addr),
+                Err(_) if tries < 50 => tries += 1,
+                Err(e) => panic!("no port free for both UDP and TCP: {e}"),
+            }
+        };
         let zone: Zone = Arc::default();
         let queries = Arc::new(AtomicUsize::new(0));
         let (z, q) = (zone.clone(), queries.clone());
