@@ -68,7 +68,7 @@ impl ResponseLike for ResponseView<'_> {
 }
 
 /// A response head found storable, waiting for its body.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Storable {
     policy: CachePolicy,
     status: StatusCode,
@@ -143,6 +143,36 @@ impl Storable {
     /// The entry with its whole `body`.
     pub(crate) fn into_entry(self, body: Bytes, now: SystemTime) -> Entry {
         Entry::new(self.policy, self.status, self.headers, body, now)
+    }
+
+    pub(crate) fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The fields kept (no per-connection ones, no length).
+    pub(crate) fn headers(&self) -> &HeaderMap {
+        &self.headers
+    }
+
+    /// Whether it answers `req` as it is (fresh, and the variant `req`'s fields select):
+    /// a waiter may then read it while it arrives.
+    pub(crate) fn serves(&self, req: &Parts, now: SystemTime) -> bool {
+        matches!(self.policy.before_request(&AsGet(req), now), BeforeRequest::Fresh(_))
+    }
+
+    /// Its `Age` at `now`, in seconds.
+    pub(crate) fn age(&self, now: SystemTime) -> u64 {
+        self.policy.age(now).as_secs()
+    }
+
+    /// As [`Entry::client_not_modified`].
+    pub(crate) fn client_not_modified(&self, req: &HeaderMap) -> bool {
+        client_not_modified(self.status, &self.headers, req)
+    }
+
+    /// As [`Entry::not_modified_fields`].
+    pub(crate) fn not_modified_fields(&self) -> HeaderMap {
+        not_modified_fields(&self.headers)
     }
 }
 
@@ -275,45 +305,54 @@ impl Entry {
     /// Whether the client's `If-None-Match` (or, without one, `If-Modified-Since`)
     /// matches this entry, so that it gets 304 (RFC 9110 13.1.2, 13.1.3).
     pub(crate) fn client_not_modified(&self, req: &HeaderMap) -> bool {
-        if self.status != StatusCode::OK {
-            return false;
-        }
-        if let Some(inm) = req.get(header::IF_NONE_MATCH) {
-            let Some(etag) = self.headers.get(header::ETAG).and_then(|e| e.to_str().ok()) else {
-                return false;
-            };
-            let weak = |t: &str| t.trim().trim_start_matches("W/").to_owned();
-            let ours = weak(etag);
-            return req
-                .get_all(header::IF_NONE_MATCH)
-                .iter()
-                .chain(std::iter::once(inm))
-                .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim() == "*" || weak(t) == ours)));
-        }
-        let since = req.get(header::IF_MODIFIED_SINCE).and_then(|v| httpdate::parse_http_date(v.to_str().ok()?).ok());
-        let modified =
-            self.headers.get(header::LAST_MODIFIED).and_then(|v| httpdate::parse_http_date(v.to_str().ok()?).ok());
-        matches!((since, modified), (Some(s), Some(m)) if m <= s)
+        client_not_modified(self.status, &self.headers, req)
     }
 
     /// The fields a 304 from the cache carries (RFC 9110 15.4.5).
     pub(crate) fn not_modified_fields(&self) -> HeaderMap {
-        let mut out = HeaderMap::new();
-        for name in [
-            header::CACHE_CONTROL,
-            header::CONTENT_LOCATION,
-            header::DATE,
-            header::ETAG,
-            header::EXPIRES,
-            header::VARY,
-            header::LAST_MODIFIED,
-        ] {
-            for v in self.headers.get_all(&name) {
-                out.append(name.clone(), v.clone());
-            }
-        }
-        out
+        not_modified_fields(&self.headers)
     }
+}
+
+/// Whether the client's conditional `req` fields match a stored `status` + `stored`.
+fn client_not_modified(status: StatusCode, stored: &HeaderMap, req: &HeaderMap) -> bool {
+    if status != StatusCode::OK {
+        return false;
+    }
+    if let Some(inm) = req.get(header::IF_NONE_MATCH) {
+        let Some(etag) = stored.get(header::ETAG).and_then(|e| e.to_str().ok()) else {
+            return false;
+        };
+        let weak = |t: &str| t.trim().trim_start_matches("W/").to_owned();
+        let ours = weak(etag);
+        return req
+            .get_all(header::IF_NONE_MATCH)
+            .iter()
+            .chain(std::iter::once(inm))
+            .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim() == "*" || weak(t) == ours)));
+    }
+    let since = req.get(header::IF_MODIFIED_SINCE).and_then(|v| httpdate::parse_http_date(v.to_str().ok()?).ok());
+    let modified = stored.get(header::LAST_MODIFIED).and_then(|v| httpdate::parse_http_date(v.to_str().ok()?).ok());
+    matches!((since, modified), (Some(s), Some(m)) if m <= s)
+}
+
+/// The stored fields a 304 carries.
+fn not_modified_fields(stored: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    for name in [
+        header::CACHE_CONTROL,
+        header::CONTENT_LOCATION,
+        header::DATE,
+        header::ETAG,
+        header::EXPIRES,
+        header::VARY,
+        header::LAST_MODIFIED,
+    ] {
+        for v in stored.get_all(&name) {
+            out.append(name.clone(), v.clone());
+        }
+    }
+    out
 }
 
 /// `Age` as a field value.

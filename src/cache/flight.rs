@@ -9,9 +9,14 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 
+use super::tee::Tee;
+
 /// What became of a leader's fetch, as its waiters learn it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub(crate) enum Outcome {
+    /// The response is storable and arriving: read it from there as it comes
+    /// ([`Tee::reader`]), or, when it is no variant for this request, go alone.
+    Streaming(Arc<Tee>),
     /// The store has the response (stored or refreshed): look again.
     Stored,
     /// The response was not storable (or failed): each waiter goes to the backend itself.
@@ -71,6 +76,12 @@ pub(crate) struct Leader {
 }
 
 impl Leader {
+    /// Tells the waiters, without ending the fetch: a request that joins later learns it
+    /// too (a streaming response that late joiners read from its start).
+    pub(crate) fn share(&self, outcome: Outcome) {
+        self.slot.send_replace(Some(outcome));
+    }
+
     /// Ends the fetch with `outcome`: the key is free again, then the waiters are woken
     /// (after the store was updated, so a request that finds no flight finds the entry).
     pub(crate) fn finish(mut self, outcome: Outcome) {
@@ -105,7 +116,7 @@ impl Waiter {
     /// The leader's outcome.
     pub(crate) async fn outcome(mut self) -> Outcome {
         match self.0.wait_for(Option::is_some).await {
-            Ok(o) => o.unwrap_or(Outcome::Abandoned),
+            Ok(o) => o.clone().unwrap_or(Outcome::Abandoned),
             Err(_) => Outcome::Abandoned,
         }
     }
@@ -124,13 +135,13 @@ mod tests {
         let Role::Waiter(w2) = flights.join(&key) else { panic!("third waits") };
         drop(w2);
         leader.finish(Outcome::Stored);
-        assert_eq!(w1.outcome().await, Outcome::Stored);
+        assert!(matches!(w1.outcome().await, Outcome::Stored));
         assert_eq!(flights.len(), 0);
 
         let Role::Leader(leader) = flights.join(&key) else { panic!("free again") };
         let Role::Waiter(w) = flights.join(&key) else { panic!("waits") };
         drop(leader);
-        assert_eq!(w.outcome().await, Outcome::Abandoned);
+        assert!(matches!(w.outcome().await, Outcome::Abandoned));
         assert!(flights.try_lead(&key).is_some());
     }
 }

@@ -3,22 +3,24 @@
 //! http-cache-semantics decides what the RFC decides (storable or not, fresh or stale for
 //! a request, `Vary`, `Age`); balancer adds its stricter rules ([`entry`]), the stale
 //! windows, the storage bounded by size (moka, least recently used first), coalescing of
-//! concurrent misses ([`flight`]) and the body collector that stores a response only
-//! once it is whole ([`Filling`]). The request path uses it in `proxy/cache.rs`.
+//! concurrent misses ([`flight`]) and the [`tee`] that streams one backend response to
+//! every request waiting for it and stores it only once it is whole. The request path
+//! uses it in `proxy/cache.rs`.
 
 mod entry;
 mod flight;
+mod tee;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::SystemTime;
 
-use bytes::BytesMut;
 use moka::policy::EvictionPolicy;
 
 use crate::config::CacheConfig;
 pub(crate) use entry::{Entry, Freshness, Storable, age_value};
 pub(crate) use flight::{Leader, Outcome, Role};
+pub(crate) use tee::{Fill, Next, Reader, Tee};
 
 /// The variants stored under one key (one per combination of the fields `Vary` names).
 type Variants = Arc<Vec<Arc<Entry>>>;
@@ -175,67 +177,5 @@ impl Cache {
     /// Leads the fetch of `key` unless one is in progress.
     pub(crate) fn try_lead(&self, key: &Arc<str>) -> Option<Leader> {
         self.flights.try_lead(key)
-    }
-}
-
-/// Collects a response body on its way to the client and stores the response once the
-/// body is whole. Dropped before that (the client left, the backend broke off), it
-/// stores nothing, and its [`Leader`] tells the waiters to lead anew.
-#[derive(Debug)]
-pub struct Filling {
-    cache: Arc<Cache>,
-    key: Arc<str>,
-    /// The request's fields the stored `Vary` is judged by.
-    request: http::request::Parts,
-    head: Option<Storable>,
-    body: BytesMut,
-    leader: Option<Leader>,
-}
-
-impl Filling {
-    pub(crate) fn new(
-        cache: Arc<Cache>,
-        key: Arc<str>,
-        request: http::request::Parts,
-        head: Storable,
-        leader: Option<Leader>,
-        length: Option<u64>,
-    ) -> Filling {
-        let body = BytesMut::with_capacity(length.unwrap_or(0).min(cache.config.max_object) as usize);
-        Filling { cache, key, request, head: Some(head), body, leader }
-    }
-
-    /// One chunk of the body; past `max_object` the response is given up on (it keeps
-    /// streaming to the client) and the waiters go to the backend themselves.
-    pub fn push(&mut self, chunk: &[u8]) {
-        if self.head.is_none() {
-            return;
-        }
-        if (self.body.len() + chunk.len()) as u64 > self.cache.config.max_object {
-            self.give_up();
-            return;
-        }
-        self.body.extend_from_slice(chunk);
-    }
-
-    /// The body ended cleanly: the response is stored, then the waiters woken.
-    pub fn finish(&mut self) {
-        let Some(head) = self.head.take() else { return };
-        let body = std::mem::take(&mut self.body).freeze();
-        let entry = head.into_entry(body, SystemTime::now());
-        self.cache.insert(&self.key, &self.request, entry);
-        if let Some(l) = self.leader.take() {
-            l.finish(Outcome::Stored);
-        }
-    }
-
-    /// Past `max_object`: nothing is stored, the waiters go to the backend themselves.
-    fn give_up(&mut self) {
-        tracing::debug!(cache = %self.cache.name, key = %self.key, "response larger than max_object: not stored");
-        self.head = None;
-        self.body = BytesMut::new();
-        if let Some(l) = self.leader.take() {
-            l.finish(Outcome::Pass);
-        }
     }
 }

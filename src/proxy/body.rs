@@ -11,7 +11,7 @@ use hyper::body::Incoming;
 
 use super::log::RequestLog;
 use crate::backend::{ConnBody, InflightGuard};
-use crate::cache::Filling;
+use crate::cache::Reader;
 use crate::http1::RawFields;
 use crate::http1::server::IncomingBody;
 
@@ -150,9 +150,6 @@ pub struct ResponseBody {
     /// `ConnInfo::writes_raw_fields`); the response's `HeaderMap` then holds only what
     /// balancer adds (a sticky cookie), written after them.
     fields: Option<RawFields>,
-    /// Collects the body for the response cache when the response is being stored
-    /// (`proxy/cache.rs`); `None` on every other response.
-    filling: Option<Box<Filling>>,
 }
 
 /// Not boxed: made once per request, and a box would be an allocation per request.
@@ -161,13 +158,15 @@ pub struct ResponseBody {
 enum Kind {
     /// Read from the backend's connection, which it owns (and closes if cut short).
     Upstream(ConnBody),
+    /// A response on its way into the cache, read by this request and any waiting for it
+    /// (a task of its own reads the backend: `proxy/cache.rs`).
+    Shared(Reader),
     Full(Option<Bytes>),
 }
 
 impl ResponseBody {
     pub fn upstream(body: ConnBody, log: RequestLog, inflight: InflightGuard) -> ResponseBody {
-        let mut b =
-            ResponseBody { kind: Kind::Upstream(body), log, inflight: Some(inflight), fields: None, filling: None };
+        let mut b = ResponseBody { kind: Kind::Upstream(body), log, inflight: Some(inflight), fields: None };
         if http_body::Body::is_end_stream(&b) {
             b.ended();
         }
@@ -175,18 +174,12 @@ impl ResponseBody {
     }
 
     pub fn full(bytes: Bytes, log: RequestLog) -> ResponseBody {
-        ResponseBody { kind: Kind::Full(Some(bytes)), log, inflight: None, fields: None, filling: None }
+        ResponseBody { kind: Kind::Full(Some(bytes)), log, inflight: None, fields: None }
     }
 
-    /// Has `filling` collect this body for the cache; it stores the response when the
-    /// body has ended cleanly (at once, for a body that is already over).
-    pub fn filling(mut self, mut filling: Box<Filling>) -> ResponseBody {
-        if http_body::Body::is_end_stream(&self) {
-            filling.finish();
-        } else {
-            self.filling = Some(filling);
-        }
-        self
+    /// A response read from the cache's tee as the backend sends it.
+    pub(crate) fn shared(reader: Reader, log: RequestLog) -> ResponseBody {
+        ResponseBody { kind: Kind::Shared(reader), log, inflight: None, fields: None }
     }
 
     /// Carries the backend's `fields` to the server, which writes them.
@@ -203,9 +196,6 @@ impl ResponseBody {
 
     /// The backend's body ended cleanly: its connection can serve another request.
     fn ended(&mut self) {
-        if let Some(mut filling) = self.filling.take() {
-            filling.finish();
-        }
         if let (Kind::Upstream(body), Some(inflight)) = (&mut self.kind, &self.inflight) {
             if let Some(conn) = body.take_reusable() {
                 inflight.backend().pool.release(conn);
@@ -223,17 +213,12 @@ impl Body for ResponseBody {
         let frame = match &mut this.kind {
             Kind::Upstream(b) => match ready!(Pin::new(&mut *b).poll_frame(cx)) {
                 Some(Ok(f)) => {
-                    if let (Some(filling), Some(data)) = (&mut this.filling, f.data_ref()) {
-                        filling.push(data);
-                    }
                     if b.is_end_stream() {
                         this.ended();
                     }
                     f
                 }
                 Some(Err(e)) => {
-                    // A broken body is not stored; its waiters lead anew.
-                    this.filling = None;
                     this.log.note_broken(&e);
                     return Poll::Ready(Some(Err(Box::new(e))));
                 }
@@ -241,6 +226,14 @@ impl Body for ResponseBody {
                     this.ended();
                     return Poll::Ready(None);
                 }
+            },
+            Kind::Shared(r) => match ready!(Pin::new(r).poll_frame(cx)) {
+                Some(Ok(f)) => f,
+                Some(Err(e)) => {
+                    this.log.note_broken(&e);
+                    return Poll::Ready(Some(Err(Box::new(e))));
+                }
+                None => return Poll::Ready(None),
             },
             Kind::Full(b) => match b.take() {
                 Some(bytes) => Frame::data(bytes),
@@ -256,6 +249,7 @@ impl Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         match &self.kind {
             Kind::Upstream(b) => b.is_end_stream(),
+            Kind::Shared(r) => r.is_end_stream(),
             Kind::Full(b) => b.is_none(),
         }
     }
@@ -263,6 +257,7 @@ impl Body for ResponseBody {
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Upstream(b) => b.size_hint(),
+            Kind::Shared(r) => r.size_hint(),
             Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
         }
     }

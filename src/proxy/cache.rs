@@ -1,12 +1,14 @@
 //! The cache step, for routes with `cache = "NAME"` (SPEC 14): a GET or HEAD is answered
 //! from the route's cache when an entry is fresh; otherwise it is forwarded (one request
-//! for concurrent misses on a key, a conditional one for a stale entry with a validator)
-//! and its response stored once its body is whole. A POST, PUT, PATCH or DELETE that
+//! for concurrent misses on a key, a conditional one for a stale entry with a validator).
+//! A storable response is read from the backend by a task of its own into the cache's
+//! tee: the client and every request waiting on the key read it from there as it arrives,
+//! and it is stored once its body is whole, whoever has left by then. A POST, PUT, PATCH or DELETE that
 //! succeeds drops its target's entries. Every response carries `Cache-Status`.
 
 use std::borrow::Cow;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::request::Parts;
@@ -19,9 +21,9 @@ use super::error::ProxyError;
 use super::forward::{self, Proxied};
 use super::log::RequestLog;
 use super::request_id::X_REQUEST_ID;
-use crate::backend::Framing;
+use crate::backend::{ConnBody, Framing, InflightGuard};
 use crate::balance::Affinity;
-use crate::cache::{Cache, Counted, Entry, Filling, Found, Outcome, Role, Storable, age_value};
+use crate::cache::{Cache, Counted, Entry, Fill, Found, Next, Outcome, Reader, Role, Storable, age_value};
 use crate::http1::server::IncomingBody;
 use crate::runtime::Runtime;
 
@@ -30,10 +32,73 @@ static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 
 /// What the request path does after the cache step.
 pub(super) enum Reply {
-    /// The backend's response (its body may be collected for the store: [`Note::filling`]).
+    /// The backend's response (its body may go into the store: [`Note::teeing`]).
     Proxied(Proxied),
     /// An answer from a stored entry.
     Stored(Stored),
+    /// An answer from a response another request is fetching, read as it arrives.
+    Streamed(Streamed),
+}
+
+/// A response read from another request's fetch.
+pub(super) struct Streamed {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Reader,
+}
+
+impl Streamed {
+    /// The client's response; `log` goes with its body.
+    pub(super) fn into_response(self, mut log: RequestLog) -> Response<ResponseBody> {
+        log.status = self.status.as_u16();
+        let mut headers = self.headers;
+        headers.insert(X_REQUEST_ID.clone(), log.request_id.clone());
+        let mut response = Response::new(ResponseBody::shared(self.body, log));
+        *response.status_mut() = self.status;
+        *response.headers_mut() = headers;
+        response
+    }
+}
+
+/// A response going into the store: the writing side, fed by a task of its own once the
+/// response is made ([`Teeing::start`]), and this request's reader.
+pub(super) struct Teeing {
+    fill: Fill,
+    reader: Reader,
+    /// The longest the backend may send nothing (its `upstream_header` timeout).
+    quiet: Duration,
+}
+
+impl Teeing {
+    /// Starts reading the backend's `body` into the store; gives this request's body.
+    /// The client leaving then cancels nothing: the task reads on for the others.
+    pub(super) fn start(self, body: ConnBody, inflight: InflightGuard, log: RequestLog) -> ResponseBody {
+        tokio::spawn(fill(self.fill, body, inflight, self.quiet));
+        ResponseBody::shared(self.reader, log)
+    }
+}
+
+/// Reads a backend's `body` into `fill` to its end, then gives the connection back to its
+/// pool; a backend that sends nothing for `quiet` is cut off (nothing is stored).
+async fn fill(mut fill: Fill, mut body: ConnBody, inflight: InflightGuard, quiet: Duration) {
+    loop {
+        match tokio::time::timeout(quiet, body.frame()).await {
+            Ok(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data()
+                    && fill.push(data).await == Next::Stop
+                {
+                    return;
+                }
+            }
+            Ok(Some(Err(e))) => return fill.broke(&e),
+            Ok(None) => break,
+            Err(_) => return fill.broke(&format_args!("the backend sent nothing for {quiet:?}")),
+        }
+    }
+    if let Some(c) = body.take_reusable() {
+        inflight.backend().pool.release(c);
+    }
+    fill.finish();
 }
 
 /// A response made from a stored entry.
@@ -62,15 +127,15 @@ pub(super) struct Note {
     cache: Arc<Cache>,
     status: Cow<'static, str>,
     counted: Counted,
-    /// Collects the body of a response that is being stored.
-    pub filling: Option<Box<Filling>>,
+    /// The response being stored, for the respond step.
+    pub teeing: Option<Teeing>,
 }
 
 impl Note {
     /// A request on a route with `cache`: a bypass until the cache step says otherwise
     /// (a refused or malformed request never reaches it).
     pub(super) fn new(cache: Arc<Cache>) -> Note {
-        Note { cache, status: Cow::Borrowed("balancer; fwd=bypass"), counted: Counted::Bypass, filling: None }
+        Note { cache, status: Cow::Borrowed("balancer; fwd=bypass"), counted: Counted::Bypass, teeing: None }
     }
 
     fn set(&mut self, counted: Counted, status: impl Into<Cow<'static, str>>) {
@@ -149,6 +214,30 @@ fn answer(entry: &Entry, parts: &Parts, now: SystemTime) -> Stored {
     }
     let body = if parts.method == Method::HEAD { Bytes::new() } else { entry.body.clone() };
     Stored { status: entry.status, headers, body }
+}
+
+/// The answer for a waiter from the response its flight's leader is fetching: when it is
+/// the variant `parts` selects and fresh for it (a 304 when the client's conditional
+/// matches). `None`: the waiter goes to the backend itself.
+fn read_along(tee: &Arc<crate::cache::Tee>, parts: &Parts) -> Option<Reply> {
+    let now = SystemTime::now();
+    let head = tee.head();
+    if !head.serves(parts, now) {
+        return None;
+    }
+    let age = age_value(head.age(now));
+    if head.client_not_modified(&parts.headers) {
+        let mut headers = head.not_modified_fields();
+        headers.insert(header::AGE, age);
+        return Some(Reply::Stored(Stored { status: StatusCode::NOT_MODIFIED, headers, body: Bytes::new() }));
+    }
+    let body = tee.reader()?;
+    let mut headers = head.headers().clone();
+    headers.insert(header::AGE, age);
+    if let Some(n) = tee.length().filter(|_| head.status() != StatusCode::NO_CONTENT) {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+    }
+    Some(Reply::Streamed(Streamed { status: head.status(), headers, body }))
 }
 
 /// Gives a bodiless response's connection back to its pool.
@@ -254,6 +343,13 @@ pub(super) async fn serve(
             // request's `Vary` fields select another); after one that could not store,
             // nothing fresh: either way, without a fresh entry this request goes alone.
             Role::Waiter(w) => match w.outcome().await {
+                Outcome::Streaming(tee) => {
+                    if let Some(streamed) = read_along(&tee, parts) {
+                        note.set(Counted::Hit, "balancer; fwd=miss; collapsed");
+                        return Ok(streamed);
+                    }
+                    collapsed = true;
+                }
                 Outcome::Stored | Outcome::Pass => collapsed = true,
                 Outcome::Abandoned => {}
             },
@@ -338,9 +434,9 @@ pub(super) async fn serve(
                 Framing::Length(n) => Some(n),
                 _ => None,
             };
-            let filling =
-                Filling::new(cache.clone(), key, get_with(parts, parts.headers.clone()), head, leader, length);
-            note.filling = Some(Box::new(filling));
+            let request = get_with(parts, parts.headers.clone());
+            let (fill, reader) = Fill::open(cache.clone(), key, request, head, leader, length);
+            note.teeing = Some(Teeing { fill, reader, quiet: upstream.timeouts.upstream_header });
             note.set(counted, format!("balancer; fwd={fwd}; fwd-status={code}; stored"));
         }
         None => {
@@ -425,10 +521,9 @@ impl Revalidation {
             _ => None,
         };
         let Proxied { head: backend_head, inflight, conn: backend_conn, upload, .. } = proxied;
-        let filling = Filling::new(cache, key, sent, head, Some(leader), length);
-        let body = ResponseBody::upstream(backend_conn.into_body(backend_head.framing, upload), log, inflight)
-            .filling(Box::new(filling));
-        // Read to the end: the collector stores the response when it is whole.
-        let _ = body.collect().await;
+        // Its own reader goes unread: the waiters of its flight read theirs.
+        let (tee, _) = Fill::open(cache, key, sent, head, Some(leader), length);
+        let body = backend_conn.into_body(backend_head.framing, upload);
+        fill(tee, body, inflight, upstream.timeouts.upstream_header).await;
     }
 }

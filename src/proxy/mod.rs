@@ -99,10 +99,11 @@ pub async fn handle(
     let mut note: Option<cache::Note> = None;
     let mut response = match proxy(&rt, &conn, &parts, body, &mut log, &mut note).await {
         Ok(Reply::Proxied(proxied)) => {
-            let filling = note.as_mut().and_then(|n| n.filling.take());
-            respond::response(proxied, &conn, client_upgrade, log, filling)
+            let teeing = note.as_mut().and_then(|n| n.teeing.take());
+            respond::response(proxied, &conn, client_upgrade, log, teeing)
         }
         Ok(Reply::Stored(stored)) => stored.into_response(log),
+        Ok(Reply::Streamed(streamed)) => streamed.into_response(log),
         Err(e) => e.into_response(log),
     };
     if let Some(note) = note {

@@ -6,24 +6,25 @@ use bytes::Bytes;
 use http::{Response, header};
 
 use super::body::ResponseBody;
+use super::cache::Teeing;
 use super::conn::ConnInfo;
 use super::error::ProxyError;
 use super::forward::Proxied;
 use super::headers;
 use super::log::RequestLog;
 use super::upgrade::{self, ClientUpgrade};
-use crate::backend::Framing;
-use crate::cache::Filling;
+use crate::backend::{ConnBody, Framing, InflightGuard};
 
 /// The response for `proxied`; `client_upgrade` is where the client connection goes if
-/// the backend switches protocols; `filling` collects its body for the route's cache.
+/// the backend switches protocols; `teeing`, when its route's cache stores it, takes its
+/// body (the client reads it from there).
 #[inline]
 pub fn response(
     proxied: Proxied,
     conn: &ConnInfo,
     client_upgrade: Option<ClientUpgrade>,
     mut log: RequestLog,
-    filling: Option<Box<Filling>>,
+    teeing: Option<Teeing>,
 ) -> Response<ResponseBody> {
     let Proxied { head, inflight, conn: backend_conn, upload, set_cookie } = proxied;
     log.status = head.status.as_u16();
@@ -32,10 +33,7 @@ pub fn response(
         // The fields go to the client as the backend sent them, less the hop-by-hop ones
         // (`headers::write_response_fields`): no map is built. The server writes those of
         // the response's map (balancer's own: a sticky cookie) after them.
-        let mut body = ResponseBody::upstream(backend_conn.into_body(head.framing, upload), log, inflight);
-        if let Some(f) = filling {
-            body = body.filling(f);
-        }
+        let body = backend_body(backend_conn.into_body(head.framing, upload), log, inflight, teeing);
         let mut response = Response::new(body.passing(head.fields));
         *response.status_mut() = head.status;
         if let Some(cookie) = set_cookie {
@@ -57,10 +55,7 @@ pub fn response(
     *response.headers_mut() = headers;
     let (parts, ()) = response.into_parts();
     if !switching {
-        let mut body = ResponseBody::upstream(backend_conn.into_body(head.framing, upload), log, inflight);
-        if let Some(f) = filling {
-            body = body.filling(f);
-        }
+        let body = backend_body(backend_conn.into_body(head.framing, upload), log, inflight, teeing);
         return Response::from_parts(parts, body);
     }
     match client_upgrade {
@@ -73,5 +68,14 @@ pub fn response(
             source: "backend switched protocols without being asked".into(),
         }
         .into_response(log),
+    }
+}
+
+/// The client's body: the backend's, or, for a response being stored, its reader of the
+/// cache's copy.
+fn backend_body(body: ConnBody, log: RequestLog, inflight: InflightGuard, teeing: Option<Teeing>) -> ResponseBody {
+    match teeing {
+        Some(t) => t.start(body, inflight, log),
+        None => ResponseBody::upstream(body, log, inflight),
     }
 }

@@ -3,8 +3,10 @@
 //!
 //! Query keys: `cc` (Cache-Control), `etag`, `lm` (Last-Modified), `vary`, `cookie`
 //! (adds Set-Cookie), `size` (body of that many bytes), `delay` (ms before the head),
-//! `drip` (the body in 10 pieces, this many ms apart), `status`. The body is `hit N of TARGET` (or `size` bytes of `x`). A request whose
-//! `If-None-Match` holds the `etag` gets 304 with the same Cache-Control.
+//! `drip` (the body in 10 pieces, this many ms apart), `hold` (the first half of the body
+//! at once, the rest once the test calls [`Origin::release`]), `status`. The body is
+//! `hit N of TARGET` (or `size` bytes of `x`). A request whose `If-None-Match` holds the
+//! `etag` gets 304 with the same Cache-Control.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -32,6 +34,8 @@ pub struct Seen {
 pub struct Origin {
     pub addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
+    /// Opened by [`Origin::release`]: the held halves of `hold` bodies go out.
+    gate: Arc<tokio::sync::watch::Sender<bool>>,
     tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
 }
 
@@ -81,7 +85,24 @@ fn drip(body: Bytes, ms: u64) -> Body {
     Drip(rx).boxed()
 }
 
-async fn answer(req: Request<Incoming>, seen: Arc<Mutex<Vec<Seen>>>) -> Result<Response<Body>, Infallible> {
+/// The first half of `body` at once, the rest when `gate` opens.
+fn hold(body: Bytes, mut gate: tokio::sync::watch::Receiver<bool>) -> Body {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(2);
+    tokio::spawn(async move {
+        let half = body.len() / 2;
+        if tx.send(body.slice(..half)).await.is_err() || gate.wait_for(|open| *open).await.is_err() {
+            return;
+        }
+        let _ = tx.send(body.slice(half..)).await;
+    });
+    Drip(rx).boxed()
+}
+
+async fn answer(
+    req: Request<Incoming>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    gate: tokio::sync::watch::Receiver<bool>,
+) -> Result<Response<Body>, Infallible> {
     let target = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned();
     let n = {
         let mut s = seen.lock().unwrap();
@@ -124,6 +145,10 @@ async fn answer(req: Request<Incoming>, seen: Arc<Mutex<Vec<Seen>>>) -> Result<R
     };
     let body = match q.get("drip").and_then(|d| d.parse().ok()) {
         Some(ms) => drip(body, ms),
+        None if q.contains_key("hold") => {
+            b = b.header("content-length", body.len());
+            hold(body, gate)
+        }
         None => full(body),
     };
     Ok(b.status(status).body(body).unwrap())
@@ -135,13 +160,14 @@ impl Origin {
         let addr = listener.local_addr().unwrap();
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
         let tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
-        let (s, t) = (seen.clone(), tasks.clone());
+        let gate = Arc::new(tokio::sync::watch::channel(false).0);
+        let (s, t, g) = (seen.clone(), tasks.clone(), gate.clone());
         let accept = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { continue };
-                let s = s.clone();
+                let (s, g) = (s.clone(), g.subscribe());
                 let conn = tokio::spawn(async move {
-                    let svc = service_fn(move |req| answer(req, s.clone()));
+                    let svc = service_fn(move |req| answer(req, s.clone(), g.clone()));
                     let _ =
                         hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
                 });
@@ -149,7 +175,12 @@ impl Origin {
             }
         });
         tasks.lock().unwrap().push(accept.abort_handle());
-        Origin { addr, seen, tasks }
+        Origin { addr, seen, gate, tasks }
+    }
+
+    /// Sends the held second halves of `hold` bodies, now and from now on.
+    pub fn release(&self) {
+        self.gate.send_replace(true);
     }
 
     /// Requests seen for `target` (path and query).
