@@ -19,6 +19,8 @@ pub enum AppError {
     Bind(#[from] BindError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error(transparent)]
+    TicketKeys(#[from] crate::tls::TicketKeysError),
 }
 
 /// Runs balancer until SIGTERM or SIGINT, then drains within `shutdown_grace`.
@@ -33,7 +35,7 @@ pub async fn run(loaded: Loaded, source: ConfigSource, log: LogHandle, workers: 
     let runtime: SharedRuntime = Arc::new(ArcSwap::from_pointee(rt));
 
     // Bind everything first: any failure exits before serving anything.
-    let mut listeners = Listeners::new(runtime.clone(), Arc::new(workers));
+    let mut listeners = Listeners::new(runtime.clone(), Arc::new(workers))?;
     let fresh = listeners.prepare(&listen)?;
     let admin_listener = crate::server::bind(admin_addr.as_slice())?.pop();
     log_upstreams(&runtime.load());

@@ -62,16 +62,32 @@ impl ServerCerts {
     }
 }
 
+/// TLS 1.2 sessions kept for clients that resume by session id (each a few hundred
+/// bytes): rustls's default of 256 covers a few seconds of a busy site's returning clients.
+const SESSION_CACHE_ENTRIES: usize = 20_480;
+
+/// The ticket keys could not be made (the system's random source failed).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot make TLS session ticket keys: {0}")]
+pub struct TicketKeysError(#[source] rustls::Error);
+
 /// The rustls config of every HTTPS listener: TLS 1.2/1.3, ALPN `h2` then `http/1.1`;
 /// `certs` picks each handshake's certificate (from the live runtime, so a reload renews).
-pub fn server_config(certs: Arc<dyn ResolvesServerCert>) -> Arc<rustls::ServerConfig> {
+///
+/// Made once per process, so that resumption state outlives reloads: session tickets
+/// (TLS 1.3, and TLS 1.2 clients that ask for them) sealed with keys rustls rotates every
+/// 6 hours, a ticket staying valid for 12; and a session cache for TLS 1.2 clients that
+/// resume by session id.
+pub fn server_config(certs: Arc<dyn ResolvesServerCert>) -> Result<Arc<rustls::ServerConfig>, TicketKeysError> {
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(VERSIONS)
         .expect("ring supports TLS 1.2 and 1.3")
         .with_no_client_auth()
         .with_cert_resolver(certs);
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Arc::new(cfg)
+    cfg.ticketer = rustls::crypto::ring::Ticketer::new().map_err(TicketKeysError)?;
+    cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE_ENTRIES);
+    Ok(Arc::new(cfg))
 }
 
 /// How an upstream's `https://` backends are reached.

@@ -10,6 +10,7 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::tls::*;
@@ -191,6 +192,95 @@ async fn tls12_only_and_tls13_only_clients_both_work() {
             assert_eq!(r.status, 200, "{expect:?}: {}", r.text());
             assert_eq!(echo_header(&r, "x-forwarded-proto").as_deref(), Some("https"));
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Session resumption
+// ---------------------------------------------------------------------------------------
+
+/// How many of `clients` resume: each (its own config, so its own stored session)
+/// connects and makes a request, then all come back once. Sixteen at a time.
+async fn returning(s: &Site, clients: &[Arc<rustls::ClientConfig>]) -> (usize, usize) {
+    let mut resumed = 0;
+    for pass in ["first", "returning"] {
+        for batch in clients.chunks(16) {
+            let mut set = tokio::task::JoinSet::new();
+            for config in batch {
+                let (addr, config) = (s.https, config.clone());
+                set.spawn(async move {
+                    let conn = tls_connect_with(addr, "localhost", config).await.unwrap();
+                    let kind = conn.kind;
+                    // The request also reads the TLS 1.3 tickets sent after the handshake.
+                    let (_, r) = conn.http1().await.get("localhost", "/v").await.unwrap();
+                    assert_eq!(r.status, 200);
+                    kind
+                });
+            }
+            while let Some(kind) = set.join_next().await {
+                if pass == "returning" && kind.unwrap() == rustls::HandshakeKind::Resumed {
+                    resumed += 1;
+                }
+            }
+        }
+    }
+    (resumed, clients.len())
+}
+
+/// `n` clients of TLS `version`; TLS 1.2 ones resume by session id when `!tickets`.
+fn clients(
+    ca: &TestCa,
+    version: &'static rustls::SupportedProtocolVersion,
+    tickets: bool,
+    n: usize,
+) -> Vec<Arc<rustls::ClientConfig>> {
+    (0..n)
+        .map(|_| {
+            let mut config =
+                (*client_config(ca, &ClientOpts::default().versions(&[version]).alpn(&["http/1.1"]))).clone();
+            if !tickets {
+                config.resumption = rustls::client::Resumption::default()
+                    .tls12_resumption(rustls::client::Tls12Resumption::SessionIdOnly);
+            }
+            Arc::new(config)
+        })
+        .collect()
+}
+
+/// More returning clients than rustls's default session cache holds (256) all resume:
+/// TLS 1.3 and TLS 1.2 by ticket, TLS 1.2 by session id; and they still do after a
+/// reload (the ticket keys and the cache belong to the process, not to a config).
+#[tokio::test(flavor = "multi_thread")]
+async fn returning_clients_resume_their_sessions_across_a_reload() {
+    let ca = TestCa::new("balancer test CA");
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = ca.leaf(&["localhost"]).write(dir.path(), "site");
+    let up = Upstream::start("a").await;
+    let s = start_site(&[up.addr], &tls_section(&cert, &key, ""), true, &[]);
+    let n = 300;
+    for (what, version, tickets) in [
+        ("TLS 1.3", &rustls::version::TLS13, true),
+        ("TLS 1.2 with tickets", &rustls::version::TLS12, true),
+        ("TLS 1.2 by session id", &rustls::version::TLS12, false),
+    ] {
+        let (resumed, of) = returning(&s, &clients(&ca, version, tickets, n)).await;
+        assert_eq!(resumed, of, "{what}: {resumed} of {of} returning clients resumed");
+    }
+    // Sessions made before a reload resume after it.
+    let before_reload = clients(&ca, &rustls::version::TLS13, true, 1)
+        .into_iter()
+        .chain(clients(&ca, &rustls::version::TLS12, false, 1))
+        .collect::<Vec<_>>();
+    for config in &before_reload {
+        let conn = tls_connect_with(s.https, "localhost", config.clone()).await.unwrap();
+        conn.http1().await.get("localhost", "/v").await.unwrap();
+    }
+    let admin = s.b.admin();
+    let r = send(admin, http::Request::post("/reload").body(http_body_util::Full::default()).unwrap()).await;
+    assert_eq!(r.json()["ok"], true, "{}", r.text());
+    for config in &before_reload {
+        let conn = tls_connect_with(s.https, "localhost", config.clone()).await.unwrap();
+        assert_eq!(conn.kind, rustls::HandshakeKind::Resumed, "{:?} after a reload", conn.version);
     }
 }
 

@@ -87,17 +87,17 @@ struct Entry {
 }
 
 impl Listeners {
-    pub fn new(runtime: SharedRuntime, workers: Arc<Workers>) -> Listeners {
+    pub fn new(runtime: SharedRuntime, workers: Arc<Workers>) -> Result<Listeners, crate::tls::TicketKeysError> {
         let max_connections = runtime.load().config.server.max_connections;
-        let tls = TlsAcceptor::from(crate::tls::server_config(Arc::new(LiveCerts(runtime.clone()))));
-        Listeners {
+        let tls = TlsAcceptor::from(crate::tls::server_config(Arc::new(LiveCerts(runtime.clone())))?);
+        Ok(Listeners {
             runtime,
             workers,
             slots: Arc::new(Semaphore::new(max_connections)),
             max_connections,
             tls,
             entries: Vec::new(),
-        }
+        })
     }
 
     /// Binds every address of `wanted` not listened on yet. Nothing changes on error.

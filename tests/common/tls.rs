@@ -23,7 +23,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, ProtocolVersion, RootCertStore, ServerConfig,
+    CertificateError, ClientConfig, DigitallySignedStruct, HandshakeKind, ProtocolVersion, RootCertStore, ServerConfig,
     SignatureScheme, SupportedProtocolVersion,
 };
 use tokio::net::{TcpListener, TcpStream};
@@ -264,6 +264,8 @@ pub struct TlsConn {
     /// The server's end-entity certificate (DER).
     pub peer_cert: Vec<u8>,
     pub version: ProtocolVersion,
+    /// A full handshake, or a resumed session.
+    pub kind: HandshakeKind,
 }
 
 impl TlsConn {
@@ -293,7 +295,13 @@ impl TlsConn {
 /// Connects to `addr` over TLS, with `name` as the SNI (and as the name verified when
 /// `opts.check_name`), trusting only `ca`.
 pub async fn tls_connect(addr: SocketAddr, name: &str, ca: &TestCa, opts: &ClientOpts) -> std::io::Result<TlsConn> {
-    let connector = tokio_rustls::TlsConnector::from(client_config(ca, opts));
+    tls_connect_with(addr, name, client_config(ca, opts)).await
+}
+
+/// Connects with `config`: a client that keeps its config (and so its sessions) between
+/// connections resumes when the server lets it.
+pub async fn tls_connect_with(addr: SocketAddr, name: &str, config: Arc<ClientConfig>) -> std::io::Result<TlsConn> {
+    let connector = tokio_rustls::TlsConnector::from(config);
     let tcp = TcpStream::connect(addr).await?;
     let server_name = ServerName::try_from(name.to_owned()).unwrap();
     let stream = tokio::time::timeout(Duration::from_secs(5), connector.connect(server_name, tcp))
@@ -303,7 +311,8 @@ pub async fn tls_connect(addr: SocketAddr, name: &str, ca: &TestCa, opts: &Clien
     let alpn = c.alpn_protocol().map(|a| a.to_vec());
     let peer_cert = c.peer_certificates().and_then(|certs| certs.first()).map(|c| c.to_vec()).unwrap_or_default();
     let version = c.protocol_version().unwrap();
-    Ok(TlsConn { stream, alpn, peer_cert, version })
+    let kind = c.handshake_kind().unwrap();
+    Ok(TlsConn { stream, alpn, peer_cert, version, kind })
 }
 
 /// The end-entity certificate `addr` presents for SNI `name` (any name accepted).
