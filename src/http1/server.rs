@@ -196,21 +196,24 @@ pub struct Exchange {
     pub upgrade: Option<oneshot::Sender<Prefixed<TcpStream>>>,
 }
 
-/// Parses the request head at the front of `io.buf` once it is complete; `scanned` is how
-/// far earlier calls looked for its end.
-/// The request is made with `body()` as its body (so it is built in its final type).
+/// Parses the request head at the front of `io.buf` once it is complete, into `parsed`
+/// (true once there); `scanned` is how far earlier calls looked for its end.
+/// The request is made with `body()` as its body (so it is built in its final type), and
+/// written where it is kept: returned by value, its 300-odd bytes would be copied at each
+/// step out to the session.
 pub fn parse_head<B>(
     io: &mut Io,
     scanned: &mut usize,
     max: usize,
     body: impl Fn() -> B,
-) -> Result<Option<(Request<B>, Exchange)>, Reject> {
+    parsed: &mut Option<(Request<B>, Exchange)>,
+) -> Result<bool, Reject> {
     let Some(end) = head_check::head_end(&io.buf, *scanned) else {
         if io.buf.len() > max {
             return Err(head_check::oversized(&io.buf, max));
         }
         *scanned = io.buf.len();
-        return Ok(None);
+        return Ok(false);
     };
     if end > max {
         return Err(head_check::oversized(&io.buf[..end], max));
@@ -221,14 +224,14 @@ pub fn parse_head<B>(
     // path): a later HTTP/1 minor version, raw bytes above 0x7F in the target.
     let mut raw_target = None;
     for _ in 0..3 {
-        match parse_at(io, end, &mut raw_target, &body) {
+        match parse_at(io, end, &mut raw_target, &body, parsed) {
             Err(Unparsed::Version) => head_check::settle_version(&mut io.buf[..end])?,
             Err(Unparsed::Token) if raw_target.is_none() => {
                 raw_target = Some(mask_raw_target(&mut io.buf[..end]).ok_or(MALFORMED)?);
             }
             Err(Unparsed::Token) => return Err(MALFORMED),
             Err(Unparsed::Refused(reject)) => return Err(reject),
-            Ok(next) => return Ok(Some(next)),
+            Ok(()) => return Ok(true),
         }
     }
     Err(MALFORMED)
@@ -267,15 +270,16 @@ fn mask_raw_target(head: &mut [u8]) -> Option<Bytes> {
     Some(raw)
 }
 
-/// Parses the complete head of `end` bytes at the front of `io.buf` into a request; the
-/// target is `raw_target` when one was masked.
+/// Parses the complete head of `end` bytes at the front of `io.buf` into a request in
+/// `parsed`; the target is `raw_target` when one was masked.
 #[inline]
 fn parse_at<B>(
     io: &mut Io,
     end: usize,
     raw_target: &mut Option<Bytes>,
     body: &impl Fn() -> B,
-) -> Result<(Request<B>, Exchange), Unparsed> {
+    parsed: &mut Option<(Request<B>, Exchange)>,
+) -> Result<(), Unparsed> {
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; head_check::MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
     match req.parse_with_uninit_headers(&io.buf[..end], &mut slots) {
@@ -345,5 +349,6 @@ fn parse_at<B>(
         request.extensions_mut().insert(RawTarget(raw));
     }
     let exchange = Exchange { method, version, keep_alive, upgrade: pending };
-    Ok((request, exchange))
+    *parsed = Some((request, exchange));
+    Ok(())
 }

@@ -145,7 +145,9 @@ pub struct ResponseBody {
     inflight: Option<InflightGuard>,
     kind: Kind,
     /// Written to the access log when the body is done (or dropped, if the client left).
-    log: RequestLog,
+    /// Boxed: the response is moved several times on its way to the client's
+    /// connection, and each move would copy the log's 300-odd bytes.
+    log: Box<RequestLog>,
     /// The backend's fields, for a server that writes them itself (see
     /// `ConnInfo::writes_raw_fields`); the response's `HeaderMap` then holds only what
     /// balancer adds (a sticky cookie), written after them.
@@ -166,7 +168,8 @@ enum Kind {
 
 impl ResponseBody {
     pub fn upstream(body: ConnBody, log: RequestLog, inflight: InflightGuard) -> ResponseBody {
-        let mut b = ResponseBody { kind: Kind::Upstream(body), log, inflight: Some(inflight), fields: None };
+        let mut b =
+            ResponseBody { kind: Kind::Upstream(body), log: Box::new(log), inflight: Some(inflight), fields: None };
         if http_body::Body::is_end_stream(&b) {
             b.ended();
         }
@@ -174,12 +177,12 @@ impl ResponseBody {
     }
 
     pub fn full(bytes: Bytes, log: RequestLog) -> ResponseBody {
-        ResponseBody { kind: Kind::Full(Some(bytes)), log, inflight: None, fields: None }
+        ResponseBody { kind: Kind::Full(Some(bytes)), log: Box::new(log), inflight: None, fields: None }
     }
 
     /// A response read from the cache's tee as the backend sends it.
     pub(crate) fn shared(reader: Reader, log: RequestLog) -> ResponseBody {
-        ResponseBody { kind: Kind::Shared(reader), log, inflight: None, fields: None }
+        ResponseBody { kind: Kind::Shared(reader), log: Box::new(log), inflight: None, fields: None }
     }
 
     /// Carries the backend's `fields` to the server, which writes them.

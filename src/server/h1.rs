@@ -82,11 +82,19 @@ pub async fn serve(
     // Parking after the idle timeout would only delay the close.
     let park = PARK_AFTER < limits.idle;
     let first = start == Start::Fresh;
-    let mut session =
-        Session { io, limits, first, park, out: Vec::new(), timer: LazyTimer::new(Instant::now() + limits.idle) };
+    let mut session = Session {
+        io,
+        limits,
+        first,
+        park,
+        out: Vec::new(),
+        parsed: None,
+        timer: LazyTimer::new(Instant::now() + limits.idle),
+    };
     loop {
         let (req, exchange) = match session.read_head(guard).await {
-            Next::Request(mut req, exchange) => {
+            Next::Request => {
+                let Some((mut req, exchange)) = session.parsed.take() else { return Ended::Closed };
                 attach_body(&mut req, &session.io);
                 (req, exchange)
             }
@@ -127,11 +135,10 @@ pub async fn serve(
     }
 }
 
-/// What reading a head came to. Not boxed: `Request` is the common case, and a box would
-/// be an allocation per request.
-#[allow(clippy::large_enum_variant)]
+/// What reading a head came to.
 enum Next {
-    Request(Request<ClientBody>, Exchange),
+    /// A request, in `Session::parsed`.
+    Request,
     Refuse(ProxyError),
     Close,
     Park,
@@ -152,6 +159,8 @@ struct Session {
     park: bool,
     /// The response being written; kept to reuse its memory.
     out: Vec<u8>,
+    /// The request [`Session::read_head`] parsed, until the request path takes it.
+    parsed: Option<(Request<ClientBody>, Exchange)>,
     /// The idle and head timers.
     timer: LazyTimer,
 }
@@ -195,12 +204,13 @@ impl Session {
                         }
                     }
                     let no_body = || ClientBody::Http1(IncomingBody::default());
-                    match server::parse_head(&mut io, &mut scanned, self.limits.max_header_bytes, no_body) {
-                        Ok(Some((request, exchange))) => {
+                    let max = self.limits.max_header_bytes;
+                    match server::parse_head(&mut io, &mut scanned, max, no_body, &mut self.parsed) {
+                        Ok(true) => {
                             self.first = false;
-                            return Poll::Ready(Next::Request(request, exchange));
+                            return Poll::Ready(Next::Request);
                         }
-                        Ok(None) => {}
+                        Ok(false) => {}
                         Err(reject) => {
                             let refused = ProxyError::refused_head(reject, self.limits.max_header_bytes);
                             return Poll::Ready(Next::Refuse(refused));
