@@ -82,7 +82,11 @@ pub struct Head {
 }
 
 /// A connection to one backend, idle in its pool or checked out for one request.
-pub struct Conn {
+pub struct Conn(Box<ConnState>);
+
+/// A [`Conn`]'s state, on the heap: a connection moves in and out of its pool and through
+/// the request path's steps on every request, as one pointer rather than 120 bytes.
+pub struct ConnState {
     io: BackendIo,
     /// Bytes read from the backend and not consumed yet.
     buf: BytesMut,
@@ -194,9 +198,22 @@ pub enum RequestFraming {
     Chunked,
 }
 
+impl std::ops::Deref for Conn {
+    type Target = ConnState;
+    fn deref(&self) -> &ConnState {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Conn {
+    fn deref_mut(&mut self) -> &mut ConnState {
+        &mut self.0
+    }
+}
+
 impl Conn {
     pub fn new(io: BackendIo) -> Conn {
-        Conn {
+        Conn(Box::new(ConnState {
             io,
             buf: BytesMut::new(),
             head: Vec::new(),
@@ -205,9 +222,24 @@ impl Conn {
             upload: None,
             interim: false,
             timer: None,
-        }
+        }))
     }
 
+    /// The response body that follows a head with `framing`; it owns the connection, and
+    /// `upload`, the rest of the request body when [`ConnState::uploading`], which it sends as
+    /// it is read.
+    pub fn into_body(self, framing: Framing, upload: Option<PendingUpload>) -> ConnBody {
+        let state = match framing {
+            Framing::Empty | Framing::Upgrade | Framing::Length(0) => Decoder::Done,
+            Framing::Length(n) => Decoder::Length(n),
+            Framing::Chunked => Decoder::ChunkSize,
+            Framing::UntilClose => Decoder::UntilClose,
+        };
+        ConnBody { upload: upload.filter(|_| self.uploading()), conn: Some(self), state }
+    }
+}
+
+impl ConnState {
     /// Whether an idle connection can take a request: the backend has neither closed it
     /// nor sent anything unasked. Never waits.
     pub fn is_usable_idle(&mut self) -> bool {
@@ -441,25 +473,12 @@ impl Conn {
             return Ok(Some(Head { status, version, fields, framing, names_fields }));
         }
     }
-
-    /// The response body that follows a head with `framing`; it owns the connection, and
-    /// `upload`, the rest of the request body when [`Conn::uploading`], which it sends as
-    /// it is read.
-    pub fn into_body(self, framing: Framing, upload: Option<PendingUpload>) -> ConnBody {
-        let state = match framing {
-            Framing::Empty | Framing::Upgrade | Framing::Length(0) => Decoder::Done,
-            Framing::Length(n) => Decoder::Length(n),
-            Framing::Chunked => Decoder::ChunkSize,
-            Framing::UntilClose => Decoder::UntilClose,
-        };
-        ConnBody { upload: upload.filter(|_| self.uploading()), conn: Some(self), state }
-    }
 }
 
 /// An upgraded connection is a plain byte stream: what was read past the 101 head first.
 impl AsyncRead for Conn {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
+        let this = &mut *self.get_mut().0;
         http1::poll_read_prefixed(&mut this.buf, &mut this.io, cx, out)
     }
 }
