@@ -53,6 +53,24 @@ fn start_site(backends: &[SocketAddr], tls: &str, admin: bool, args: &[&str]) ->
     Site { b, https, http }
 }
 
+/// A site serving one certificate for `localhost`, from a new test CA, in front of one
+/// upstream; it holds the files and the upstream for as long as the test keeps it.
+struct LocalhostSite {
+    ca: TestCa,
+    s: Site,
+    _dir: tempfile::TempDir,
+    up: Upstream,
+}
+
+async fn localhost_site(admin: bool, args: &[&str]) -> LocalhostSite {
+    let ca = TestCa::new("balancer test CA");
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = ca.leaf(&["localhost"]).write(dir.path(), "site");
+    let up = Upstream::start("a").await;
+    let s = start_site(&[up.addr], &tls_section(&cert, &key, ""), admin, args);
+    LocalhostSite { ca, s, _dir: dir, up }
+}
+
 fn echo_header(r: &Reply, name: &str) -> Option<String> {
     r.json()["headers"][name].as_str().map(str::to_owned)
 }
@@ -104,11 +122,8 @@ fn file_name(p: &Path) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn https_listener_proxies_next_to_plain_with_forwarded_proto() {
-    let ca = TestCa::new("balancer test CA");
-    let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = ca.leaf(&["localhost"]).write(dir.path(), "site");
-    let up = Upstream::start("a").await;
-    let s = start_site(&[up.addr], &tls_section(&cert, &key, ""), false, &[]);
+    let site = localhost_site(false, &[]).await;
+    let (ca, s) = (&site.ca, &site.s);
 
     // One `listening` line per listener, each saying which protocol it speaks.
     assert_eq!(listeners(&s.b, "https", 1).len(), 1, "{:#?}", s.b.logs_matching("listening"));
@@ -116,7 +131,7 @@ async fn https_listener_proxies_next_to_plain_with_forwarded_proto() {
     assert_ne!(s.https, s.http);
 
     let (version, r) =
-        https_get_with(s.https, "localhost", &ca, "/over-tls?q=1", &ClientOpts::default().alpn(&["http/1.1"])).await;
+        https_get_with(s.https, "localhost", ca, "/over-tls?q=1", &ClientOpts::default().alpn(&["http/1.1"])).await;
     assert_eq!(version, Version::HTTP_11);
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("x-upstream"), Some("a"));
@@ -131,22 +146,19 @@ async fn https_listener_proxies_next_to_plain_with_forwarded_proto() {
     assert_eq!(echo_header(&r, "x-forwarded-proto").as_deref(), Some("http"));
 
     // And TLS again after the plain request: both keep working.
-    let (_, r) = https_get(s.https, "localhost", &ca, "/again").await;
+    let (_, r) = https_get(s.https, "localhost", ca, "/again").await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(echo_header(&r, "x-forwarded-proto").as_deref(), Some("https"));
-    assert_eq!(up.hits(), 3);
+    assert_eq!(site.up.hits(), 3);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn alpn_h2_gets_http2_and_http11_gets_http1() {
-    let ca = TestCa::new("balancer test CA");
-    let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = ca.leaf(&["localhost"]).write(dir.path(), "site");
-    let up = Upstream::start("a").await;
-    let s = start_site(&[up.addr], &tls_section(&cert, &key, ""), false, &[]);
+    let site = localhost_site(false, &[]).await;
+    let (ca, s) = (&site.ca, &site.s);
 
     // Offering h2 first: h2 is chosen, and the client speaks HTTP/2 end to end.
-    let conn = tls_connect(s.https, "localhost", &ca, &ClientOpts::default().alpn(&["h2", "http/1.1"])).await.unwrap();
+    let conn = tls_connect(s.https, "localhost", ca, &ClientOpts::default().alpn(&["h2", "http/1.1"])).await.unwrap();
     assert_eq!(conn.alpn_str().as_deref(), Some("h2"));
     let mut h2 = conn.h2().await;
     for path in ["/h2/1", "/h2/2"] {
@@ -158,14 +170,14 @@ async fn alpn_h2_gets_http2_and_http11_gets_http1() {
     }
 
     // Offering only http/1.1: HTTP/1.1.
-    let conn = tls_connect(s.https, "localhost", &ca, &ClientOpts::default().alpn(&["http/1.1"])).await.unwrap();
+    let conn = tls_connect(s.https, "localhost", ca, &ClientOpts::default().alpn(&["http/1.1"])).await.unwrap();
     assert_eq!(conn.alpn_str().as_deref(), Some("http/1.1"));
     let (version, r) = conn.http1().await.get("localhost", "/h1").await.unwrap();
     assert_eq!(version, Version::HTTP_11);
     assert_eq!(r.status, 200, "{}", r.text());
 
     // Offering no ALPN at all (curl --no-alpn): HTTP/1.1 still works.
-    let conn = tls_connect(s.https, "localhost", &ca, &ClientOpts::default().alpn(&[])).await.unwrap();
+    let conn = tls_connect(s.https, "localhost", ca, &ClientOpts::default().alpn(&[])).await.unwrap();
     assert_eq!(conn.alpn_str(), None);
     let (version, r) = conn.http1().await.get("localhost", "/no-alpn").await.unwrap();
     assert_eq!(version, Version::HTTP_11);
@@ -174,17 +186,14 @@ async fn alpn_h2_gets_http2_and_http11_gets_http1() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn tls12_only_and_tls13_only_clients_both_work() {
-    let ca = TestCa::new("balancer test CA");
-    let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = ca.leaf(&["localhost"]).write(dir.path(), "site");
-    let up = Upstream::start("a").await;
-    let s = start_site(&[up.addr], &tls_section(&cert, &key, ""), false, &[]);
+    let site = localhost_site(false, &[]).await;
+    let (ca, s) = (&site.ca, &site.s);
 
     for (version, expect) in
         [(&rustls::version::TLS12, ProtocolVersion::TLSv1_2), (&rustls::version::TLS13, ProtocolVersion::TLSv1_3)]
     {
         for alpn in [&["h2"][..], &["http/1.1"][..]] {
-            let conn = tls_connect(s.https, "localhost", &ca, &ClientOpts::default().versions(&[version]).alpn(alpn))
+            let conn = tls_connect(s.https, "localhost", ca, &ClientOpts::default().versions(&[version]).alpn(alpn))
                 .await
                 .unwrap_or_else(|e| panic!("{expect:?} handshake with ALPN {alpn:?} failed: {e}"));
             assert_eq!(conn.version, expect);
@@ -252,24 +261,21 @@ fn clients(
 /// reload (the ticket keys and the cache belong to the process, not to a config).
 #[tokio::test(flavor = "multi_thread")]
 async fn returning_clients_resume_their_sessions_across_a_reload() {
-    let ca = TestCa::new("balancer test CA");
-    let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = ca.leaf(&["localhost"]).write(dir.path(), "site");
-    let up = Upstream::start("a").await;
-    let s = start_site(&[up.addr], &tls_section(&cert, &key, ""), true, &[]);
+    let site = localhost_site(true, &[]).await;
+    let (ca, s) = (&site.ca, &site.s);
     let n = 300;
     for (what, version, tickets) in [
         ("TLS 1.3", &rustls::version::TLS13, true),
         ("TLS 1.2 with tickets", &rustls::version::TLS12, true),
         ("TLS 1.2 by session id", &rustls::version::TLS12, false),
     ] {
-        let (resumed, of) = returning(&s, &clients(&ca, version, tickets, n)).await;
+        let (resumed, of) = returning(s, &clients(ca, version, tickets, n)).await;
         assert_eq!(resumed, of, "{what}: {resumed} of {of} returning clients resumed");
     }
     // Sessions made before a reload resume after it.
-    let before_reload = clients(&ca, &rustls::version::TLS13, true, 1)
+    let before_reload = clients(ca, &rustls::version::TLS13, true, 1)
         .into_iter()
-        .chain(clients(&ca, &rustls::version::TLS12, false, 1))
+        .chain(clients(ca, &rustls::version::TLS12, false, 1))
         .collect::<Vec<_>>();
     for config in &before_reload {
         let conn = tls_connect_with(s.https, "localhost", config.clone()).await.unwrap();
@@ -640,11 +646,8 @@ fn check_upstream_ca_that_is_not_pem_names_it() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stalled_handshake_is_closed_after_client_header() {
-    let ca = TestCa::new("balancer test CA");
-    let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = ca.leaf(&["localhost"]).write(dir.path(), "site");
-    let up = Upstream::start("a").await;
-    let s = start_site(&[up.addr], &tls_section(&cert, &key, ""), false, &["--set", "timeouts.client_header=500ms"]);
+    let site = localhost_site(false, &["--set", "timeouts.client_header=500ms"]).await;
+    let (ca, s) = (&site.ca, &site.s);
 
     // One connection sends nothing; another sends the start of a ClientHello record
     // (a handshake record header promising 512 bytes) and then nothing more.
@@ -668,17 +671,14 @@ async fn a_stalled_handshake_is_closed_after_client_header() {
         assert!(took < Duration::from_millis(2000), "{what}: closed only after {took:?}");
     }
     // The listener still serves.
-    let (_, r) = https_get(s.https, "localhost", &ca, "/").await;
+    let (_, r) = https_get(s.https, "localhost", ca, "/").await;
     assert_eq!(r.status, 200, "{}", r.text());
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn garbage_instead_of_client_hello_does_not_hold_up_real_clients() {
-    let ca = TestCa::new("balancer test CA");
-    let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = ca.leaf(&["localhost"]).write(dir.path(), "site");
-    let up = Upstream::start("a").await;
-    let s = start_site(&[up.addr], &tls_section(&cert, &key, ""), false, &[]);
+    let site = localhost_site(false, &[]).await;
+    let (ca, s) = (&site.ca, &site.s);
 
     // 200 connections that send garbage instead of a ClientHello: half send bytes that
     // cannot start a TLS record (plain HTTP, binary noise) and should be dropped at once;
@@ -703,7 +703,7 @@ async fn garbage_instead_of_client_hello_does_not_hold_up_real_clients() {
     for i in 0..5 {
         let start = Instant::now();
         let (_, r) =
-            tokio::time::timeout(Duration::from_secs(2), https_get(s.https, "localhost", &ca, &format!("/real/{i}")))
+            tokio::time::timeout(Duration::from_secs(2), https_get(s.https, "localhost", ca, &format!("/real/{i}")))
                 .await
                 .expect("an HTTPS request took over 2s while garbage connections were open");
         let took = start.elapsed();

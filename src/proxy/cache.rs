@@ -34,30 +34,8 @@ static CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 pub(super) enum Reply {
     /// The backend's response (its body may go into the store: [`Note::teeing`]).
     Proxied(Proxied),
-    /// An answer from a stored entry.
+    /// An answer from a stored entry, or from a response another request is fetching.
     Stored(Stored),
-    /// An answer from a response another request is fetching, read as it arrives.
-    Streamed(Streamed),
-}
-
-/// A response read from another request's fetch.
-pub(super) struct Streamed {
-    pub status: StatusCode,
-    pub headers: HeaderMap,
-    pub body: Reader,
-}
-
-impl Streamed {
-    /// The client's response; `log` goes with its body.
-    pub(super) fn into_response(self, mut log: RequestLog) -> Response<ResponseBody> {
-        log.status = self.status.as_u16();
-        let mut headers = self.headers;
-        headers.insert(X_REQUEST_ID.clone(), log.request_id.clone());
-        let mut response = Response::new(ResponseBody::shared(self.body, log));
-        *response.status_mut() = self.status;
-        *response.headers_mut() = headers;
-        response
-    }
 }
 
 /// A response going into the store: the writing side, fed by a task of its own once the
@@ -101,11 +79,18 @@ async fn fill(mut fill: Fill, mut body: ConnBody, inflight: InflightGuard, quiet
     fill.finish();
 }
 
-/// A response made from a stored entry.
+/// A response the cache step makes itself.
 pub(super) struct Stored {
     pub status: StatusCode,
     pub headers: HeaderMap,
-    pub body: Bytes,
+    pub body: StoredBody,
+}
+
+pub(super) enum StoredBody {
+    /// A stored entry's.
+    Whole(Bytes),
+    /// Read as it arrives from the response another request is fetching.
+    Arriving(Reader),
 }
 
 impl Stored {
@@ -114,7 +99,11 @@ impl Stored {
         log.status = self.status.as_u16();
         let mut headers = self.headers;
         headers.insert(X_REQUEST_ID.clone(), log.request_id.clone());
-        let mut response = Response::new(ResponseBody::full(self.body, log));
+        let body = match self.body {
+            StoredBody::Whole(bytes) => ResponseBody::full(bytes, log),
+            StoredBody::Arriving(reader) => ResponseBody::shared(reader, log),
+        };
+        let mut response = Response::new(body);
         *response.status_mut() = self.status;
         *response.headers_mut() = headers;
         response
@@ -205,7 +194,7 @@ fn answer(entry: &Entry, parts: &Parts, now: SystemTime) -> Stored {
     if entry.client_not_modified(&parts.headers) {
         let mut headers = entry.not_modified_fields();
         headers.insert(header::AGE, age);
-        return Stored { status: StatusCode::NOT_MODIFIED, headers, body: Bytes::new() };
+        return Stored { status: StatusCode::NOT_MODIFIED, headers, body: StoredBody::Whole(Bytes::new()) };
     }
     let mut headers = entry.headers.clone();
     headers.insert(header::AGE, age);
@@ -213,7 +202,7 @@ fn answer(entry: &Entry, parts: &Parts, now: SystemTime) -> Stored {
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(entry.body.len()));
     }
     let body = if parts.method == Method::HEAD { Bytes::new() } else { entry.body.clone() };
-    Stored { status: entry.status, headers, body }
+    Stored { status: entry.status, headers, body: StoredBody::Whole(body) }
 }
 
 /// The answer for a waiter from the response its flight's leader is fetching: when it is
@@ -229,7 +218,8 @@ fn read_along(tee: &Arc<crate::cache::Tee>, parts: &Parts) -> Option<Reply> {
     if head.client_not_modified(&parts.headers) {
         let mut headers = head.not_modified_fields();
         headers.insert(header::AGE, age);
-        return Some(Reply::Stored(Stored { status: StatusCode::NOT_MODIFIED, headers, body: Bytes::new() }));
+        let body = StoredBody::Whole(Bytes::new());
+        return Some(Reply::Stored(Stored { status: StatusCode::NOT_MODIFIED, headers, body }));
     }
     let body = tee.reader()?;
     let mut headers = head.headers().clone();
@@ -237,7 +227,7 @@ fn read_along(tee: &Arc<crate::cache::Tee>, parts: &Parts) -> Option<Reply> {
     if let Some(n) = tee.length().filter(|_| head.status() != StatusCode::NO_CONTENT) {
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
     }
-    Some(Reply::Streamed(Streamed { status: head.status(), headers, body }))
+    Some(Reply::Stored(Stored { status: head.status(), headers, body: StoredBody::Arriving(body) }))
 }
 
 /// Gives a bodiless response's connection back to its pool.

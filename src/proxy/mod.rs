@@ -103,7 +103,6 @@ pub async fn handle(
             respond::response(proxied, &conn, client_upgrade, log, teeing)
         }
         Ok(Reply::Stored(stored)) => stored.into_response(log),
-        Ok(Reply::Streamed(streamed)) => streamed.into_response(log),
         Err(e) => e.into_response(log),
     };
     if let Some(note) = note {
