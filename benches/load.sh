@@ -7,6 +7,9 @@
 #   benches/load.sh                 # defaults: 5s runs, 3 repeats, 50 connections
 #   DURATION=10s REPEAT=5 benches/load.sh
 #   BACKENDS=fast MODES=keepalive TARGETS="balancer nginx" IDLE_CONNS=0 benches/load.sh  # a quick A/B
+#   ACCESS_LOG=on benches/load.sh   # balancer and nginx write an access-log line per request
+#                                   # to a file (nginx: buffer=64k); HAProxy logs only to
+#                                   # syslog, so its rows stay without one
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benches/nginx_conf.sh
@@ -18,6 +21,7 @@ WORKERS_LIST=${WORKERS_LIST:-"1 2"}
 BACKENDS=${BACKENDS:-"fast slow"}
 MODES=${MODES:-"keepalive close"}
 TARGETS=${TARGETS:-"direct balancer nginx haproxy"}
+ACCESS_LOG=${ACCESS_LOG:-off}
 OUT=${OUT:-target/load}
 mkdir -p "$OUT"
 
@@ -48,7 +52,7 @@ workers = $1
 [admin]
 listen = "127.0.0.1:19199"
 [log]
-access = false
+access = $([ "$ACCESS_LOG" = on ] && echo true || echo false)
 [upstreams.app]
 backends = ["http://127.0.0.1:$3"]
 keepalive = 256
@@ -58,7 +62,9 @@ CFG
 }
 
 start_nginx() { # workers port backend_port
-  nginx_conf "$PWD/$OUT/nginx" "$1" "$2" "$3"
+  local log=""
+  [ "$ACCESS_LOG" = on ] && log="access_log $PWD/$OUT/nginx/access.log combined buffer=64k;"
+  nginx_conf "$PWD/$OUT/nginx" "$1" "$2" "$3" "" "" "$log"
   nginx -c "$PWD/$OUT/nginx/nginx.conf" -p "$PWD/$OUT/nginx" -g "daemon off;" 2>>"$OUT/nginx/stderr" & pids+=($!); NGINX_PID=$!
   wait_port "$2"
 }

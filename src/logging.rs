@@ -1,6 +1,11 @@
 //! Logs through `tracing` to stderr, as text or one JSON object per line. The access log
 //! is the `access` target, on whenever `log.access` is, whatever the level. Level and
 //! access can change on reload; the format is fixed at start-up.
+//!
+//! Lines are written by a thread of their own (tracing-appender's non-blocking writer):
+//! a request pays for formatting its access-log line and queueing it, not for a write(2)
+//! under stderr's lock; the thread writes whatever has queued up in one go. Nothing is
+//! dropped: past [`LINES_QUEUED`] waiting lines, loggers wait, as a blocking write would.
 
 use std::io::IsTerminal;
 
@@ -30,10 +35,14 @@ fn targets(log: &LogConfig) -> Targets {
         .with_target("access", if log.access { LevelFilter::INFO } else { LevelFilter::OFF })
 }
 
-/// Changes the live log filter on reload.
+/// Lines waiting for the writer thread before loggers wait for it.
+const LINES_QUEUED: usize = 100_000;
+
+/// Changes the live log filter on reload; dropped, it writes out the lines still queued.
 pub struct LogHandle {
     filter: Option<reload::Handle<Targets, Registry>>,
     format: LogFormat,
+    _writer: Option<tracing_appender::non_blocking::WorkerGuard>,
 }
 
 impl LogHandle {
@@ -51,7 +60,12 @@ impl LogHandle {
 /// Installs the global subscriber.
 pub fn init(log: &LogConfig) -> LogHandle {
     let (filter, handle) = reload::Layer::new(targets(log));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .buffered_lines_limit(LINES_QUEUED)
+        .thread_name("balancer-log")
+        .finish(std::io::BufWriter::new(std::io::stderr()));
+    let fmt = tracing_subscriber::fmt::layer().with_writer(writer);
     let registry = tracing_subscriber::registry().with(filter);
     let result = match log.format {
         LogFormat::Json => registry.with(fmt.json().flatten_event(true)).try_init(),
@@ -59,7 +73,7 @@ pub fn init(log: &LogConfig) -> LogHandle {
     };
     if let Err(e) = result {
         eprintln!("balancer: logging was already set up: {e}");
-        return LogHandle { filter: None, format: log.format };
+        return LogHandle { filter: None, format: log.format, _writer: None };
     }
-    LogHandle { filter: Some(handle), format: log.format }
+    LogHandle { filter: Some(handle), format: log.format, _writer: Some(guard) }
 }
