@@ -9,6 +9,7 @@ use http::{HeaderValue, Method, Uri};
 use super::ActivityGuard;
 use super::trace::TraceContext;
 use crate::backend::Backend;
+use crate::logging::access::{self, AccessLine};
 use crate::otlp::SpanExport;
 use crate::otlp::SpanRecord;
 use crate::runtime::Runtime;
@@ -93,23 +94,19 @@ impl Drop for RequestLog {
         if !self.runtime.config.log.access {
             return;
         }
-        let upstream = self.upstream.map_or("-", |i| self.runtime.upstreams[i].name.as_str());
-        let backend = self.backend().map_or("-", |b| &*b.url);
-        let request_id = self.request_id.to_str().unwrap_or("-");
-        let duration_ms = elapsed.as_secs_f64() * 1000.0;
-        tracing::info!(
-            target: "access",
-            client = %self.client.ip(),
-            method = %self.method,
-            path = %self.uri.path_and_query().map_or("/", |p| p.as_str()),
-            status = self.status,
-            upstream,
-            backend,
-            duration_ms = (duration_ms * 1000.0).round() / 1000.0,
-            bytes = self.bytes,
-            request_id,
-            trace_id = self.trace.trace_id(),
-            complete = !self.broken,
-        );
+        let micros = elapsed.as_secs() * 1_000_000 + u64::from((elapsed.subsec_nanos() + 500) / 1000);
+        access::write(&AccessLine {
+            client: self.client.ip(),
+            method: self.method.as_str(),
+            path: self.uri.path_and_query().map_or("/", |p| p.as_str()),
+            status: self.status,
+            upstream: self.upstream.map_or("-", |i| self.runtime.upstreams[i].name.as_str()),
+            backend: self.backend().map_or("-", |b| &*b.url),
+            duration_micros: micros,
+            bytes: self.bytes,
+            request_id: self.request_id.to_str().unwrap_or("-"),
+            trace_id: self.trace.trace_id(),
+            complete: !self.broken,
+        });
     }
 }

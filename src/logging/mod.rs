@@ -1,11 +1,14 @@
-//! Logs through `tracing` to stderr, as text or one JSON object per line. The access log
-//! is the `access` target, on whenever `log.access` is, whatever the level. Level and
-//! access can change on reload; the format is fixed at start-up.
+//! Logs to stderr, as text or one JSON object per line: balancer's own lines through
+//! `tracing`, access lines (target `access`, on whenever `log.access` is, whatever the
+//! level) formatted by hand in [`access`]. Level and access can change on reload; the
+//! format is fixed at start-up.
 //!
 //! Lines are written by a thread of their own (tracing-appender's non-blocking writer):
 //! a request pays for formatting its access-log line and queueing it, not for a write(2)
 //! under stderr's lock; the thread writes whatever has queued up in one go. Nothing is
 //! dropped: past [`LINES_QUEUED`] waiting lines, loggers wait, as a blocking write would.
+
+pub mod access;
 
 use std::io::IsTerminal;
 
@@ -29,10 +32,7 @@ pub fn level_filter(level: LogLevel) -> LevelFilter {
 /// Libraries (hyper, h2) log at warn at most; ours at the configured level.
 fn targets(log: &LogConfig) -> Targets {
     let level = level_filter(log.level);
-    Targets::new()
-        .with_default(level.min(LevelFilter::WARN))
-        .with_target("balancer", level)
-        .with_target("access", if log.access { LevelFilter::INFO } else { LevelFilter::OFF })
+    Targets::new().with_default(level.min(LevelFilter::WARN)).with_target("balancer", level)
 }
 
 /// Lines waiting for the writer thread before loggers wait for it.
@@ -65,6 +65,7 @@ pub fn init(log: &LogConfig) -> LogHandle {
         .buffered_lines_limit(LINES_QUEUED)
         .thread_name("balancer-log")
         .finish(std::io::BufWriter::new(std::io::stderr()));
+    let _ = access::SINK.set(access::Sink { writer: writer.clone(), format: log.format });
     let fmt = tracing_subscriber::fmt::layer().with_writer(writer);
     let registry = tracing_subscriber::registry().with(filter);
     let result = match log.format {
