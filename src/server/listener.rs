@@ -25,6 +25,7 @@ use super::workers::Served;
 use super::{ConnLimits, GuardedIo, Workers};
 use crate::proxy::body::ClientBody;
 use crate::proxy::{self, ConnInfo, Transport};
+use crate::metrics::Metrics;
 use crate::runtime::SharedRuntime;
 
 #[derive(Debug, thiserror::Error)]
@@ -274,7 +275,23 @@ async fn accept_loop(
     }
 }
 
-/// One client connection, from TLS handshake (if any) to its end. Holds a connection slot.
+/// What a client connection holds from accept to close, whichever task serves it: its
+/// connection slot, its worker's count, its listener's drain, and the open-connections gauge.
+struct Open {
+    peer: SocketAddr,
+    limits: ConnLimits,
+    metrics: Arc<Metrics>,
+    guard: DrainGuard,
+    _held: (OwnedSemaphorePermit, Served),
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.metrics.client_connections.fetch_sub(1, Relaxed);
+    }
+}
+
+/// One client connection, from TLS handshake (if any) to its end, or to its parking.
 async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
@@ -283,8 +300,7 @@ async fn serve(
     guard: DrainGuard,
     held: (OwnedSemaphorePermit, Served),
 ) {
-    let _held = held;
-    let (limits, metrics) = {
+    let open = {
         let rt = runtime.load();
         let s = &rt.config.server;
         let limits = ConnLimits {
@@ -292,50 +308,19 @@ async fn serve(
             idle: s.timeouts.idle,
             max_header_bytes: s.max_header_bytes,
         };
-        (limits, rt.metrics.clone())
+        Open { peer, limits, metrics: rt.metrics.clone(), guard, _held: held }
     };
-    metrics.client_connections.fetch_add(1, Relaxed);
+    open.metrics.client_connections.fetch_add(1, Relaxed);
     match tls {
-        None => {
-            let mut stream = stream;
-            let mut start = Start::Fresh;
-            // Parked between sessions while idle: then only the socket is held.
-            loop {
-                // Boxed so that a parked connection's task does not keep room for a session
-                // (the request path's future inside it is several KiB).
-                let session = Box::pin(h1::serve(stream, peer, limits, &runtime, &guard, start));
-                let parked = match session.await {
-                    Ended::Parked(parked) => parked,
-                    Ended::Closed => break,
-                    Ended::Http2(io) => {
-                        Box::pin(serve_http(io, ConnInfo::hyper(peer, Transport::Plain), limits, &runtime, &guard))
-                            .await;
-                        break;
-                    }
-                };
-                start = Start::Resumed;
-                metrics.parks.fetch_add(1, Relaxed);
-                metrics.parked_connections.fetch_add(1, Relaxed);
-                let resumed = tokio::select! {
-                    biased;
-                    () = guard.draining() => false,
-                    () = tokio::time::sleep(limits.idle.saturating_sub(PARK_AFTER)) => false,
-                    ready = parked.readable() => ready.is_ok(),
-                };
-                metrics.parked_connections.fetch_sub(1, Relaxed);
-                if !resumed {
-                    break;
-                }
-                stream = parked;
-            }
-        }
+        None => serve_plain(stream, open, runtime, Start::Fresh).await,
         // Boxed: TLS state is large, and plain connections' tasks need no room for it.
         Some(acceptor) => {
             Box::pin(async {
                 // A handshake must finish within client_header, like a request head.
-                match tokio::time::timeout(limits.client_header, acceptor.accept(stream)).await {
+                match tokio::time::timeout(open.limits.client_header, acceptor.accept(stream)).await {
                     Ok(Ok(stream)) => {
-                        serve_http(stream, ConnInfo::hyper(peer, Transport::Tls), limits, &runtime, &guard).await;
+                        let info = ConnInfo::hyper(peer, Transport::Tls);
+                        serve_http(stream, info, open.limits, &runtime, &open.guard).await;
                     }
                     Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                     Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -344,7 +329,44 @@ async fn serve(
             .await
         }
     }
-    metrics.client_connections.fetch_sub(1, Relaxed);
+}
+
+/// Plain HTTP/1.1 (or HTTP/2 with prior knowledge) until the connection closes or parks.
+async fn serve_plain(stream: TcpStream, open: Open, runtime: SharedRuntime, start: Start) {
+    // Boxed, and in a task that ends when the connection parks: a parked connection
+    // keeps no room for a session (the request path's future inside it is several KiB).
+    let session = Box::pin(h1::serve(stream, open.peer, open.limits, &runtime, &open.guard, start));
+    match session.await {
+        Ended::Parked(parked) => park(parked, open, runtime),
+        Ended::Closed => {}
+        Ended::Http2(io) => {
+            let info = ConnInfo::hyper(open.peer, Transport::Plain);
+            Box::pin(serve_http(io, info, open.limits, &runtime, &open.guard)).await;
+        }
+    }
+}
+
+/// Holds an idle keep-alive connection in a task of its own, small and made now (as is
+/// its reactor entry, registered again), so that it sits beside other parked
+/// connections rather than among the freed memory of its sessions, which can then go
+/// back to the system. Its next byte starts a new serving task; the drain or the rest of
+/// the idle timeout closes it.
+fn park(stream: TcpStream, open: Open, runtime: SharedRuntime) {
+    let Ok(stream) = stream.into_std().and_then(TcpStream::from_std) else { return };
+    tokio::spawn(async move {
+        open.metrics.parks.fetch_add(1, Relaxed);
+        open.metrics.parked_connections.fetch_add(1, Relaxed);
+        let resumed = tokio::select! {
+            biased;
+            () = open.guard.draining() => false,
+            () = tokio::time::sleep(open.limits.idle.saturating_sub(PARK_AFTER)) => false,
+            ready = stream.readable() => ready.is_ok(),
+        };
+        open.metrics.parked_connections.fetch_sub(1, Relaxed);
+        if resumed {
+            tokio::spawn(serve_plain(stream, open, runtime, Start::Resumed));
+        }
+    });
 }
 
 /// One hyper session (HTTP/2, or anything over TLS) on a client connection, until it ends.
