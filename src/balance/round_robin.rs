@@ -1,4 +1,6 @@
 //! Smooth weighted round-robin (the nginx algorithm), precomputed.
+//! (Equal weights are simply in order; a large upstream with mixed weights, where nginx's
+//! order would take period x backends steps to build, gets the same shares spread evenly.)
 //!
 //! The schedule of one period (sum of weights / their gcd) is computed when the upstream is
 //! built, so a pick is one `fetch_add` and a table read. Because the schedule is periodic,
@@ -23,23 +25,59 @@ pub struct RoundRobin {
 impl RoundRobin {
     pub fn new(weights: &[u32]) -> RoundRobin {
         let g = weights.iter().copied().fold(0, gcd).max(1);
-        let weights: Vec<i64> = weights.iter().map(|&w| i64::from(w / g)).collect();
-        let total: i64 = weights.iter().sum();
-        let mut current = vec![0i64; weights.len()];
-        let mut schedule = Vec::with_capacity(total as usize);
-        for _ in 0..total {
-            let mut best = 0;
-            for i in 0..weights.len() {
-                current[i] += weights[i];
-                if current[i] > current[best] {
-                    best = i;
-                }
-            }
-            current[best] -= total;
-            schedule.push(best as u32);
-        }
-        RoundRobin { schedule: schedule.into_boxed_slice(), cursor: AtomicUsize::new(0) }
+        let weights: Vec<u32> = weights.iter().map(|&w| w / g).collect();
+        let total: u64 = weights.iter().map(|&w| u64::from(w)).sum();
+        let schedule = if total == weights.len() as u64 {
+            // Equal weights: nginx's algorithm visits the backends in order.
+            (0..weights.len() as u32).collect()
+        } else if total * weights.len() as u64 <= NGINX_STEPS {
+            nginx_schedule(&weights, total)
+        } else {
+            spread_schedule(&weights)
+        };
+        RoundRobin { schedule, cursor: AtomicUsize::new(0) }
     }
+}
+
+/// Above this many steps (period x backends), building nginx's exact order would hold up
+/// a reload; [`spread_schedule`] is used instead.
+const NGINX_STEPS: u64 = 4_000_000;
+
+/// nginx's smooth weighted round-robin, one period of it: each step, every backend gains
+/// its weight and the richest (first among equals) is picked and pays the total.
+fn nginx_schedule(weights: &[u32], total: u64) -> Box<[u32]> {
+    let total = total as i64;
+    let mut current = vec![0i64; weights.len()];
+    let mut schedule = Vec::with_capacity(total as usize);
+    for _ in 0..total {
+        let mut best = 0;
+        for (i, &w) in weights.iter().enumerate() {
+            current[i] += i64::from(w);
+            if current[i] > current[best] {
+                best = i;
+            }
+        }
+        current[best] -= total;
+        schedule.push(best as u32);
+    }
+    schedule.into_boxed_slice()
+}
+
+/// The same shares, as evenly spread, for large upstreams with mixed weights: a backend of
+/// weight `w` is due once in each of `w` equal parts of the period, at the same point of
+/// each (backends' points spread by the golden ratio, so that thousands of them are not
+/// due at once), and the picks follow in order of when they are due (`O(total log total)`).
+fn spread_schedule(weights: &[u32]) -> Box<[u32]> {
+    let mut due: Vec<(f64, u32)> = weights
+        .iter()
+        .enumerate()
+        .flat_map(|(i, &w)| {
+            let phase = (i as f64 * 0.618_033_988_749_895).fract();
+            (0..w).map(move |k| ((f64::from(k) + phase) / f64::from(w), i as u32))
+        })
+        .collect();
+    due.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    due.into_iter().map(|(_, i)| i).collect()
 }
 
 fn gcd(a: u32, b: u32) -> u32 {
@@ -95,6 +133,29 @@ mod tests {
         }
         // Smooth: the heavy backend is never picked three times in a row here.
         assert_eq!(&picks[..10], &[0, 3, 0, 1, 0, 3, 2, 0, 3, 0]);
+    }
+
+    #[test]
+    fn large_mixed_upstreams_get_exact_evenly_spread_shares() {
+        let weights: Vec<u32> = (0..10_000).map(|i| 1 + i % 7).collect();
+        let total: usize = weights.iter().map(|&w| w as usize).sum();
+        assert!(total as u64 * weights.len() as u64 > NGINX_STEPS);
+        let rr = RoundRobin::new(&weights);
+        assert_eq!(rr.schedule.len(), total);
+        let mut seen = vec![Vec::new(); weights.len()];
+        for (at, &i) in rr.schedule.iter().enumerate() {
+            seen[i as usize].push(at);
+        }
+        for (i, at) in seen.iter().enumerate() {
+            assert_eq!(at.len(), weights[i] as usize, "backend {i}");
+            // Spread: consecutive picks of one backend about total / weight apart.
+            let even = total / weights[i] as usize;
+            for pair in at.windows(2) {
+                assert!((pair[1] - pair[0]).abs_diff(even) <= even / 4, "backend {i}: {at:?}");
+            }
+        }
+        // Equal weights, however many: in order.
+        assert_eq!(&*RoundRobin::new(&[3; 10_000]).schedule, &(0..10_000).collect::<Vec<u32>>()[..]);
     }
 
     #[test]

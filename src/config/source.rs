@@ -162,7 +162,7 @@ impl Source {
 
     fn error_at(&self, span: Option<Range<usize>>, message: &str, edits: &[Edit]) -> ConfigError {
         let location = match span {
-            Some(span) => span_location(span, &self.text, &self.path, edits),
+            Some(span) => span_location(span, &Lines::new(&self.text), &self.path, edits),
             None => Location::Key { path: self.exists.then(|| self.path.clone()), key: String::from("(top level)") },
         };
         ConfigError::Invalid { location, message: message.trim().to_owned() }
@@ -173,15 +173,35 @@ fn marker(i: usize) -> Range<usize> {
     OVERRIDE_SPAN_BASE + i..OVERRIDE_SPAN_BASE + i + 1
 }
 
-fn span_location(span: Range<usize>, text: &str, path: &Path, edits: &[Edit]) -> Location {
+fn span_location(span: Range<usize>, lines: &Lines<'_>, path: &Path, edits: &[Edit]) -> Location {
     if span.start >= OVERRIDE_SPAN_BASE {
         let origin = edits.get(span.start - OVERRIDE_SPAN_BASE).map(|e| e.origin.clone());
         return Location::Flag(origin.unwrap_or_else(|| "command line".into()));
     }
-    let upto = &text[..span.start.min(text.len())];
-    let line = upto.matches('\n').count() + 1;
-    let col = upto.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    let (line, col) = lines.line_col(span.start);
     Location::File { path: path.to_owned(), line, col }
+}
+
+/// Where each line of a text starts: a byte offset becomes line:col by a binary search,
+/// not a scan from the top (the key index locates every key of a 10,000-backend file).
+struct Lines<'t> {
+    text: &'t str,
+    starts: Vec<usize>,
+}
+
+impl<'t> Lines<'t> {
+    fn new(text: &'t str) -> Lines<'t> {
+        let starts = std::iter::once(0).chain(text.match_indices('\n').map(|(i, _)| i + 1)).collect();
+        Lines { text, starts }
+    }
+
+    /// 1-based line and column (in characters) of byte offset `at`.
+    fn line_col(&self, at: usize) -> (usize, usize) {
+        let at = at.min(self.text.len());
+        let line = self.starts.partition_point(|&start| start <= at);
+        let start = self.starts[line - 1];
+        (line, self.text[start..at].chars().count() + 1)
+    }
 }
 
 /// Gives every span inside an override value the override's marker span.
@@ -309,7 +329,8 @@ pub struct KeyIndex {
 impl KeyIndex {
     fn build(root: &DeTable<'_>, text: &str, path: &Path, file: Option<PathBuf>, edits: &[Edit]) -> KeyIndex {
         let mut entries = Vec::new();
-        walk(root, String::new(), &mut |key, span| entries.push((key, span_location(span, text, path, edits))));
+        let lines = Lines::new(text);
+        walk(root, String::new(), &mut |key, span| entries.push((key, span_location(span, &lines, path, edits))));
         KeyIndex { file, entries }
     }
 

@@ -1,5 +1,6 @@
 //! [`Config`] + the previous [`Runtime`] -> the next [`Runtime`].
 
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -83,6 +84,11 @@ pub fn build(config: Config, previous: Option<&Runtime>, generation: u64, resolv
             }
             // A backend that joins an upstream already serving ramps up under slow_start.
             let joins_running = old.is_some_and(|o| !o.backends.is_empty());
+            // The old backends by address and name: kept ones keep their state (a lookup,
+            // not a scan, so a 10,000-backend reload stays linear).
+            let old_backends: HashMap<(&str, Option<&Arc<str>>), &Arc<Backend>> = old
+                .map(|o| o.backends.iter().map(|ob| ((&*ob.url, ob.name.as_ref()), ob)).collect())
+                .unwrap_or_default();
             let backends: Vec<Arc<Backend>> = found
                 .iter()
                 .map(|(b, addr)| {
@@ -91,8 +97,7 @@ pub fn build(config: Config, previous: Option<&Runtime>, generation: u64, resolv
                         Some((_, a)) => format!("{}://{a}", b.scheme),
                     };
                     let name = addr.as_ref().map(|a| &a.0);
-                    let kept =
-                        old.and_then(|o| o.backends.iter().find(|ob| *ob.url == *url && ob.name.as_ref() == name));
+                    let kept = old_backends.get(&(url.as_str(), name)).copied();
                     match kept {
                         Some(existing) => {
                             existing.pool.reconfigure(up.pool, tls_for(b));
@@ -151,7 +156,8 @@ pub fn build(config: Config, previous: Option<&Runtime>, generation: u64, resolv
             });
             continue;
         };
-        for b in old.backends.iter().filter(|b| !new.backends.iter().any(|n| Arc::ptr_eq(n, b))) {
+        let kept: HashSet<*const Backend> = new.backends.iter().map(Arc::as_ptr).collect();
+        for b in old.backends.iter().filter(|b| !kept.contains(&Arc::as_ptr(b))) {
             b.set_queue(None);
             b.retire();
         }
