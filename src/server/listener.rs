@@ -23,9 +23,9 @@ use super::drain::{Drain, DrainGuard};
 use super::h1::{self, Ended, PARK_AFTER, Start};
 use super::workers::Served;
 use super::{ConnLimits, GuardedIo, Workers};
+use crate::metrics::Metrics;
 use crate::proxy::body::ClientBody;
 use crate::proxy::{self, ConnInfo, Transport};
-use crate::metrics::Metrics;
 use crate::runtime::SharedRuntime;
 
 #[derive(Debug, thiserror::Error)]
