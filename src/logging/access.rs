@@ -91,55 +91,89 @@ pub fn write(line: &AccessLine<'_>) {
 /// `2026-12-05T13:58:45.618765Z  INFO access: client=127.0.0.1 method=GET ... complete=true`
 pub fn text(out: &mut Vec<u8>, timestamp: &[u8], l: &AccessLine<'_>) {
     out.extend_from_slice(timestamp);
-    out.extend_from_slice(b"  INFO access: client=");
-    ip(out, l.client);
-    out.extend_from_slice(b" method=");
-    out.extend_from_slice(l.method.as_bytes());
-    out.extend_from_slice(b" path=");
-    out.extend_from_slice(l.path.as_bytes());
-    out.extend_from_slice(b" status=");
-    number(out, u64::from(l.status));
-    out.extend_from_slice(b" upstream=");
-    debug_str(out, l.upstream);
-    out.extend_from_slice(b" backend=");
-    debug_str(out, l.backend);
-    out.extend_from_slice(b" duration_ms=");
-    millis(out, l.duration_micros);
-    out.extend_from_slice(b" bytes=");
-    number(out, l.bytes);
-    out.extend_from_slice(b" request_id=");
-    debug_str(out, l.request_id);
-    out.extend_from_slice(b" trace_id=");
-    debug_str(out, l.trace_id);
-    out.extend_from_slice(if l.complete { b" complete=true\n" } else { b" complete=false\n" });
+    out.extend_from_slice(b"  INFO access:");
+    fields(out, l, Style::Text);
+    out.push(b'\n');
 }
 
 /// `{"timestamp":"...","level":"INFO","client":"127.0.0.1",...,"complete":true,"target":"access"}`
 pub fn json(out: &mut Vec<u8>, timestamp: &[u8], l: &AccessLine<'_>) {
     out.extend_from_slice(b"{\"timestamp\":\"");
     out.extend_from_slice(timestamp);
-    out.extend_from_slice(b"\",\"level\":\"INFO\",\"client\":\"");
-    ip(out, l.client);
-    out.extend_from_slice(b"\",\"method\":");
-    json_str(out, l.method);
-    out.extend_from_slice(b",\"path\":");
-    json_str(out, l.path);
-    out.extend_from_slice(b",\"status\":");
-    number(out, u64::from(l.status));
-    out.extend_from_slice(b",\"upstream\":");
-    json_str(out, l.upstream);
-    out.extend_from_slice(b",\"backend\":");
-    json_str(out, l.backend);
-    out.extend_from_slice(b",\"duration_ms\":");
-    millis(out, l.duration_micros);
-    out.extend_from_slice(b",\"bytes\":");
-    number(out, l.bytes);
-    out.extend_from_slice(b",\"request_id\":");
-    json_str(out, l.request_id);
-    out.extend_from_slice(b",\"trace_id\":");
-    json_str(out, l.trace_id);
-    out.extend_from_slice(if l.complete { b",\"complete\":true" } else { b",\"complete\":false" });
+    out.extend_from_slice(b"\",\"level\":\"INFO\"");
+    fields(out, l, Style::Json);
     out.extend_from_slice(b",\"target\":\"access\"}\n");
+}
+
+/// How a format writes a field, as `tracing`'s does: text writes `%`-fields (client,
+/// method, path) as they are and `&str` fields quoted by `Debug`; JSON quotes them all.
+#[derive(Clone, Copy)]
+enum Style {
+    Text,
+    Json,
+}
+
+impl Style {
+    fn key(self, out: &mut Vec<u8>, name: &str) {
+        match self {
+            Style::Text => out.push(b' '),
+            Style::Json => out.extend_from_slice(b",\""),
+        }
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(match self {
+            Style::Text => b"=",
+            Style::Json => b"\":",
+        });
+    }
+
+    /// A field `tracing` records with `%` (its `Display`).
+    fn shown(self, out: &mut Vec<u8>, s: &str) {
+        match self {
+            Style::Text => out.extend_from_slice(s.as_bytes()),
+            Style::Json => json_str(out, s),
+        }
+    }
+
+    /// A `&str` field.
+    fn quoted(self, out: &mut Vec<u8>, s: &str) {
+        match self {
+            Style::Text => debug_str(out, s),
+            Style::Json => json_str(out, s),
+        }
+    }
+}
+
+/// The fields, in the order the access log has always had them.
+fn fields(out: &mut Vec<u8>, l: &AccessLine<'_>, style: Style) {
+    let quote = matches!(style, Style::Json);
+    style.key(out, "client");
+    if quote {
+        out.push(b'"');
+    }
+    ip(out, l.client);
+    if quote {
+        out.push(b'"');
+    }
+    style.key(out, "method");
+    style.shown(out, l.method);
+    style.key(out, "path");
+    style.shown(out, l.path);
+    style.key(out, "status");
+    number(out, u64::from(l.status));
+    style.key(out, "upstream");
+    style.quoted(out, l.upstream);
+    style.key(out, "backend");
+    style.quoted(out, l.backend);
+    style.key(out, "duration_ms");
+    millis(out, l.duration_micros);
+    style.key(out, "bytes");
+    number(out, l.bytes);
+    style.key(out, "request_id");
+    style.quoted(out, l.request_id);
+    style.key(out, "trace_id");
+    style.quoted(out, l.trace_id);
+    style.key(out, "complete");
+    out.extend_from_slice(if l.complete { b"true" } else { b"false" });
 }
 
 fn number(out: &mut Vec<u8>, n: u64) {
