@@ -2,14 +2,16 @@
 # load.sh and instructions.sh): keep-alive to the backend, and the header work SPEC asks
 # of balancer.
 #
-#   nginx_conf DIR WORKERS PORT BACKEND_PORT [EXTRA [HTTP_EXTRA [LOCATION_EXTRA]]]
+#   nginx_conf DIR WORKERS PORT BACKEND_PORT [EXTRA [HTTP_EXTRA [LOCATION_EXTRA [SERVER_EXTRA [UPSTREAM]]]]]
 #                                                    # writes DIR/nginx.conf
 #
 # EXTRA: more top-level directives (instructions.sh runs nginx in one process under
-# valgrind); HTTP_EXTRA and LOCATION_EXTRA: more in `http` and in `location /` (cache.sh
-# adds proxy_cache there).
+# valgrind); HTTP_EXTRA, LOCATION_EXTRA and SERVER_EXTRA: more in `http`, in `location /`
+# (cache.sh adds proxy_cache there) and in its `server` (load.sh's TLS and HTTP/2 listens);
+# UPSTREAM: the `upstream app` block's body instead of the one backend, keepalive 256.
 nginx_conf() {
   local dir=$1 workers=$2 port=$3 backend=$4 extra=${5:-} http_extra=${6:-} location_extra=${7:-}
+  local server_extra=${8:-} upstream=${9:-"server 127.0.0.1:$backend; keepalive 256;"}
   mkdir -p "$dir"
   cat > "$dir/nginx.conf" <<CFG
 worker_processes $workers;
@@ -19,7 +21,7 @@ error_log $dir/error.log warn;
 events { worker_connections 20000; }
 http {
   access_log off;
-  upstream app { server 127.0.0.1:$backend; keepalive 256; }
+  upstream app { $upstream }
   $http_extra
   # The client's Host, X-Forwarded-*, and a request id kept from the client or made, sent
   # to the backend and returned to the client.
@@ -27,6 +29,7 @@ http {
   server {
     listen 127.0.0.1:$port backlog=1024;
     keepalive_requests 1000000;
+    $server_extra
     location / {
       proxy_pass http://app;
       proxy_http_version 1.1;
