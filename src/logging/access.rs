@@ -89,7 +89,7 @@ pub fn write(line: &AccessLine<'_>) {
 }
 
 /// `2026-12-05T13:58:45.618765Z  INFO access: client=127.0.0.1 method=GET ... complete=true`
-pub fn text(out: &mut Vec<u8>, timestamp: &[u8], l: &AccessLine<'_>) {
+fn text(out: &mut Vec<u8>, timestamp: &[u8], l: &AccessLine<'_>) {
     out.extend_from_slice(timestamp);
     out.extend_from_slice(b"  INFO access:");
     fields(out, l, Style::Text);
@@ -97,7 +97,7 @@ pub fn text(out: &mut Vec<u8>, timestamp: &[u8], l: &AccessLine<'_>) {
 }
 
 /// `{"timestamp":"...","level":"INFO","client":"127.0.0.1",...,"complete":true,"target":"access"}`
-pub fn json(out: &mut Vec<u8>, timestamp: &[u8], l: &AccessLine<'_>) {
+fn json(out: &mut Vec<u8>, timestamp: &[u8], l: &AccessLine<'_>) {
     out.extend_from_slice(b"{\"timestamp\":\"");
     out.extend_from_slice(timestamp);
     out.extend_from_slice(b"\",\"level\":\"INFO\"");
@@ -134,6 +134,18 @@ impl Style {
         }
     }
 
+    /// A `%`-field written by `write`, whose output needs no escaping (an address).
+    fn shown_with(self, out: &mut Vec<u8>, write: impl FnOnce(&mut Vec<u8>)) {
+        match self {
+            Style::Text => write(out),
+            Style::Json => {
+                out.push(b'"');
+                write(out);
+                out.push(b'"');
+            }
+        }
+    }
+
     /// A `&str` field.
     fn quoted(self, out: &mut Vec<u8>, s: &str) {
         match self {
@@ -145,15 +157,8 @@ impl Style {
 
 /// The fields, in the order the access log has always had them.
 fn fields(out: &mut Vec<u8>, l: &AccessLine<'_>, style: Style) {
-    let quote = matches!(style, Style::Json);
     style.key(out, "client");
-    if quote {
-        out.push(b'"');
-    }
-    ip(out, l.client);
-    if quote {
-        out.push(b'"');
-    }
+    style.shown_with(out, |out| ip(out, l.client));
     style.key(out, "method");
     style.shown(out, l.method);
     style.key(out, "path");

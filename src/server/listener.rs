@@ -352,7 +352,11 @@ async fn serve_plain(stream: TcpStream, open: Open, runtime: SharedRuntime, star
 /// back to the system. Its next byte starts a new serving task; the drain or the rest of
 /// the idle timeout closes it.
 fn park(stream: TcpStream, open: Open, runtime: SharedRuntime) {
-    let Ok(stream) = stream.into_std().and_then(TcpStream::from_std) else { return };
+    // Failing to register again (practically never) closes it, as an idle timeout would.
+    let stream = match stream.into_std().and_then(TcpStream::from_std) {
+        Ok(stream) => stream,
+        Err(e) => return tracing::debug!(peer = %open.peer, error = %e, "cannot park an idle connection; closing it"),
+    };
     tokio::spawn(async move {
         open.metrics.parks.fetch_add(1, Relaxed);
         open.metrics.parked_connections.fetch_add(1, Relaxed);
