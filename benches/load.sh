@@ -114,7 +114,7 @@ CFG
 
 stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 
-run_wrk() { # url mode -> "rps p50 p99 p999"
+run_wrk() { # url mode -> "rps p50 p99 p999 errors"
   local extra=()
   [ "$2" = close ] && extra=(-H "Connection: close")
   [ -n "${WRK_TIMEOUT:-}" ] && extra+=(--timeout "$WRK_TIMEOUT")
@@ -122,7 +122,26 @@ run_wrk() { # url mode -> "rps p50 p99 p999"
     for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] } print v["rps"], v["p50"], v["p99"], v["p999"], v["errors"] }'
 }
 
+run_h2load() { # url -> "rps p50 p99 p999 errors"
+  local log="$OUT/h2load.log" out
+  out=$(h2load -t2 -c64 -m10 -D "$DURATION" --warm-up-time 1s --log-file "$log" "$1" 2>&1 || true)
+  # "requests: N total, N started, N done, N succeeded, N failed, N errored, N timeout";
+  # "finished in 5.00s, N req/s, ...". The log: start time, status, microseconds taken.
+  local failed rps
+  failed=$(awk '/^requests:/ {print $10}' <<<"$out")
+  rps=$(awk '/^finished in/ {print $4}' <<<"$out")
+  sort -n -k3 "$log" | awk -v rps="${rps:-0}" -v failed="${failed:-0}" '{ d[NR] = $3 }
+    function q(f) { i = int(NR * f); return d[i < 1 ? 1 : i] / 1000 }
+    END { printf "%s %.3f %.3f %.3f %d\n", rps, q(0.5), q(0.99), q(0.999), failed }'
+}
+
 median() { sort -g | awk '{a[NR] = $1} END {print a[int((NR + 1) / 2)]}'; }
+# A runs file's medians of req/s, p50, p99 and p99.9, and its errors summed.
+summary() { # runs_file -> "rps p50 p99 p999 errors"
+  local c out=()
+  for c in 1 2 3 4; do out+=("$(awk -v c="$c" '{print $c}' "$1" | median)"); done
+  echo "${out[*]} $(awk '{s += $5} END {print s + 0}' "$1")"
+}
 
 results="$OUT/results.txt"; : > "$results"
 for workers in $WORKERS_LIST; do
@@ -136,9 +155,7 @@ for workers in $WORKERS_LIST; do
         case $target in direct) port=$bport;; balancer) port=19101;; nginx) port=19102;; haproxy) port=19103;; esac
         runs="$OUT/runs.txt"; : > "$runs"
         for _ in $(seq "$REPEAT"); do run_wrk "http://127.0.0.1:$port/" "$mode" >> "$runs"; done
-        rps=$(awk '{print $1}' "$runs" | median); p50=$(awk '{print $2}' "$runs" | median)
-        p99=$(awk '{print $3}' "$runs" | median); p999=$(awk '{print $4}' "$runs" | median)
-        errs=$(awk '{s += $5} END {print s + 0}' "$runs")
+        read -r rps p50 p99 p999 errs <<<"$(summary "$runs")"
         echo "$workers $backend $mode $target $rps $p50 $p99 $p999 $errs" >> "$results"
         printf '  workers=%s %-4s %-9s %-8s %10.0f req/s  p50 %6.3f ms  p99 %6.3f ms  p99.9 %6.3f ms  errors %s\n' \
           "$workers" "$backend" "$mode" "$target" "$rps" "$p50" "$p99" "$p999" "$errs"
@@ -196,19 +213,6 @@ key = \"$PWD/$OUT/key.pem\""
     ssl_certificate $PWD/$OUT/cert.pem; ssl_certificate_key $PWD/$OUT/key.pem;
     ssl_protocols TLSv1.2 TLSv1.3; ssl_session_cache shared:SSL:10m;"
 
-  run_h2load() { # url -> "rps p50 p99 p999 errors"
-    local log="$OUT/h2load.log" out
-    out=$(h2load -t2 -c64 -m10 -D "$DURATION" --warm-up-time 1s --log-file "$log" "$1" 2>&1 || true)
-    # "requests: N total, N started, N done, N succeeded, N failed, N errored, N timeout";
-    # "finished in 5.00s, N req/s, ...". The log: start time, status, microseconds taken.
-    local failed rps
-    failed=$(awk '/^requests:/ {print $10}' <<<"$out")
-    rps=$(awk '/^finished in/ {print $4}' <<<"$out")
-    sort -n -k3 "$log" | awk -v rps="${rps:-0}" -v failed="${failed:-0}" '{ d[NR] = $3 }
-      function q(f) { i = int(NR * f); return d[i < 1 ? 1 : i] / 1000 }
-      END { printf "%s %.3f %.3f %.3f %d\n", rps, q(0.5), q(0.99), q(0.999), failed }'
-  }
-
   fresults="$OUT/features.txt"; : > "$fresults"
   for workers in $FEATURE_WORKERS; do
     for feature in $FEATURES; do
@@ -241,9 +245,7 @@ key = \"$PWD/$OUT/key.pem\""
           if [ $client = h2load ]; then run_h2load "$scheme://127.0.0.1:$port/" >> "$runs"
           else CONNS=$conns DURATION=$duration WRK_TIMEOUT=$timeout run_wrk "$scheme://127.0.0.1:$port/" "$mode" >> "$runs"; fi
         done
-        rps=$(awk '{print $1}' "$runs" | median); p50=$(awk '{print $2}' "$runs" | median)
-        p99=$(awk '{print $3}' "$runs" | median); p999=$(awk '{print $4}' "$runs" | median)
-        errs=$(awk '{s += $5} END {print s + 0}' "$runs")
+        read -r rps p50 p99 p999 errs <<<"$(summary "$runs")"
         echo "$workers $feature $target $rps $p50 $p99 $p999 $errs" >> "$fresults"
         printf '  workers=%s %-16s %-8s %10.0f req/s  p50 %6.3f ms  p99 %6.3f ms  p99.9 %6.3f ms  errors %s\n' \
           "$workers" "$feature" "$target" "$rps" "$p50" "$p99" "$p999" "$errs"
