@@ -35,9 +35,10 @@ fn targets(log: &LogConfig) -> Targets {
     Targets::new().with_default(level.min(LevelFilter::WARN)).with_target("balancer", level)
 }
 
-/// Lines waiting for the writer thread before loggers wait for it. The queue's slots are
-/// allocated up front (40 bytes each): this many is 640 KiB of the idle process.
-const LINES_QUEUED: usize = 16_384;
+/// Lines waiting for the writer thread before loggers wait for it: 50 ms of a busy
+/// two-worker process. The slots are allocated and written up front (32 bytes each), so
+/// this many is 128 KiB of the idle process (16,384 made it 512 KiB).
+const LINES_QUEUED: usize = 4_096;
 
 /// Changes the live log filter on reload; dropped, it writes out the lines still queued.
 pub struct LogHandle {
