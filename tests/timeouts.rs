@@ -166,3 +166,40 @@ async fn a_parked_keepalive_connection_is_served_again_and_still_times_out_and_d
     assert!(start.elapsed() < Duration::from_secs(3), "exit took {:?}", start.elapsed());
     assert!(conn.get("/").await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn at_most_64_connections_to_one_backend_are_opened_at_once() {
+    // An https backend that accepts TCP connections and never answers the TLS handshake:
+    // each open holds its place until `timeouts.connect`, and the backend counts them.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    let backend = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(s);
+        }
+    });
+    let config = format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\n\n[admin]\nlisten = \"off\"\n\n\
+         [upstreams.app]\nbackends = [\"https://{addr}\"]\nretries = 0\n"
+    );
+    let b = Balancer::start(&config, &["--set", "timeouts.connect=2s"]);
+    let start = Instant::now();
+    let addr = b.addr();
+    let requests: Vec<_> = (0..150).map(|i| tokio::spawn(async move { get(addr, &format!("/{i}")).await })).collect();
+
+    let opened = || accepted.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(wait_until(Duration::from_secs(1), || async { opened() >= 64 }).await, "only {} opened", opened());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(opened(), 64, "more than 64 connections were being opened to the backend at once");
+    for r in requests {
+        let r = r.await.unwrap();
+        assert_eq!(r.status, 502, "{}", r.text());
+    }
+    // Those waiting for a place gave up with the ones holding one: nobody waited twice.
+    assert!(start.elapsed() < Duration::from_secs(4), "took {:?}", start.elapsed());
+    backend.abort();
+}

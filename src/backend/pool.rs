@@ -5,6 +5,12 @@
 //! the backend's own keep-alive timer (gunicorn: 2 s, uvicorn: 5 s) can close it under us.
 //! Each worker thread has its own idle list (of up to `keepalive` connections): a
 //! connection is registered with the reactor of the thread that opened it, and stays there.
+//!
+//! At most [`OPENING`] connections to one backend are being opened at once. A burst of
+//! new requests past that queues, first come first served, for whichever comes first: a
+//! connection released by an answered request (handed over before it reaches the idle
+//! list) or a place to open one. The backend gets a bounded stream of SYNs instead of
+//! thousands that overflow its accept queue and come back as retransmits seconds later.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -13,11 +19,17 @@ use std::time::{Duration, Instant};
 
 use http::uri::Authority;
 use tokio::net::TcpStream;
+use tokio::sync::{Semaphore, oneshot};
 
 use crate::config::PoolConfig;
 use crate::http1::client::{BackendIo, Conn};
 use crate::tls::BackendTls;
 use rustls::pki_types::ServerName;
+
+/// Connections to one backend being opened at once, at most (TCP connect and TLS
+/// handshake): a quarter of the smallest accept queue the usual backends listen with
+/// (uvicorn and gunicorn ask for 2,048; the kernel's default cap was 128 before Linux 5.4).
+pub const OPENING: usize = 64;
 
 #[derive(Debug)]
 pub struct Pool {
@@ -30,6 +42,8 @@ pub struct Pool {
     /// Connections opened so far (pooled or not): requests per opened connection is the
     /// reuse rate.
     opened: AtomicU64,
+    /// [`OPENING`] permits: one is held while a connection is being opened.
+    opening: Semaphore,
     inner: Mutex<PoolInner>,
 }
 
@@ -38,18 +52,31 @@ struct PoolInner {
     config: PoolConfig,
     /// Set for an `https://` backend: how its certificate is verified.
     tls: Option<BackendTls>,
-    /// Per worker thread (see `server::workers`): oldest at the front, newest at the back.
-    idle: Vec<VecDeque<Idle>>,
+    /// Per worker thread (see `server::workers`).
+    lanes: Vec<Lane>,
+}
+
+/// One worker thread's connections to the backend, and its requests waiting for one.
+#[derive(Debug, Default)]
+struct Lane {
+    /// Oldest at the front, newest at the back.
+    idle: VecDeque<Idle>,
+    /// Requests queued behind [`OPENING`], oldest first; a released connection goes to
+    /// the first still waiting before it goes to `idle`.
+    waiting: VecDeque<oneshot::Sender<Conn>>,
+    /// `waiting`'s length after places given up were last dropped: they are dropped again
+    /// when it doubles, so that costs O(1) a place.
+    waiting_kept: usize,
 }
 
 impl PoolInner {
-    /// The calling worker thread's idle list.
-    fn idle(&mut self) -> &mut VecDeque<Idle> {
+    /// The calling worker thread's lane.
+    fn lane(&mut self) -> &mut Lane {
         let w = crate::worker::current();
-        if self.idle.len() <= w {
-            self.idle.resize_with(w + 1, VecDeque::new);
+        if self.lanes.len() <= w {
+            self.lanes.resize_with(w + 1, Lane::default);
         }
-        &mut self.idle[w]
+        &mut self.lanes[w]
     }
 }
 
@@ -93,15 +120,16 @@ impl Pool {
             address,
             closed: Default::default(),
             opened: AtomicU64::new(0),
-            inner: Mutex::new(PoolInner { config, tls, idle: Vec::new() }),
+            opening: Semaphore::const_new(OPENING),
+            inner: Mutex::new(PoolInner { config, tls, lanes: Vec::new() }),
         }
     }
 
     /// Closes every idle connection and keeps none from now on (the backend is retired).
     pub fn close(&self) {
         self.closed.store(true, Relaxed);
-        let idle = std::mem::take(&mut self.inner.lock().expect("pool lock").idle);
-        drop(idle);
+        let lanes = std::mem::take(&mut self.inner.lock().expect("pool lock").lanes);
+        drop(lanes);
     }
 
     pub fn is_closed(&self) -> bool {
@@ -114,10 +142,10 @@ impl Pool {
         inner.config = config;
         inner.tls = tls;
         let keep = config.keepalive;
-        for idle in &mut inner.idle {
-            let len = idle.len();
+        for lane in &mut inner.lanes {
+            let len = lane.idle.len();
             if len > keep {
-                idle.drain(..len - keep);
+                lane.idle.drain(..len - keep);
             }
         }
     }
@@ -130,7 +158,7 @@ impl Pool {
     pub async fn checkout(&self) -> Result<Conn, ConnectError> {
         match self.take_idle() {
             Some(conn) => Ok(conn),
-            None => self.connect().await,
+            None => self.open_gated(true).await,
         }
     }
 
@@ -138,7 +166,7 @@ impl Pool {
     fn take_idle(&self) -> Option<Conn> {
         let mut inner = self.inner.lock().expect("pool lock");
         let max_idle = inner.config.idle_timeout;
-        let list = inner.idle();
+        let list = &mut inner.lane().idle;
         while let Some(idle) = list.pop_back() {
             if idle.since.elapsed() >= max_idle {
                 // Older entries are older still: drop them all.
@@ -154,16 +182,52 @@ impl Pool {
     }
 
     /// A new connection, never one from the pool.
-    /// The TCP connect and, for https, the TLS handshake share `timeouts.connect`.
     pub async fn connect(&self) -> Result<Conn, ConnectError> {
+        self.open_gated(false).await
+    }
+
+    /// Opens a connection once fewer than [`OPENING`] are being opened; with `reuse`, a
+    /// connection released while it waits is taken instead. The wait, the TCP connect
+    /// and, for https, the TLS handshake share `timeouts.connect`.
+    async fn open_gated(&self, reuse: bool) -> Result<Conn, ConnectError> {
         let (timeout, tls) = {
             let inner = self.inner.lock().expect("pool lock");
             (inner.config.connect_timeout, inner.tls.clone())
         };
-        match tokio::time::timeout(timeout, self.open(tls)).await {
+        let attempt = async {
+            let _permit = match self.opening.try_acquire() {
+                Ok(permit) => permit,
+                Err(_) if reuse => {
+                    let mut released = self.queue();
+                    tokio::select! {
+                        biased;
+                        Ok(conn) = &mut released => return Ok(conn),
+                        permit = self.opening.acquire() => permit.expect("the semaphore is never closed"),
+                    }
+                }
+                Err(_) => self.opening.acquire().await.expect("the semaphore is never closed"),
+            };
+            self.open(tls).await
+        };
+        match tokio::time::timeout(timeout, attempt).await {
             Ok(r) => r,
             Err(_) => Err(ConnectError::Timeout(timeout)),
         }
+    }
+
+    /// A place in the calling worker's queue for a released connection. Places given up
+    /// (their request got a permit first, or gave up) go as the queue grows, or as a
+    /// released connection passes them.
+    fn queue(&self) -> oneshot::Receiver<Conn> {
+        let (tx, rx) = oneshot::channel();
+        let mut inner = self.inner.lock().expect("pool lock");
+        let lane = inner.lane();
+        if lane.waiting.len() >= 2 * lane.waiting_kept.max(16) {
+            lane.waiting.retain(|w| !w.is_closed());
+            lane.waiting_kept = lane.waiting.len();
+        }
+        lane.waiting.push_back(tx);
+        rx
     }
 
     async fn open(&self, tls: Option<BackendTls>) -> Result<Conn, ConnectError> {
@@ -201,8 +265,16 @@ impl Pool {
         if cfg.keepalive == 0 || self.closed.load(Relaxed) {
             return;
         }
+        let lane = inner.lane();
+        let mut conn = conn;
+        while let Some(waiter) = lane.waiting.pop_front() {
+            match waiter.send(conn) {
+                Ok(()) => return,
+                Err(back) => conn = back,
+            }
+        }
         let now = Instant::now();
-        let list = inner.idle();
+        let list = &mut lane.idle;
         while list.front().is_some_and(|i| now.duration_since(i.since) >= cfg.idle_timeout) {
             list.pop_front();
         }
