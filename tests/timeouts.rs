@@ -203,3 +203,58 @@ async fn at_most_64_connections_to_one_backend_are_opened_at_once() {
     assert!(start.elapsed() < Duration::from_secs(4), "took {:?}", start.elapsed());
     backend.abort();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_queued_behind_the_opening_cap_get_connections_answered_requests_release() {
+    // A backend that serves one keep-alive connection (100 ms a request) and then accepts
+    // no more, its accept queue full: every further connect hangs until `timeouts.connect`.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = sock.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = served.clone();
+    let backend = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+            buf.drain(..end);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await.unwrap();
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    let b = Balancer::start(
+        &config_for(&[addr], "retries = 0"),
+        &["--set", "timeouts.connect=5s", "--set", "server.workers=1"],
+    );
+    assert_eq!(get(b.addr(), "/first").await.status, 200);
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await {
+            fillers.push(s);
+        }
+    }
+
+    // 64 of these take the places to open a connection and hang in connect; the other 6
+    // queue, and the one pooled connection, released after each answer, serves them in turn.
+    let addr = b.addr();
+    let requests: Vec<_> = (0..70).map(|i| tokio::spawn(async move { get(addr, &format!("/{i}")).await })).collect();
+    let mut statuses = Vec::new();
+    for r in requests {
+        statuses.push(r.await.unwrap().status);
+    }
+    let ok = statuses.iter().filter(|&&s| s == 200).count();
+    assert_eq!(ok, 6, "statuses: {statuses:?}");
+    assert_eq!(statuses.iter().filter(|&&s| s == 502).count(), 64, "statuses: {statuses:?}");
+    assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 7);
+    backend.abort();
+}
