@@ -114,13 +114,22 @@ CFG
 
 stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 
-run_wrk() { # url mode -> "rps p50 p99 p999 errors"
+run_wrk() { # url mode -> "rps p50 p99 p999 errors requests"
   local extra=()
   [ "$2" = close ] && extra=(-H "Connection: close")
   [ -n "${WRK_TIMEOUT:-}" ] && extra+=(--timeout "$WRK_TIMEOUT")
   wrk -t2 -c"$CONNS" -d"$DURATION" -s benches/load/report.lua "${extra[@]}" "$1" 2>/dev/null | awk '/^RESULT/ {
-    for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] } print v["rps"], v["p50"], v["p99"], v["p999"], v["errors"] }'
+    for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] } print v["rps"], v["p50"], v["p99"], v["p999"], v["errors"], v["requests"] }'
 }
+
+# CPU time of a proxy so far, in clock ticks: "user system", over the process and its
+# children (nginx's workers; balancer's and HAProxy's threads are in the process's own).
+cpu_ticks() { # pid -> "user system"
+  local p
+  for p in "$1" $(pgrep -P "$1" || true); do cat "/proc/$p/stat"; done |
+    awk '{ sub(/^.*\) /, ""); u += $12; s += $13 } END { print u + 0, s + 0 }'
+}
+TICK_US=$((1000000 / $(getconf CLK_TCK)))
 
 run_h2load() { # url -> "rps p50 p99 p999 errors"
   local log="$OUT/h2load.log" out
@@ -153,12 +162,21 @@ for workers in $WORKERS_LIST; do
     for mode in $MODES; do
       for target in $TARGETS; do
         case $target in direct) port=$bport;; balancer) port=19101;; nginx) port=19102;; haproxy) port=19103;; esac
+        case $target in balancer) pid=$BAL_PID;; nginx) pid=$NGINX_PID;; haproxy) pid=$HAPROXY_PID;; *) pid="";; esac
         runs="$OUT/runs.txt"; : > "$runs"
+        [ -n "$pid" ] && read -r u0 s0 <<<"$(cpu_ticks "$pid")"
         for _ in $(seq "$REPEAT"); do run_wrk "http://127.0.0.1:$port/" "$mode" >> "$runs"; done
         read -r rps p50 p99 p999 errs <<<"$(summary "$runs")"
-        echo "$workers $backend $mode $target $rps $p50 $p99 $p999 $errs" >> "$results"
-        printf '  workers=%s %-4s %-9s %-8s %10.0f req/s  p50 %6.3f ms  p99 %6.3f ms  p99.9 %6.3f ms  errors %s\n' \
-          "$workers" "$backend" "$mode" "$target" "$rps" "$p50" "$p99" "$p999" "$errs"
+        # Proxy CPU per request: its user and system time over every request of the runs.
+        cpu="- -"
+        if [ -n "$pid" ]; then
+          read -r u1 s1 <<<"$(cpu_ticks "$pid")"
+          cpu=$(awk -v u=$((u1 - u0)) -v s=$((s1 - s0)) -v t="$TICK_US" '{ n += $6 }
+            END { if (n > 0) printf "%.2f %.2f", u * t / n, s * t / n; else print "- -" }' "$runs")
+        fi
+        echo "$workers $backend $mode $target $rps $p50 $p99 $p999 $errs $cpu" >> "$results"
+        printf '  workers=%s %-4s %-9s %-8s %10.0f req/s  p50 %6.3f ms  p99 %6.3f ms  p99.9 %6.3f ms  errors %s  CPU µs/req user %s sys %s\n' \
+          "$workers" "$backend" "$mode" "$target" "$rps" "$p50" "$p99" "$p999" "$errs" ${cpu}
       done
     done
     # Backend connection reuse under the balancer runs: requests per connection opened.
@@ -173,11 +191,13 @@ done
 echo
 echo "Medians of $REPEAT runs of $DURATION, $CONNS connections, wrk -t2 on the same machine ($(nproc) cores)."
 echo "ratio/direct = req/s over direct-to-backend; ratio/nginx = req/s over nginx with the same workers."
-printf '\n| workers | backend | mode | target | req/s | p50 ms | p99 ms | p99.9 ms | vs direct | vs nginx |\n|---|---|---|---|---|---|---|---|---|---|\n'
-awk '{ key = $1 " " $2 " " $3; if ($4 == "direct") d[key] = $5; if ($4 == "nginx") n[key] = $5; row[NR] = $0 }
+echo "user, sys: the proxy's CPU time per request (µs, all runs, $(getconf CLK_TCK) ticks a second); CPU/nginx: user + sys over nginx's."
+printf '\n| workers | backend | mode | target | req/s | p50 ms | p99 ms | p99.9 ms | vs direct | vs nginx | user | sys | CPU/nginx |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n'
+awk '{ key = $1 " " $2 " " $3; if ($4 == "direct") d[key] = $5; if ($4 == "nginx") { n[key] = $5; c[key] = $10 + $11 }; row[NR] = $0 }
   END { for (i = 1; i <= NR; i++) { split(row[i], f, " "); key = f[1] " " f[2] " " f[3];
     rd = d[key] ? sprintf("%.2f", f[5] / d[key]) : "-"; rn = n[key] ? sprintf("%.2f", f[5] / n[key]) : "-"
-    printf "| %s | %s | %s | %s | %.0f | %.3f | %.3f | %.3f | %s | %s |\n", f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8], rd, rn } }' "$results"
+    rc = (c[key] && f[10] != "-") ? sprintf("%.2f", (f[10] + f[11]) / c[key]) : "-"
+    printf "| %s | %s | %s | %s | %.0f | %.3f | %.3f | %.3f | %s | %s | %s | %s | %s |\n", f[1], f[2], f[3], f[4], f[5], f[6], f[7], f[8], rd, rn, f[10], f[11], rc } }' "$results"
 
 # Feature rows: TLS and HTTP/2 clients, 10,000 active clients, and what each of this wave's
 # features costs when it is configured, balancer beside nginx doing the same job (where
