@@ -7,7 +7,26 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
+
+/// A listener with the smallest accept queue: once [`fill_accept_queue`] has run, further
+/// SYNs to it are dropped and connects hang.
+fn listener_with_no_backlog() -> TcpListener {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    sock.listen(0).unwrap()
+}
+
+/// Connections that fill `addr`'s accept queue (kept open by the caller).
+async fn fill_accept_queue(addr: std::net::SocketAddr) -> Vec<TcpStream> {
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await {
+            fillers.push(s);
+        }
+    }
+    fillers
+}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dribbling_client_gets_408_while_others_are_served() {
@@ -96,16 +115,9 @@ async fn max_connections_makes_new_connections_wait() {
 #[tokio::test(flavor = "multi_thread")]
 async fn connect_timeout_bounds_an_unanswered_connect() {
     // A listener whose accept queue is full: further SYNs are dropped, connects hang.
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let listener = sock.listen(0).unwrap();
+    let listener = listener_with_no_backlog();
     let addr = listener.local_addr().unwrap();
-    let mut fillers = Vec::new();
-    for _ in 0..4 {
-        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await {
-            fillers.push(s);
-        }
-    }
+    let _fillers = fill_accept_queue(addr).await;
     let b = Balancer::start(&config_for(&[addr], "retries = 0"), &["--set", "timeouts.connect=300ms"]);
     let start = Instant::now();
     let r = get(b.addr(), "/").await;
@@ -171,7 +183,7 @@ async fn a_parked_keepalive_connection_is_served_again_and_still_times_out_and_d
 async fn at_most_64_connections_to_one_backend_are_opened_at_once() {
     // An https backend that accepts TCP connections and never answers the TLS handshake:
     // each open holds its place until `timeouts.connect`, and the backend counts them.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counter = accepted.clone();
@@ -208,9 +220,7 @@ async fn at_most_64_connections_to_one_backend_are_opened_at_once() {
 async fn requests_queued_behind_the_opening_cap_get_connections_answered_requests_release() {
     // A backend that serves one keep-alive connection (100 ms a request) and then accepts
     // no more, its accept queue full: every further connect hangs until `timeouts.connect`.
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let listener = sock.listen(0).unwrap();
+    let listener = listener_with_no_backlog();
     let addr = listener.local_addr().unwrap();
     let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counter = served.clone();
@@ -237,12 +247,7 @@ async fn requests_queued_behind_the_opening_cap_get_connections_answered_request
         &["--set", "timeouts.connect=5s", "--set", "server.workers=1"],
     );
     assert_eq!(get(b.addr(), "/first").await.status, 200);
-    let mut fillers = Vec::new();
-    for _ in 0..4 {
-        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await {
-            fillers.push(s);
-        }
-    }
+    let _fillers = fill_accept_queue(addr).await;
 
     // 64 of these take the places to open a connection and hang in connect; the other 6
     // queue, and the one pooled connection, released after each answer, serves them in turn.
