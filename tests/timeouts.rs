@@ -195,13 +195,13 @@ async fn at_most_64_connections_to_one_backend_are_opened_at_once() {
         }
     });
     let config = format!(
-        "[server]\nlisten = [\"127.0.0.1:0\"]\n\n[admin]\nlisten = \"off\"\n\n\
+        "[server]\nlisten = [\"127.0.0.1:0\"]\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
          [upstreams.app]\nbackends = [\"https://{addr}\"]\nretries = 0\n"
     );
     let b = Balancer::start(&config, &["--set", "timeouts.connect=2s"]);
     let start = Instant::now();
-    let addr = b.addr();
-    let requests: Vec<_> = (0..150).map(|i| tokio::spawn(async move { get(addr, &format!("/{i}")).await })).collect();
+    let front = b.addr();
+    let requests: Vec<_> = (0..150).map(|i| tokio::spawn(async move { get(front, &format!("/{i}")).await })).collect();
 
     let opened = || accepted.load(std::sync::atomic::Ordering::SeqCst);
     assert!(wait_until(Duration::from_secs(1), || async { opened() >= 64 }).await, "only {} opened", opened());
@@ -213,6 +213,9 @@ async fn at_most_64_connections_to_one_backend_are_opened_at_once() {
     }
     // Those waiting for a place gave up with the ones holding one: nobody waited twice.
     assert!(start.elapsed() < Duration::from_secs(4), "took {:?}", start.elapsed());
+    let metrics = get(b.admin(), "/metrics").await.text();
+    let series = format!("balancer_backend_connection_waits_total{{upstream=\"app\",backend=\"https://{addr}\"}}");
+    assert_eq!(metric(&metrics, &series), Some(86.0), "{metrics}");
     backend.abort();
 }
 

@@ -98,7 +98,7 @@ impl prometheus_client::collector::Collector for RuntimeCollector {
         }
 
         // One family per backend property, each labelled by upstream and backend.
-        let per_backend: [BackendFamily; 5] = [
+        let per_backend: [BackendFamily; 6] = [
             (
                 "balancer_backend_up",
                 "1 when the backend receives traffic: active checks pass and passive checks have not taken it out.",
@@ -125,6 +125,12 @@ impl prometheus_client::collector::Collector for RuntimeCollector {
                 "TCP connections opened to the backend (requests per connection opened is the reuse rate).",
                 MetricType::Counter,
                 |b| b.pool.opened() as i64,
+            ),
+            (
+                "balancer_backend_connection_waits",
+                "Requests that waited for a connection to the backend because 64 were being opened already.",
+                MetricType::Counter,
+                |b| b.pool.waits() as i64,
             ),
         ];
         for (name, help, kind, value) in per_backend {

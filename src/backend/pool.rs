@@ -44,6 +44,8 @@ pub struct Pool {
     opened: AtomicU64,
     /// [`OPENING`] permits: one is held while a connection is being opened.
     opening: Semaphore,
+    /// Requests that found every permit taken and waited.
+    waits: AtomicU64,
     inner: Mutex<PoolInner>,
 }
 
@@ -121,6 +123,7 @@ impl Pool {
             closed: Default::default(),
             opened: AtomicU64::new(0),
             opening: Semaphore::const_new(OPENING),
+            waits: AtomicU64::new(0),
             inner: Mutex::new(PoolInner { config, tls, lanes: Vec::new() }),
         }
     }
@@ -152,6 +155,11 @@ impl Pool {
 
     pub fn opened(&self) -> u64 {
         self.opened.load(Relaxed)
+    }
+
+    /// Requests that waited because [`OPENING`] connections were being opened already.
+    pub fn waits(&self) -> u64 {
+        self.waits.load(Relaxed)
     }
 
     /// An idle, usable connection if there is one; otherwise a new one.
@@ -198,6 +206,7 @@ impl Pool {
             let _permit = match self.opening.try_acquire() {
                 Ok(permit) => permit,
                 Err(_) if reuse => {
+                    self.waits.fetch_add(1, Relaxed);
                     let mut released = self.queue();
                     tokio::select! {
                         biased;
@@ -205,7 +214,10 @@ impl Pool {
                         permit = self.opening.acquire() => permit.expect("the semaphore is never closed"),
                     }
                 }
-                Err(_) => self.opening.acquire().await.expect("the semaphore is never closed"),
+                Err(_) => {
+                    self.waits.fetch_add(1, Relaxed);
+                    self.opening.acquire().await.expect("the semaphore is never closed")
+                }
             };
             self.open(tls).await
         };
