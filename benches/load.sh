@@ -161,8 +161,10 @@ for workers in $WORKERS_LIST; do
     start_haproxy "$workers" 19103 "$bport"
     for mode in $MODES; do
       for target in $TARGETS; do
-        case $target in direct) port=$bport;; balancer) port=19101;; nginx) port=19102;; haproxy) port=19103;; esac
-        case $target in balancer) pid=$BAL_PID;; nginx) pid=$NGINX_PID;; haproxy) pid=$HAPROXY_PID;; *) pid="";; esac
+        case $target in
+          direct) port=$bport; pid="";; balancer) port=19101; pid=$BAL_PID;;
+          nginx) port=19102; pid=$NGINX_PID;; haproxy) port=19103; pid=$HAPROXY_PID;;
+        esac
         runs="$OUT/runs.txt"; : > "$runs"
         [ -n "$pid" ] && read -r u0 s0 <<<"$(cpu_ticks "$pid")"
         for _ in $(seq "$REPEAT"); do run_wrk "http://127.0.0.1:$port/" "$mode" >> "$runs"; done

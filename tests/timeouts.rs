@@ -183,17 +183,12 @@ async fn a_parked_keepalive_connection_is_served_again_and_still_times_out_and_d
 async fn at_most_64_connections_to_one_backend_are_opened_at_once() {
     // An https backend that accepts TCP connections and never answers the TLS handshake:
     // each open holds its place until `timeouts.connect`, and the backend counts them.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = accepted.clone();
-    let backend = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((s, _)) = listener.accept().await {
-            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            held.push(s);
-        }
-    });
+    let up = RawUpstream::start(|s| async move {
+        let _held = s;
+        std::future::pending::<()>().await
+    })
+    .await;
+    let addr = up.addr;
     let config = format!(
         "[server]\nlisten = [\"127.0.0.1:0\"]\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
          [upstreams.app]\nbackends = [\"https://{addr}\"]\nretries = 0\n"
@@ -203,7 +198,7 @@ async fn at_most_64_connections_to_one_backend_are_opened_at_once() {
     let front = b.addr();
     let requests: Vec<_> = (0..150).map(|i| tokio::spawn(async move { get(front, &format!("/{i}")).await })).collect();
 
-    let opened = || accepted.load(std::sync::atomic::Ordering::SeqCst);
+    let opened = || up.connections();
     assert!(wait_until(Duration::from_secs(1), || async { opened() >= 64 }).await, "only {} opened", opened());
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(opened(), 64, "more than 64 connections were being opened to the backend at once");
@@ -216,7 +211,6 @@ async fn at_most_64_connections_to_one_backend_are_opened_at_once() {
     let metrics = get(b.admin(), "/metrics").await.text();
     let series = format!("balancer_backend_connection_waits_total{{upstream=\"app\",backend=\"https://{addr}\"}}");
     assert_eq!(metric(&metrics, &series), Some(86.0), "{metrics}");
-    backend.abort();
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -229,17 +223,7 @@ async fn requests_queued_behind_the_opening_cap_get_connections_answered_request
     let counter = served.clone();
     let backend = tokio::spawn(async move {
         let (mut s, _) = listener.accept().await.unwrap();
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 4096];
-        loop {
-            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                match s.read(&mut chunk).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                }
-            }
-            let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-            buf.drain(..end);
+        while !read_head_bytes(&mut s).await.is_empty() {
             tokio::time::sleep(Duration::from_millis(100)).await;
             s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await.unwrap();
             counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -254,8 +238,8 @@ async fn requests_queued_behind_the_opening_cap_get_connections_answered_request
 
     // 64 of these take the places to open a connection and hang in connect; the other 6
     // queue, and the one pooled connection, released after each answer, serves them in turn.
-    let addr = b.addr();
-    let requests: Vec<_> = (0..70).map(|i| tokio::spawn(async move { get(addr, &format!("/{i}")).await })).collect();
+    let front = b.addr();
+    let requests: Vec<_> = (0..70).map(|i| tokio::spawn(async move { get(front, &format!("/{i}")).await })).collect();
     let mut statuses = Vec::new();
     for r in requests {
         statuses.push(r.await.unwrap().status);

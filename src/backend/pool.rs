@@ -205,18 +205,18 @@ impl Pool {
         let attempt = async {
             let _permit = match self.opening.try_acquire() {
                 Ok(permit) => permit,
-                Err(_) if reuse => {
-                    self.waits.fetch_add(1, Relaxed);
-                    let mut released = self.queue();
-                    tokio::select! {
-                        biased;
-                        Ok(conn) = &mut released => return Ok(conn),
-                        permit = self.opening.acquire() => permit.expect("the semaphore is never closed"),
-                    }
-                }
                 Err(_) => {
                     self.waits.fetch_add(1, Relaxed);
-                    self.opening.acquire().await.expect("the semaphore is never closed")
+                    if !reuse {
+                        self.opening.acquire().await.expect("the semaphore is never closed")
+                    } else {
+                        let mut released = self.queue();
+                        tokio::select! {
+                            biased;
+                            Ok(conn) = &mut released => return Ok(conn),
+                            permit = self.opening.acquire() => permit.expect("the semaphore is never closed"),
+                        }
+                    }
                 }
             };
             self.open(tls).await
