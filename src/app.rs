@@ -37,7 +37,7 @@ pub async fn run(loaded: Loaded, source: ConfigSource, log: LogHandle, workers: 
     // Bind everything first: any failure exits before serving anything.
     let mut listeners = Listeners::new(runtime.clone(), Arc::new(workers))?;
     let fresh = listeners.prepare(&listen)?;
-    let admin_listener = crate::server::bind(admin_addr.as_slice())?.pop();
+    let admin_listener = crate::server::bind_single(admin_addr.as_slice())?.pop();
     log_upstreams(&runtime.load());
 
     let stop = CancellationToken::new();

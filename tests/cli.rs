@@ -585,6 +585,34 @@ fn listener_that_cannot_be_bound_exits_1() {
     drop(taken);
 }
 
+/// Each worker listens on a socket of its own sharing the port (`SO_REUSEPORT`); a second
+/// balancer on the same port must still fail to start rather than join that group and
+/// take half of the first one's connections.
+#[tokio::test(flavor = "multi_thread")]
+async fn second_balancer_on_the_same_port_exits_1_and_the_first_keeps_serving() {
+    let up = Upstream::start("one").await;
+    let config = |listen: &str| {
+        format!(
+            "[admin]\nlisten = \"off\"\n[server]\nlisten = \"{listen}\"\nworkers = 2\n\
+             [upstreams.app]\nbackends = [\"http://{}\"]\n",
+            up.addr
+        )
+    };
+    let first = Balancer::start(&config("127.0.0.1:0"), &[]);
+    let addr = first.addr().to_string();
+    let err = match Balancer::try_start(&config(&addr), &[]) {
+        Ok(_) => panic!("a second balancer started on {addr}, which the first one holds"),
+        Err(e) => e,
+    };
+    assert!(err.contains("exited with exit status: 1") && err.contains("cannot listen"), "{err}");
+    // Every fresh connection still reaches the first balancer, on whichever worker.
+    for i in 0..40 {
+        let reply = get(first.addr(), &format!("/n{i}")).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    assert_eq!(up.hits(), 40);
+}
+
 // ---------------------------------------------------------------------------------------
 // 6. -b with several upstreams
 // ---------------------------------------------------------------------------------------

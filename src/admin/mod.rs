@@ -37,7 +37,7 @@ struct Admin {
 }
 
 /// Serves the admin endpoints on `listener` until `stop` is cancelled.
-pub fn spawn(listener: TcpListener, runtime: SharedRuntime, reload: ReloadHandle, stop: CancellationToken) {
+pub fn spawn(listener: std::net::TcpListener, runtime: SharedRuntime, reload: ReloadHandle, stop: CancellationToken) {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(RuntimeCollector(runtime.clone())));
     let admin = Arc::new(Admin { runtime, registry, reload });
@@ -45,6 +45,10 @@ pub fn spawn(listener: TcpListener, runtime: SharedRuntime, reload: ReloadHandle
         tracing::info!(%addr, protocol = "http", "admin listening");
     }
     tokio::spawn(async move {
+        let listener = match TcpListener::from_std(listener) {
+            Ok(l) => l,
+            Err(e) => return tracing::error!(error = %e, "cannot register the admin listener"),
+        };
         loop {
             let accepted = tokio::select! {
                 _ = stop.cancelled() => return,

@@ -115,7 +115,7 @@ impl FileState {
 }
 
 /// Starts serving the admin endpoints on a bound listener, until the token is cancelled.
-pub type SpawnAdmin = fn(tokio::net::TcpListener, SharedRuntime, ReloadHandle, CancellationToken);
+pub type SpawnAdmin = fn(std::net::TcpListener, SharedRuntime, ReloadHandle, CancellationToken);
 
 /// The admin listener as a reload sees it.
 pub struct AdminListener {
@@ -259,7 +259,7 @@ impl Reloader {
         let listen = crate::server::listen_set(&config.server);
         let fresh = self.listeners.prepare(&listen).map_err(|e| e.to_string())?;
         let admin_listener = if config.admin != self.admin.addr {
-            Some(crate::server::bind(config.admin.as_slice()).map_err(|e| e.to_string())?)
+            Some(crate::server::bind_single(config.admin.as_slice()).map_err(|e| e.to_string())?)
         } else {
             None
         };

@@ -35,22 +35,49 @@ pub struct BindError {
     pub source: std::io::Error,
 }
 
-/// Binds every address, or none: the first failure is returned.
-pub fn bind(addrs: &[SocketAddr]) -> Result<Vec<TcpListener>, BindError> {
-    addrs
-        .iter()
-        .map(|&addr| {
-            let socket = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() };
-            socket
-                .and_then(|s| {
-                    s.set_reuseaddr(true)?;
-                    s.bind(addr)?;
-                    s.listen(1024)
-                })
-                .map_err(|source| BindError { addr, source })
+/// Binds every address, or none: the first failure is returned. Each address gets
+/// `per_addr` sockets (one per worker) sharing its port through `SO_REUSEPORT`, so the
+/// kernel spreads new connections over the workers and wakes only the one it chose.
+fn bind(addrs: &[SocketAddr], per_addr: usize) -> Result<Vec<Vec<std::net::TcpListener>>, BindError> {
+    addrs.iter().map(|&addr| bind_shared(addr, per_addr).map_err(|source| BindError { addr, source })).collect()
+}
+
+/// One unshared listening socket per address (the admin listener).
+pub fn bind_single(addrs: &[SocketAddr]) -> Result<Vec<std::net::TcpListener>, BindError> {
+    Ok(bind(addrs, 1)?.into_iter().flatten().collect())
+}
+
+/// `n` listening sockets on one address. With more than one, a first bind without
+/// `SO_REUSEPORT` checks that nothing holds the port, so a second balancer started on
+/// the same port still fails with "cannot listen" instead of silently sharing it.
+fn bind_shared(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let shared = n > 1;
+    let mut addr = addr;
+    if shared {
+        // Port 0 becomes the port the check was given, which the shared sockets then take.
+        addr = socket(addr, false)?.local_addr()?;
+    }
+    (0..n.max(1))
+        .map(|_| {
+            let s = socket(addr, shared)?;
+            s.listen(1024)?.into_std()
         })
         .collect()
 }
+
+/// A socket bound to `addr`, not yet listening.
+fn socket(addr: SocketAddr, shared: bool) -> std::io::Result<TcpSocket> {
+    let s = if addr.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }?;
+    s.set_reuseaddr(true)?;
+    if shared {
+        s.set_reuseport(true)?;
+    }
+    s.bind(addr)?;
+    Ok(s)
+}
+
+/// One address's listening sockets, one per worker.
+pub type Bound = Vec<std::net::TcpListener>;
 
 /// A listen address and whether it terminates TLS.
 pub type ListenAddr = (SocketAddr, bool);
@@ -81,7 +108,7 @@ struct Entry {
     configured: ListenAddr,
     bound: SocketAddr,
     stop: CancellationToken,
-    /// One accept loop per worker thread, all on the same socket; they end on `stop`.
+    /// One accept loop per worker thread, each on its own socket; they end on `stop`.
     tasks: Vec<JoinHandle<()>>,
     /// The connections they accepted.
     conns: Drain,
@@ -102,16 +129,16 @@ impl Listeners {
     }
 
     /// Binds every address of `wanted` not listened on yet. Nothing changes on error.
-    pub fn prepare(&self, wanted: &[ListenAddr]) -> Result<Vec<(ListenAddr, TcpListener)>, BindError> {
+    pub fn prepare(&self, wanted: &[ListenAddr]) -> Result<Vec<(ListenAddr, Bound)>, BindError> {
         let new: Vec<ListenAddr> =
             wanted.iter().copied().filter(|a| !self.entries.iter().any(|e| e.configured == *a)).collect();
         let addrs: Vec<SocketAddr> = new.iter().map(|(a, _)| *a).collect();
-        Ok(new.into_iter().zip(bind(&addrs)?).collect())
+        Ok(new.into_iter().zip(bind(&addrs, self.workers.handles().len())?).collect())
     }
 
     /// Starts the listeners `prepare` bound, and stops (then drains within `grace`) the
     /// ones no longer in `wanted`.
-    pub fn apply(&mut self, wanted: &[ListenAddr], fresh: Vec<(ListenAddr, TcpListener)>, grace: Duration) {
+    pub fn apply(&mut self, wanted: &[ListenAddr], fresh: Vec<(ListenAddr, Bound)>, grace: Duration) {
         let (keep, gone): (Vec<Entry>, Vec<Entry>) =
             std::mem::take(&mut self.entries).into_iter().partition(|e| wanted.contains(&e.configured));
         self.entries = keep;
@@ -119,42 +146,30 @@ impl Listeners {
             tracing::info!(addr = %entry.bound, "listener removed; draining its connections");
             tokio::spawn(drain(entry, grace));
         }
-        for (configured, listener) in fresh {
-            let bound = listener.local_addr().expect("bound listener has an address");
+        for (configured, sockets) in fresh {
+            let bound = sockets.first().and_then(|s| s.local_addr().ok()).unwrap_or(configured.0);
             let tls = configured.1.then(|| self.tls.clone());
             tracing::info!(addr = %bound, protocol = if tls.is_some() { "https" } else { "http" }, "listening");
             let stop = CancellationToken::new();
             let conns = Drain::new();
-            // Each worker accepts on its own handle to the socket, into its own event loop.
-            // The kernel wakes them all and one wins; it keeps the connection unless
-            // another worker has clearly fewer (see `Workers::assign`).
-            let tasks = match listener.into_std() {
-                Ok(socket) => self
-                    .workers
-                    .handles()
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(i, worker)| match socket.try_clone() {
-                        Ok(socket) => Some(worker.spawn(accept_loop(
-                            socket,
-                            (self.workers.clone(), i),
-                            tls.clone(),
-                            self.runtime.clone(),
-                            self.slots.clone(),
-                            conns.clone(),
-                            stop.clone(),
-                        ))),
-                        Err(e) => {
-                            tracing::error!(addr = %bound, error = %e, "cannot share the listening socket with a worker");
-                            None
-                        }
-                    })
-                    .collect(),
-                Err(e) => {
-                    tracing::error!(addr = %bound, error = %e, "cannot hand the listening socket to the workers");
-                    Vec::new()
-                }
-            };
+            // Each worker accepts on its own socket, into its own event loop; it keeps the
+            // connection unless another worker has clearly fewer (see `Workers::assign`).
+            let tasks = sockets
+                .into_iter()
+                .zip(self.workers.handles())
+                .enumerate()
+                .map(|(i, (socket, worker))| {
+                    worker.spawn(accept_loop(
+                        socket,
+                        (self.workers.clone(), i),
+                        tls.clone(),
+                        self.runtime.clone(),
+                        self.slots.clone(),
+                        conns.clone(),
+                        stop.clone(),
+                    ))
+                })
+                .collect();
             self.entries.push(Entry { configured, bound, stop, tasks, conns });
         }
         self.entries.sort_by_key(|e| wanted.iter().position(|w| *w == e.configured));

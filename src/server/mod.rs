@@ -9,5 +9,5 @@ pub mod workers;
 
 pub use crate::proxy::{ActivityGuard, ConnActivity};
 pub use conn_guard::{ConnLimits, GuardedIo};
-pub use listener::{BindError, ListenAddr, Listeners, bind, listen_set};
+pub use listener::{BindError, ListenAddr, Listeners, bind_single, listen_set};
 pub use workers::Workers;

@@ -12,8 +12,9 @@ use tokio::runtime::{Builder, Handle};
 #[derive(Debug)]
 pub struct Workers {
     handles: Vec<Handle>,
-    /// Open client connections per worker: a worker that wins accepts while others have
-    /// fewer hands the connection on (the kernel wakes every accept loop; the first wins).
+    /// Open client connections per worker: a worker whose socket the kernel chose while
+    /// another has clearly fewer hands the connection on (the kernel's choice is a hash of
+    /// the client's address and port, fair over many connections but not over a few).
     open: Arc<[AtomicUsize]>,
 }
 
@@ -47,7 +48,8 @@ impl Workers {
     }
 
     /// Which worker should serve a connection that worker `me` accepted: `me`, unless
-    /// another has at least two fewer open connections. Counts it there.
+    /// another has fewer open connections by at least two plus a quarter of its own count.
+    /// Counts it there.
     pub fn assign(&self, me: usize) -> (usize, Served) {
         let mine = self.open[me].load(Relaxed);
         let (least, fewest) = self
@@ -57,7 +59,7 @@ impl Workers {
             .map(|(i, n)| (i, n.load(Relaxed)))
             .min_by_key(|&(_, n)| n)
             .unwrap_or((me, mine));
-        let worker = if fewest + 2 <= mine { least } else { me };
+        let worker = if fewest + 2 + fewest / 4 <= mine { least } else { me };
         self.open[worker].fetch_add(1, Relaxed);
         (worker, Served { open: self.open.clone(), worker })
     }
