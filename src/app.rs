@@ -52,8 +52,7 @@ pub async fn run(loaded: Loaded, source: ConfigSource, log: LogHandle, workers: 
     }
     listeners.apply(&listen, fresh, runtime.load().config.server.shutdown_grace);
     crate::notify::ready();
-    tokio::spawn(sweep_rate_limits(runtime.clone(), stop.clone()));
-    tokio::spawn(release_parked_memory(runtime.clone(), stop.clone()));
+    tokio::spawn(housekeeping(runtime.clone(), stop.clone()));
     reload::watch::spawn(&source.path, &runtime.load().config.files, handle.clone(), stop.clone());
     let reloader = Reloader::new(
         source,
@@ -81,36 +80,31 @@ pub async fn run(loaded: Loaded, source: ConfigSource, log: LogHandle, workers: 
     Ok(())
 }
 
-/// Drops full rate-limit buckets every few seconds, from whatever runtime is live.
-async fn sweep_rate_limits(runtime: SharedRuntime, stop: CancellationToken) {
-    let mut ticker = tokio::time::interval(crate::limit::SWEEP_EVERY);
+/// Once a second, on whatever runtime is live: closes backend connections idle past
+/// their pool's `idle_timeout`, drops full rate-limit buckets (every
+/// [`crate::limit::SWEEP_EVERY`]), and gives what parked and closed connections freed back
+/// to the system, so that resident memory follows what is in use.
+async fn housekeeping(runtime: SharedRuntime, stop: CancellationToken) {
+    let mut ticker = tokio::time::interval(std::time::Duration::from_secs(1));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let limits_every = crate::limit::SWEEP_EVERY.as_secs().max(1);
+    let (mut ticks, mut parks_seen) = (0u64, 0);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = ticker.tick() => {}
         }
+        ticks += 1;
         let rt = runtime.load_full();
-        for limit in &rt.limits {
-            limit.sweep();
+        let closed: usize = rt.upstreams.iter().flat_map(|u| &u.backends).map(|b| b.pool.drop_expired()).sum();
+        if ticks % limits_every == 0 {
+            for limit in &rt.limits {
+                limit.sweep();
+            }
         }
-    }
-}
-
-/// Every 2 s in which client connections were parked, gives the memory their hyper
-/// sessions freed back to the system, so that resident memory follows what is in use.
-async fn release_parked_memory(runtime: SharedRuntime, stop: CancellationToken) {
-    let mut ticker = tokio::time::interval(std::time::Duration::from_secs(2));
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut seen = 0;
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = ticker.tick() => {}
-        }
-        let parks = runtime.load().metrics.parks.load(std::sync::atomic::Ordering::Relaxed);
-        if parks != seen {
-            seen = parks;
+        let parks = rt.metrics.parks.load(std::sync::atomic::Ordering::Relaxed);
+        if closed > 0 || (parks != parks_seen && ticks % 2 == 0) {
+            parks_seen = parks;
             crate::memory::release_free_memory();
         }
     }

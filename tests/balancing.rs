@@ -207,6 +207,42 @@ async fn a_backend_that_closes_idle_connections_like_gunicorn_never_causes_a_502
     }
 }
 
+/// Idle pooled connections are closed `pool_idle_timeout` after their last use even when
+/// no request comes to look at the pool: a quiet backend is not left holding them.
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_pooled_connections_are_closed_after_pool_idle_timeout_without_traffic() {
+    let closed = Arc::new(AtomicUsize::new(0));
+    let c = closed.clone();
+    let backend = RawUpstream::start(move |mut s| {
+        let closed = c.clone();
+        async move {
+            // Keep-alive until balancer closes the connection.
+            while !read_head(&mut s).await.is_empty() {
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+            }
+            closed.fetch_add(1, Ordering::SeqCst);
+        }
+    })
+    .await;
+    let b = Balancer::start(&config_for(&[backend.addr], ""), &[]);
+    // Concurrent requests: several backend connections, all pooled once answered.
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..8 {
+        let addr = b.addr();
+        set.spawn(async move { get(addr, &format!("/{i}")).await.status });
+    }
+    let replies = set.join_all().await;
+    assert!(replies.iter().all(|s| *s == 200), "{replies:?}");
+    let opened = backend.connections();
+    assert_eq!(closed.load(Ordering::SeqCst), 0, "closed while the pool was fresh");
+    // 1 s of idle time plus the once-a-second sweep.
+    let deadline = Instant::now() + Duration::from_secs(4);
+    while closed.load(Ordering::SeqCst) < opened && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(closed.load(Ordering::SeqCst), opened, "of {opened} idle backend connections");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pooled_connection_closed_at_reuse_is_resent_on_a_fresh_one() {
     // Each connection answers its first request, then closes on the second without a byte:

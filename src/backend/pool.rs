@@ -71,6 +71,13 @@ struct Lane {
     waiting_kept: usize,
 }
 
+impl Lane {
+    /// How many of the oldest idle connections have been idle for `max_idle` at `now`.
+    fn expired(&self, now: Instant, max_idle: Duration) -> usize {
+        self.idle.iter().take_while(|i| now.duration_since(i.since) >= max_idle).count()
+    }
+}
+
 impl PoolInner {
     /// The calling worker thread's lane.
     fn lane(&mut self) -> &mut Lane {
@@ -133,6 +140,23 @@ impl Pool {
         self.closed.store(true, Relaxed);
         let lanes = std::mem::take(&mut self.inner.lock().expect("pool lock").lanes);
         drop(lanes);
+    }
+
+    /// Closes the connections idle for `idle_timeout` on every worker, so that a quiet
+    /// backend is not left holding them (and balancer their buffers) until its next
+    /// request. Returns how many it closed.
+    pub fn drop_expired(&self) -> usize {
+        let mut expired = Vec::new();
+        {
+            let mut inner = self.inner.lock().expect("pool lock");
+            let (max_idle, now) = (inner.config.idle_timeout, Instant::now());
+            for lane in &mut inner.lanes {
+                let n = lane.expired(now, max_idle);
+                expired.extend(lane.idle.drain(..n));
+            }
+        }
+        // Closed outside the lock.
+        expired.len()
     }
 
     pub fn is_closed(&self) -> bool {
@@ -286,10 +310,9 @@ impl Pool {
             }
         }
         let now = Instant::now();
+        let n = lane.expired(now, cfg.idle_timeout);
         let list = &mut lane.idle;
-        while list.front().is_some_and(|i| now.duration_since(i.since) >= cfg.idle_timeout) {
-            list.pop_front();
-        }
+        list.drain(..n);
         if list.len() >= cfg.keepalive {
             list.pop_front();
         }
