@@ -4,7 +4,7 @@
 //! (each with hyper's buffers) is parked, the process would stay as large as at the burst.
 
 /// Returns the allocator's free pages to the system (glibc); elsewhere, nothing.
-// One of the crate's two `unsafe` calls (the other: `notify`): `libc` would only wrap it.
+// One of the crate's three `unsafe` calls (with `notify` and `server::parking`): `libc` would only wrap it.
 #[allow(unsafe_code)]
 pub fn release_free_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]

@@ -100,16 +100,19 @@ async fn max_connections_makes_new_connections_wait() {
     let b = Balancer::start(&config_for(&[up.addr], ""), &["--set", "server.max_connections=1"]);
     let mut first = Conn::open(b.addr()).await;
     assert_eq!(first.get("/").await.unwrap().status, 200);
-    let addr = b.addr();
-    let second = tokio::spawn(async move { get(addr, "/second").await });
+    // Several, so that some land on each worker's listening socket.
+    let mut waiting = tokio::task::JoinSet::new();
+    for i in 0..4 {
+        let addr = b.addr();
+        waiting.spawn(async move { get(addr, &format!("/waiting/{i}")).await.status });
+    }
     tokio::time::sleep(Duration::from_millis(700)).await;
-    assert!(!second.is_finished(), "the second connection was served while the first was open");
+    assert!(waiting.try_join_next().is_none(), "a connection was served while the first was open");
     drop(first);
-    let r = tokio::time::timeout(Duration::from_secs(5), second)
+    let served = tokio::time::timeout(Duration::from_secs(5), waiting.join_all())
         .await
-        .expect("second connection served once the first closed")
-        .unwrap();
-    assert_eq!(r.status, 200);
+        .expect("waiting connections served, one after another, once the first closed");
+    assert_eq!(served, [200; 4]);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -133,7 +136,7 @@ async fn connect_timeout_bounds_an_unanswered_connect() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_parked_keepalive_connection_is_served_again_and_still_times_out_and_drains() {
     let up = Upstream::start("a").await;
-    let mut b = Balancer::start(&config_with_admin(&[up.addr], ""), &["--set", "timeouts.idle=2s"]);
+    let b = Balancer::start(&config_with_admin(&[up.addr], ""), &["--set", "timeouts.idle=2s"]);
     let parked = || async { metric(&get(b.admin(), "/metrics").await.text(), "balancer_client_connections_parked") };
     let mut conn = Conn::open(b.addr()).await;
     assert_eq!(conn.get("/one").await.unwrap().status, 200);
@@ -168,7 +171,10 @@ async fn a_parked_keepalive_connection_is_served_again_and_still_times_out_and_d
     let waited = start.elapsed();
     assert!(waited >= Duration::from_millis(1800) && waited < Duration::from_secs(4), "closed after {waited:?}");
 
-    // SIGTERM closes a parked connection at once, not after shutdown_grace (30 s).
+    // SIGTERM closes a parked connection at once, not after shutdown_grace (30 s) nor
+    // at the end of its idle time (60 s here).
+    drop(b);
+    let mut b = Balancer::start(&config_for(&[up.addr], ""), &["--set", "timeouts.idle=60s"]);
     let mut conn = Conn::open(b.addr()).await;
     assert_eq!(conn.get("/three").await.unwrap().status, 200);
     tokio::time::sleep(Duration::from_millis(900)).await;

@@ -3,11 +3,13 @@
 //!
 //! A connection reads one atomic per poll to learn whether the drain has begun; the drain
 //! wakes each connection's task once. (hyper-util's watcher took a lock on every poll.)
+//! A connection's waker is made the first time it waits; a parked one gives it up, and
+//! its worker's parking lot watches the drain for all of them.
 
 use std::future::poll_fn;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::task::{Context, Poll, Waker};
 
 use atomic_waker::AtomicWaker;
 use tokio::sync::Notify;
@@ -31,6 +33,8 @@ struct Shared {
 #[derive(Debug, Default)]
 struct Registry {
     wakers: Vec<Weak<AtomicWaker>>,
+    /// Tasks that watch the drain for many connections (the parking lots).
+    watchers: Vec<Waker>,
     /// Dead entries are swept when the list reaches this length.
     sweep_at: usize,
 }
@@ -43,14 +47,25 @@ impl Drain {
     /// Counts a connection as open until the guard is dropped.
     pub fn enter(&self) -> DrainGuard {
         self.shared.open.fetch_add(1, Ordering::AcqRel);
-        let waker = Arc::new(AtomicWaker::new());
-        let mut reg = self.shared.conns.lock().expect("drain lock");
-        if reg.wakers.len() >= reg.sweep_at {
-            reg.wakers.retain(|w| w.strong_count() > 0);
-            reg.sweep_at = (reg.wakers.len() * 2).max(64);
+        DrainGuard { shared: self.shared.clone(), waker: OnceLock::new() }
+    }
+
+    /// Wakes `waker` when the drain begins (at once if it has).
+    pub fn watch(&self, waker: &Waker) {
+        self.shared.conns.lock().expect("drain lock").watchers.push(waker.clone());
+        if self.is_draining() {
+            waker.wake_by_ref();
         }
-        reg.wakers.push(Arc::downgrade(&waker));
-        DrainGuard { shared: self.shared.clone(), waker }
+    }
+
+    /// Whether the drain has begun.
+    pub fn is_draining(&self) -> bool {
+        self.shared.draining.load(Ordering::Acquire)
+    }
+
+    /// Whether `other` is a handle to the same listener's connections.
+    pub fn same(&self, other: &Drain) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
     }
 
     /// Connections open now.
@@ -61,8 +76,14 @@ impl Drain {
     /// Tells every connection to finish, then waits until all have ended.
     pub async fn shutdown(self) {
         self.shared.draining.store(true, Ordering::Release);
-        let wakers: Vec<Weak<AtomicWaker>> = self.shared.conns.lock().expect("drain lock").wakers.clone();
+        let (wakers, watchers) = {
+            let reg = self.shared.conns.lock().expect("drain lock");
+            (reg.wakers.clone(), reg.watchers.clone())
+        };
         for w in wakers.iter().filter_map(Weak::upgrade) {
+            w.wake();
+        }
+        for w in watchers {
             w.wake();
         }
         loop {
@@ -79,7 +100,8 @@ impl Drain {
 #[derive(Debug)]
 pub struct DrainGuard {
     shared: Arc<Shared>,
-    waker: Arc<AtomicWaker>,
+    /// Made (and listed with the drain) the first time the connection waits.
+    waker: OnceLock<Arc<AtomicWaker>>,
 }
 
 impl DrainGuard {
@@ -88,12 +110,35 @@ impl DrainGuard {
         if self.shared.draining.load(Ordering::Acquire) {
             return true;
         }
-        self.waker.register(cx.waker());
+        self.waker.get_or_init(|| self.listed()).register(cx.waker());
         self.shared.draining.load(Ordering::Acquire)
+    }
+
+    /// A new waker, listed with the drain so that the drain wakes it.
+    fn listed(&self) -> Arc<AtomicWaker> {
+        let waker = Arc::new(AtomicWaker::new());
+        let mut reg = self.shared.conns.lock().expect("drain lock");
+        if reg.wakers.len() >= reg.sweep_at {
+            reg.wakers.retain(|w| w.strong_count() > 0);
+            reg.sweep_at = (reg.wakers.len() * 2).max(64);
+        }
+        reg.wakers.push(Arc::downgrade(&waker));
+        waker
+    }
+
+    /// Gives up the connection's waker while something else watches the drain for it
+    /// (see [`Drain::watch`]); the next wait makes a new one.
+    pub fn forget_waker(&mut self) {
+        self.waker.take();
     }
 
     pub fn is_draining(&self) -> bool {
         self.shared.draining.load(Ordering::Acquire)
+    }
+
+    /// The drain this connection belongs to.
+    pub fn drain(&self) -> Drain {
+        Drain { shared: self.shared.clone() }
     }
 
     /// Resolves when the drain begins.

@@ -1,6 +1,7 @@
 //! Binding listeners and their accept loops: at most `max_connections` client
-//! connections (past it, new ones wait in the kernel backlog), each served as HTTP/1.1 or
-//! HTTP/2 by hyper-util's auto builder, each counted by its listener's drain.
+//! connections (past it, new ones wait in the kernel backlog, bar one accepted per
+//! worker), each served as HTTP/1.1 or HTTP/2 by hyper-util's auto builder, each counted
+//! by its listener's drain.
 
 use std::future::poll_fn;
 use std::net::SocketAddr;
@@ -10,20 +11,18 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use std::sync::atomic::Ordering::Relaxed;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use super::drain::{Drain, DrainGuard};
-use super::h1::{self, Ended, PARK_AFTER, Start};
-use super::workers::Served;
+use super::h1::{self, Ended, Start};
+use super::parking::{Lot, Open};
 use super::{ConnLimits, GuardedIo, Workers};
-use crate::metrics::Metrics;
 use crate::proxy::body::ClientBody;
 use crate::proxy::{self, ConnInfo, Transport};
 use crate::runtime::SharedRuntime;
@@ -100,6 +99,9 @@ pub struct Listeners {
     max_connections: usize,
     /// Shared by every HTTPS listener; certificates come from the live runtime.
     tls: TlsAcceptor,
+    /// Each worker's parking lot, by worker; their tasks end on `lots_stop`.
+    lots: Arc<[Arc<Lot>]>,
+    lots_stop: CancellationToken,
     entries: Vec<Entry>,
 }
 
@@ -118,12 +120,19 @@ impl Listeners {
     pub fn new(runtime: SharedRuntime, workers: Arc<Workers>) -> Result<Listeners, crate::tls::TicketKeysError> {
         let max_connections = runtime.load().config.server.max_connections;
         let tls = TlsAcceptor::from(crate::tls::server_config(Arc::new(LiveCerts(runtime.clone())))?);
+        let lots: Arc<[Arc<Lot>]> = workers.handles().iter().map(|_| Arc::new(Lot::default())).collect();
+        let lots_stop = CancellationToken::new();
+        for (lot, worker) in lots.iter().zip(workers.handles()) {
+            worker.spawn(lot.clone().run(resume, lots_stop.clone()));
+        }
         Ok(Listeners {
             runtime,
             workers,
             slots: Arc::new(Semaphore::new(max_connections)),
             max_connections,
             tls,
+            lots,
+            lots_stop,
             entries: Vec::new(),
         })
     }
@@ -154,21 +163,20 @@ impl Listeners {
             let conns = Drain::new();
             // Each worker accepts on its own socket, into its own event loop; it keeps the
             // connection unless another worker has clearly fewer (see `Workers::assign`).
+            let shared = Arc::new(Accepting {
+                workers: self.workers.clone(),
+                lots: self.lots.clone(),
+                tls,
+                runtime: self.runtime.clone(),
+                slots: self.slots.clone(),
+                conns: conns.clone(),
+                stop: stop.clone(),
+            });
             let tasks = sockets
                 .into_iter()
                 .zip(self.workers.handles())
                 .enumerate()
-                .map(|(i, (socket, worker))| {
-                    worker.spawn(accept_loop(
-                        socket,
-                        (self.workers.clone(), i),
-                        tls.clone(),
-                        self.runtime.clone(),
-                        self.slots.clone(),
-                        conns.clone(),
-                        stop.clone(),
-                    ))
-                })
+                .map(|(i, (socket, worker))| worker.spawn(accept_loop(socket, i, shared.clone())))
                 .collect();
             self.entries.push(Entry { configured, bound, stop, tasks, conns });
         }
@@ -204,6 +212,7 @@ impl Listeners {
         for d in drains {
             all &= d.await.unwrap_or(false);
         }
+        self.lots_stop.cancel();
         all
     }
 }
@@ -222,16 +231,22 @@ async fn drain(entry: Entry, grace: Duration) -> bool {
     tokio::time::timeout(grace, conns.shutdown()).await.is_ok()
 }
 
-/// Accepts on one worker thread until `stop`; the connections are served on that thread.
-async fn accept_loop(
-    listener: std::net::TcpListener,
-    (workers, me): (Arc<Workers>, usize),
+/// What the accept loops of one listener share.
+struct Accepting {
+    workers: Arc<Workers>,
+    /// Each worker's parking lot, by worker.
+    lots: Arc<[Arc<Lot>]>,
     tls: Option<TlsAcceptor>,
     runtime: SharedRuntime,
+    /// Client connections, over all listeners (`server.max_connections`).
     slots: Arc<Semaphore>,
     conns: Drain,
     stop: CancellationToken,
-) {
+}
+
+/// Accepts on one worker thread until `stop`; the connections are served on that thread.
+async fn accept_loop(listener: std::net::TcpListener, me: usize, shared: Arc<Accepting>) {
+    let Accepting { workers, lots, tls, runtime, slots, conns, stop } = &*shared;
     let listener = match TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -243,11 +258,6 @@ async fn accept_loop(
     let mut last_warned: Option<tokio::time::Instant> = None;
     let mut unlogged = 0u64;
     loop {
-        let permit = tokio::select! {
-            biased;
-            _ = stop.cancelled() => return,
-            p = slots.clone().acquire_owned() => p.expect("the connection semaphore is never closed"),
-        };
         let accepted = tokio::select! {
             biased;
             _ = stop.cancelled() => return,
@@ -255,19 +265,28 @@ async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
+                // Past max_connections a connection waits here, accepted but unread (one
+                // per worker; the rest in the backlog): a worker that took a free slot
+                // and then waited on its own empty socket would keep it from the others.
+                let permit = tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => return,
+                    p = slots.clone().acquire_owned() => p.expect("the connection semaphore is never closed"),
+                };
                 let _ = stream.set_nodelay(true);
                 let (worker, served) = workers.assign(me);
-                let (tls, runtime, guard) = (tls.clone(), runtime.clone(), conns.enter());
+                let open = Open::new(peer, runtime, conns.enter(), lots[worker].clone(), (permit, served));
                 if worker == me {
-                    tokio::spawn(serve(stream, peer, tls, runtime, guard, (permit, served)));
+                    tokio::spawn(serve(stream, tls.clone(), open));
                     continue;
                 }
                 // Another worker has fewer connections: it takes this one, on its own reactor.
+                let tls = tls.clone();
                 match stream.into_std() {
                     Ok(stream) => {
                         workers.handles()[worker].spawn(async move {
                             match TcpStream::from_std(stream) {
-                                Ok(stream) => serve(stream, peer, tls, runtime, guard, (permit, served)).await,
+                                Ok(stream) => serve(stream, tls, open).await,
                                 Err(e) => tracing::debug!(%peer, error = %e, "cannot register a connection"),
                             }
                         });
@@ -290,52 +309,19 @@ async fn accept_loop(
     }
 }
 
-/// What a client connection holds from accept to close, whichever task serves it: its
-/// connection slot, its worker's count, its listener's drain, and the open-connections gauge.
-struct Open {
-    peer: SocketAddr,
-    limits: ConnLimits,
-    metrics: Arc<Metrics>,
-    guard: DrainGuard,
-    _held: (OwnedSemaphorePermit, Served),
-}
-
-impl Drop for Open {
-    fn drop(&mut self) {
-        self.metrics.client_connections.fetch_sub(1, Relaxed);
-    }
-}
-
 /// One client connection, from TLS handshake (if any) to its end, or to its parking.
-async fn serve(
-    stream: TcpStream,
-    peer: SocketAddr,
-    tls: Option<TlsAcceptor>,
-    runtime: SharedRuntime,
-    guard: DrainGuard,
-    held: (OwnedSemaphorePermit, Served),
-) {
-    let open = {
-        let rt = runtime.load();
-        let s = &rt.config.server;
-        let limits = ConnLimits {
-            client_header: s.timeouts.client_header,
-            idle: s.timeouts.idle,
-            max_header_bytes: s.max_header_bytes,
-        };
-        Open { peer, limits, metrics: rt.metrics.clone(), guard, _held: held }
-    };
-    open.metrics.client_connections.fetch_add(1, Relaxed);
+async fn serve(stream: TcpStream, tls: Option<TlsAcceptor>, open: Open) {
     match tls {
-        None => serve_plain(stream, open, runtime, Start::Fresh).await,
+        None => serve_plain(stream, open, Start::Fresh).await,
         // Boxed: TLS state is large, and plain connections' tasks need no room for it.
         Some(acceptor) => {
             Box::pin(async {
                 // A handshake must finish within client_header, like a request head.
+                let peer = open.peer;
                 match tokio::time::timeout(open.limits.client_header, acceptor.accept(stream)).await {
                     Ok(Ok(stream)) => {
                         let info = ConnInfo::hyper(peer, Transport::Tls);
-                        serve_http(stream, info, open.limits, &runtime, &open.guard).await;
+                        serve_http(stream, info, open.limits, &open.runtime, &open.guard).await;
                     }
                     Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                     Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -347,45 +333,23 @@ async fn serve(
 }
 
 /// Plain HTTP/1.1 (or HTTP/2 with prior knowledge) until the connection closes or parks.
-async fn serve_plain(stream: TcpStream, open: Open, runtime: SharedRuntime, start: Start) {
+async fn serve_plain(stream: TcpStream, open: Open, start: Start) {
     // Boxed, and in a task that ends when the connection parks: a parked connection
     // keeps no room for a session (the request path's future inside it is several KiB).
-    let session = Box::pin(h1::serve(stream, open.peer, open.limits, &runtime, &open.guard, start));
+    let session = Box::pin(h1::serve(stream, open.peer, open.limits, &open.runtime, &open.guard, start));
     match session.await {
-        Ended::Parked(parked) => park(parked, open, runtime),
+        Ended::Parked(parked) => open.lot.clone().park(parked, open),
         Ended::Closed => {}
         Ended::Http2(io) => {
             let info = ConnInfo::hyper(open.peer, Transport::Plain);
-            Box::pin(serve_http(io, info, open.limits, &runtime, &open.guard)).await;
+            Box::pin(serve_http(io, info, open.limits, &open.runtime, &open.guard)).await;
         }
     }
 }
 
-/// Holds an idle keep-alive connection in a task of its own, small and made now (as is
-/// its reactor entry, registered again), so that it sits beside other parked
-/// connections rather than among the freed memory of its sessions, which can then go
-/// back to the system. Its next byte starts a new serving task; the drain or the rest of
-/// the idle timeout closes it.
-fn park(stream: TcpStream, open: Open, runtime: SharedRuntime) {
-    // Failing to register again (practically never) closes it, as an idle timeout would.
-    let stream = match stream.into_std().and_then(TcpStream::from_std) {
-        Ok(stream) => stream,
-        Err(e) => return tracing::debug!(peer = %open.peer, error = %e, "cannot park an idle connection; closing it"),
-    };
-    tokio::spawn(async move {
-        open.metrics.parks.fetch_add(1, Relaxed);
-        open.metrics.parked_connections.fetch_add(1, Relaxed);
-        let resumed = tokio::select! {
-            biased;
-            () = open.guard.draining() => false,
-            () = tokio::time::sleep(open.limits.idle.saturating_sub(PARK_AFTER)) => false,
-            ready = stream.readable() => ready.is_ok(),
-        };
-        open.metrics.parked_connections.fetch_sub(1, Relaxed);
-        if resumed {
-            tokio::spawn(serve_plain(stream, open, runtime, Start::Resumed));
-        }
-    });
+/// Serves a parked connection whose next byte arrived, in a task of its own.
+fn resume(stream: TcpStream, open: Open) {
+    tokio::spawn(serve_plain(stream, open, Start::Resumed));
 }
 
 /// One hyper session (HTTP/2, or anything over TLS) on a client connection, until it ends.

@@ -5,6 +5,7 @@ mod conn_guard;
 pub mod drain;
 pub mod h1;
 mod listener;
+mod parking;
 pub mod workers;
 
 pub use crate::proxy::{ActivityGuard, ConnActivity};

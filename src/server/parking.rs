@@ -1,0 +1,252 @@
+//! The parking lot: one worker's idle keep-alive HTTP/1 connections, held as entries of an
+//! epoll set of its own (one slab entry each: no task, no timer and no reactor entry)
+//! until their next byte arrives, their idle time runs out or their listener drains.
+//!
+//! The set is one descriptor in the worker's event loop; the lot's one task reads its
+//! events, sweeps expired entries and watches the drains of the listeners it holds
+//! connections of.
+
+use std::future::poll_fn;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::task::Poll;
+use std::time::Duration;
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Token};
+use slab::Slab;
+use tokio::io::unix::AsyncFd;
+use tokio::net::TcpStream;
+use tokio::sync::{Notify, OwnedSemaphorePermit};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::ConnLimits;
+use super::drain::{Drain, DrainGuard};
+use super::h1::PARK_AFTER;
+use super::workers::Served;
+use crate::metrics::Metrics;
+use crate::runtime::SharedRuntime;
+
+/// What a client connection holds from accept to close, whichever task (or lot) holds
+/// it: its connection slot, its worker's count, its listener's drain, and the
+/// open-connections gauge.
+pub struct Open {
+    pub peer: SocketAddr,
+    pub limits: ConnLimits,
+    pub metrics: Arc<Metrics>,
+    pub guard: DrainGuard,
+    pub runtime: SharedRuntime,
+    /// The lot of the worker serving it.
+    pub lot: Arc<Lot>,
+    _held: (OwnedSemaphorePermit, Served),
+}
+
+impl Open {
+    /// Counts a connection `peer` just made as open, with the limits the runtime has now.
+    pub fn new(
+        peer: SocketAddr,
+        runtime: &SharedRuntime,
+        guard: DrainGuard,
+        lot: Arc<Lot>,
+        held: (OwnedSemaphorePermit, Served),
+    ) -> Open {
+        let rt = runtime.load();
+        let s = &rt.config.server;
+        let limits = ConnLimits {
+            client_header: s.timeouts.client_header,
+            idle: s.timeouts.idle,
+            max_header_bytes: s.max_header_bytes,
+        };
+        rt.metrics.client_connections.fetch_add(1, Relaxed);
+        Open { peer, limits, metrics: rt.metrics.clone(), guard, runtime: runtime.clone(), lot, _held: held }
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.metrics.client_connections.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Serves a parked connection again when its next byte has arrived.
+pub type Resume = fn(TcpStream, Open);
+
+/// One worker's parked connections. Parking hands a socket over; the lot's task
+/// ([`Lot::run`], on the same worker) does the rest.
+#[derive(Default)]
+pub struct Lot {
+    arriving: Mutex<Vec<(std::net::TcpStream, Open)>>,
+    arrived: Notify,
+    /// Its task has ended: a connection that would park is closed instead.
+    closed: AtomicBool,
+}
+
+/// A parked connection.
+struct Car {
+    stream: std::net::TcpStream,
+    open: Open,
+    /// When its idle time runs out.
+    until: Instant,
+}
+
+/// How long after an expiry the next sweep may come at the earliest: sweeping reads
+/// every entry, so close expiries are taken together.
+const SWEEP_GAP: Duration = Duration::from_millis(50);
+
+impl Lot {
+    /// Parks `stream`, idle for [`PARK_AFTER`] now. Failing to take it off the worker's
+    /// event loop (practically never), or a lot that has stopped, closes it, as an idle
+    /// timeout would.
+    pub fn park(&self, stream: TcpStream, open: Open) {
+        match stream.into_std() {
+            Ok(stream) if !self.closed.load(Relaxed) => {
+                open.metrics.parks.fetch_add(1, Relaxed);
+                open.metrics.parked_connections.fetch_add(1, Relaxed);
+                self.arriving.lock().expect("parking lot").push((stream, open));
+                self.arrived.notify_one();
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(peer = %open.peer, error = %e, "cannot park an idle connection; closing it"),
+        }
+    }
+
+    /// Holds this worker's parked connections until `stop` (or a failure of its epoll
+    /// set, logged), then closes them and every one parked later.
+    pub async fn run(self: Arc<Self>, resume: Resume, stop: CancellationToken) {
+        match mio::Poll::new().and_then(watch) {
+            Ok(set) => self.hold(set, resume, stop).await,
+            Err(e) => tracing::error!(error = %e, "cannot make a parking lot; idle connections will be closed instead"),
+        }
+        self.closed.store(true, Relaxed);
+        for (_, open) in std::mem::take(&mut *self.arriving.lock().expect("parking lot")) {
+            open.metrics.parked_connections.fetch_sub(1, Relaxed);
+        }
+    }
+
+    async fn hold(&self, mut set: AsyncFd<Set>, resume: Resume, stop: CancellationToken) {
+        // The lot's task, which the drains of its connections wake.
+        let waker = poll_fn(|cx| Poll::Ready(cx.waker().clone())).await;
+        let mut cars: Slab<Car> = Slab::new();
+        // The drains of the listeners whose connections are parked here.
+        let mut drains: Vec<Drain> = Vec::new();
+        let mut events = Events::with_capacity(256);
+        let mut sweep: Option<Instant> = None;
+        loop {
+            let draining =
+                poll_fn(|_| if drains.iter().any(Drain::is_draining) { Poll::Ready(()) } else { Poll::Pending });
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = draining => {
+                    cars.retain(|_, car| !car.open.guard.is_draining() || close(set.get_ref(), car));
+                    drains.retain(|d| !d.is_draining());
+                }
+                () = self.arrived.notified() => {
+                    let arrived = std::mem::take(&mut *self.arriving.lock().expect("parking lot"));
+                    for (stream, open) in arrived {
+                        let until = Instant::now() + open.limits.idle.saturating_sub(PARK_AFTER);
+                        let entry = cars.vacant_entry();
+                        let token = Token(entry.key());
+                        let mut car = Car { stream, open, until };
+                        let fd = &mut SourceFd(&car.stream.as_raw_fd());
+                        if let Err(e) = set.get_ref().0.registry().register(fd, token, Interest::READABLE) {
+                            tracing::debug!(peer = %car.open.peer, error = %e, "cannot park an idle connection; closing it");
+                            car.open.metrics.parked_connections.fetch_sub(1, Relaxed);
+                            continue;
+                        }
+                        // The lot watches the drain instead of a waker of each connection.
+                        car.open.guard.forget_waker();
+                        let drain = car.open.guard.drain();
+                        if !drains.iter().any(|d| d.same(&drain)) {
+                            drain.watch(&waker);
+                            drains.push(drain);
+                        }
+                        if car.open.guard.is_draining() {
+                            close(set.get_ref(), &mut car);
+                            continue;
+                        }
+                        sweep = Some(sweep.map_or(until, |s| s.min(until)));
+                        entry.insert(car);
+                    }
+                }
+                ready = set.readable_mut() => {
+                    let mut ready = match ready {
+                        Ok(ready) => ready,
+                        Err(e) => {
+                            tracing::error!(error = %e, "a parking lot failed; its idle connections are closed");
+                            break;
+                        }
+                    };
+                    events.clear();
+                    if let Err(e) = ready.get_inner_mut().0.poll(&mut events, Some(Duration::ZERO)) {
+                        tracing::debug!(error = %e, "reading a parking lot's events failed");
+                    }
+                    // A new event after this read is a new edge for the worker's event loop.
+                    if events.iter().count() < events.capacity() {
+                        ready.clear_ready();
+                    }
+                    for event in &events {
+                        if let Some(mut car) = cars.try_remove(event.token().0) {
+                            close(ready.get_inner(), &mut car);
+                            match TcpStream::from_std(car.stream) {
+                                Ok(stream) => resume(stream, car.open),
+                                Err(e) => tracing::debug!(peer = %car.open.peer, error = %e, "cannot serve a parked connection again"),
+                            }
+                        }
+                    }
+                }
+                () = sleep_until(sweep) => {
+                    let now = Instant::now();
+                    let mut next: Option<Instant> = None;
+                    cars.retain(|_, car| {
+                        if car.until <= now {
+                            return close(set.get_ref(), car);
+                        }
+                        next = Some(next.map_or(car.until, |n| n.min(car.until)));
+                        true
+                    });
+                    sweep = next.map(|n| n.max(now + SWEEP_GAP));
+                }
+            }
+        }
+        for (_, car) in cars.iter_mut() {
+            close(set.get_ref(), car);
+        }
+    }
+}
+
+/// Takes a parked connection out of the set and the gauge, to be served again or
+/// dropped (and so closed). Returns false: the entry is to go.
+fn close(set: &Set, car: &mut Car) -> bool {
+    let _ = set.0.registry().deregister(&mut SourceFd(&car.stream.as_raw_fd()));
+    car.open.metrics.parked_connections.fetch_sub(1, Relaxed);
+    false
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The lot's epoll set, as a descriptor the worker's event loop watches.
+struct Set(mio::Poll);
+
+/// Registers the set with the worker's event loop.
+// One of the crate's three `unsafe` calls (with `memory` and `notify`).
+#[allow(unsafe_code)]
+fn watch(poll: mio::Poll) -> std::io::Result<AsyncFd<Set>> {
+    // SAFETY: the descriptor is the `mio::Poll`'s own, which `Set` owns and does not
+    // close or replace: it stays open and the same for as long as the `AsyncFd` lives.
+    unsafe { AsyncFd::register_with_interest(Set(poll), tokio::io::Interest::READABLE) }.map_err(Into::into)
+}
+
+impl AsRawFd for Set {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
