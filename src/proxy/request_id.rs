@@ -19,13 +19,18 @@ pub fn from_headers(headers: &HeaderMap) -> HeaderValue {
 
 /// A new id: 16 hex digits of per-process randomness, then 8 or more of a counter.
 pub fn generate() -> HeaderValue {
-    static PREFIX: OnceLock<u64> = OnceLock::new();
+    // The prefix's digits are written once per process.
+    static PREFIX: OnceLock<[u8; 16]> = OnceLock::new();
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let prefix = *PREFIX.get_or_init(|| RandomState::new().hash_one(std::process::id()));
+    let prefix = PREFIX.get_or_init(|| {
+        let mut digits = [0u8; 16];
+        hex(&mut digits, RandomState::new().hash_one(std::process::id()));
+        digits
+    });
     let n = COUNTER.fetch_add(1, Relaxed);
     // Written by hand: `format!` costs more than the rest of the id's work together.
     let mut id = [0u8; 32];
-    hex(&mut id[..16], prefix);
+    id[..16].copy_from_slice(prefix);
     let digits = (64 - (n | 0xffff_ffff).leading_zeros()).div_ceil(4) as usize;
     hex(&mut id[16..16 + digits], n);
     HeaderValue::from_bytes(&id[..16 + digits]).expect("hex is a valid header value")
