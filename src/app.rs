@@ -88,7 +88,7 @@ async fn housekeeping(runtime: SharedRuntime, stop: CancellationToken) {
     let mut ticker = tokio::time::interval(std::time::Duration::from_secs(1));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let limits_every = crate::limit::SWEEP_EVERY.as_secs().max(1);
-    let (mut ticks, mut parks_seen) = (0u64, 0);
+    let (mut ticks, mut parks_seen, mut freed) = (0u64, 0, false);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -103,8 +103,11 @@ async fn housekeeping(runtime: SharedRuntime, stop: CancellationToken) {
             }
         }
         let parks = rt.metrics.parks.load(std::sync::atomic::Ordering::Relaxed);
-        if closed > 0 || (parks != parks_seen && ticks % 2 == 0) {
-            parks_seen = parks;
+        freed |= closed > 0 || parks != parks_seen;
+        parks_seen = parks;
+        // At most every 2 s: the trim takes the allocator's locks the workers use too.
+        if freed && ticks % 2 == 0 {
+            freed = false;
             crate::memory::release_free_memory();
         }
     }

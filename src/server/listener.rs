@@ -51,11 +51,14 @@ pub fn bind_single(addrs: &[SocketAddr]) -> Result<Vec<std::net::TcpListener>, B
 /// the same port still fails with "cannot listen" instead of silently sharing it.
 fn bind_shared(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
     let shared = n > 1;
-    let mut addr = addr;
-    if shared {
-        // Port 0 becomes the port the check was given, which the shared sockets then take.
-        addr = socket(addr, false)?.local_addr()?;
-    }
+    // Port 0 becomes the port the check was given, which the shared sockets then take;
+    // the check stays bound (never listening) until they listen, so nothing takes the
+    // port in between.
+    let check = if shared { Some(socket(addr, false)?) } else { None };
+    let addr = match &check {
+        Some(check) => check.local_addr()?,
+        None => addr,
+    };
     (0..n.max(1))
         .map(|_| {
             let s = socket(addr, shared)?;

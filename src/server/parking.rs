@@ -116,13 +116,11 @@ impl Lot {
     /// Holds this worker's parked connections until `stop` (or a failure of its epoll
     /// set, logged), then closes them and every one parked later.
     pub async fn run(self: Arc<Self>, resume: Resume, stop: CancellationToken) {
+        // Closes the lot however the task ends, a panic included.
+        let _closing = Closing(&self);
         match mio::Poll::new().and_then(watch) {
             Ok(set) => self.hold(set, resume, stop).await,
             Err(e) => tracing::error!(error = %e, "cannot make a parking lot; idle connections will be closed instead"),
-        }
-        self.closed.store(true, Relaxed);
-        for (_, open) in std::mem::take(&mut *self.arriving.lock().expect("parking lot")) {
-            open.metrics.parked_connections.fetch_sub(1, Relaxed);
         }
     }
 
@@ -180,12 +178,12 @@ impl Lot {
                         }
                     };
                     events.clear();
-                    if let Err(e) = ready.get_inner_mut().0.poll(&mut events, Some(Duration::ZERO)) {
-                        tracing::debug!(error = %e, "reading a parking lot's events failed");
-                    }
-                    // A new event after this read is a new edge for the worker's event loop.
-                    if events.iter().count() < events.capacity() {
-                        ready.clear_ready();
+                    match ready.get_inner_mut().0.poll(&mut events, Some(Duration::ZERO)) {
+                        // A new event after this read is a new edge for the worker's event loop.
+                        Ok(()) if events.iter().count() < events.capacity() => ready.clear_ready(),
+                        Ok(()) => {}
+                        // Still ready: read again on the next turn.
+                        Err(e) => tracing::debug!(error = %e, "reading a parking lot's events failed"),
                     }
                     for event in &events {
                         if let Some(mut car) = cars.try_remove(event.token().0) {
@@ -213,6 +211,22 @@ impl Lot {
         }
         for (_, car) in cars.iter_mut() {
             close(set.get_ref(), car);
+        }
+    }
+}
+
+/// Marks a lot closed when its task ends, and closes what was still arriving.
+struct Closing<'a>(&'a Lot);
+
+impl Drop for Closing<'_> {
+    fn drop(&mut self) {
+        self.0.closed.store(true, Relaxed);
+        let arriving = match self.0.arriving.lock() {
+            Ok(mut arriving) => std::mem::take(&mut *arriving),
+            Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
+        };
+        for (_, open) in arriving {
+            open.metrics.parked_connections.fetch_sub(1, Relaxed);
         }
     }
 }
