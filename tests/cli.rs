@@ -261,6 +261,20 @@ fn check_bad_duration_string() {
     assert_error_at(code, &out, &err, text, line, &[key_col, val_col], &["soon"]);
 }
 
+/// A duration too long for a clock reading (a deadline now + it would overflow and
+/// panic the worker serving the first connection) is refused where it is written.
+#[test]
+fn check_absurdly_long_duration_is_refused() {
+    let text = "[timeouts]\nidle = \"500000000000y\"\n\n[upstreams.app]\nbackends = [\"http://127.0.0.1:8000\"]\n";
+    let (line, key_col) = pos_of(text, "idle =");
+    let (_, val_col) = pos_of(text, "\"500000000000y\"");
+    let (code, out, err) = check(text);
+    assert_error_at(code, &out, &err, text, line, &[key_col, val_col], &["500000000000y", "too long"]);
+    // A long but sane one is fine.
+    let (code, out, err) = check(&text.replace("500000000000y", "10y"));
+    assert_eq!(code, 0, "stdout={out:?} stderr={err:?}");
+}
+
 #[test]
 fn check_toml_syntax_error_points_at_the_line() {
     let text =

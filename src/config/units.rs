@@ -7,6 +7,10 @@ use std::time::Duration;
 use serde::de::{self, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+/// The longest duration a config may give: a deadline that far ahead still fits in a
+/// clock reading, where one of billions of years would overflow it.
+const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86_400);
+
 /// A duration written as a humantime string; serialises back to the same form.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct HumanDuration(pub Duration);
@@ -41,9 +45,13 @@ impl<'de> Deserialize<'de> for HumanDuration {
                 f.write_str(r#"a duration such as "250ms", "2s" or "1m""#)
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<HumanDuration, E> {
-                humantime::parse_duration(v.trim())
-                    .map(HumanDuration)
-                    .map_err(|e| E::custom(format!(r#"invalid duration "{v}": {e} (write e.g. "250ms", "2s", "1m")"#)))
+                let d = humantime::parse_duration(v.trim()).map_err(|e| {
+                    E::custom(format!(r#"invalid duration "{v}": {e} (write e.g. "250ms", "2s", "1m")"#))
+                })?;
+                if d > MAX_DURATION {
+                    return Err(E::custom(format!(r#"duration "{v}" is too long: at most 100 years"#)));
+                }
+                Ok(HumanDuration(d))
             }
         }
         d.deserialize_str(V)
