@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::task::Poll;
+use std::task::{Poll, Waker};
 use std::time::Duration;
 
 use mio::unix::SourceFd;
@@ -124,52 +124,25 @@ impl Lot {
         }
     }
 
-    async fn hold(&self, mut set: AsyncFd<Set>, resume: Resume, stop: CancellationToken) {
+    async fn hold(&self, set: AsyncFd<Set>, resume: Resume, stop: CancellationToken) {
         // The lot's task, which the drains of its connections wake.
         let waker = poll_fn(|cx| Poll::Ready(cx.waker().clone())).await;
-        let mut cars: Slab<Car> = Slab::new();
-        // The drains of the listeners whose connections are parked here.
-        let mut drains: Vec<Drain> = Vec::new();
+        let mut held = Held { set, cars: Slab::new(), drains: Vec::new(), sweep: None };
         let mut events = Events::with_capacity(256);
-        let mut sweep: Option<Instant> = None;
         loop {
+            let drains = &held.drains;
             let draining =
                 poll_fn(|_| if drains.iter().any(Drain::is_draining) { Poll::Ready(()) } else { Poll::Pending });
             tokio::select! {
                 () = stop.cancelled() => break,
-                () = draining => {
-                    cars.retain(|_, car| !car.open.guard.is_draining() || close(set.get_ref(), car));
-                    drains.retain(|d| !d.is_draining());
-                }
+                () = draining => held.close_draining(),
                 () = self.arrived.notified() => {
                     let arrived = std::mem::take(&mut *self.arriving.lock().expect("parking lot"));
                     for (stream, open) in arrived {
-                        let until = Instant::now() + open.limits.idle.saturating_sub(PARK_AFTER);
-                        let entry = cars.vacant_entry();
-                        let token = Token(entry.key());
-                        let mut car = Car { stream, open, until };
-                        let fd = &mut SourceFd(&car.stream.as_raw_fd());
-                        if let Err(e) = set.get_ref().0.registry().register(fd, token, Interest::READABLE) {
-                            tracing::debug!(peer = %car.open.peer, error = %e, "cannot park an idle connection; closing it");
-                            car.open.metrics.parked_connections.fetch_sub(1, Relaxed);
-                            continue;
-                        }
-                        // The lot watches the drain instead of a waker of each connection.
-                        car.open.guard.forget_waker();
-                        let drain = car.open.guard.drain();
-                        if !drains.iter().any(|d| d.same(&drain)) {
-                            drain.watch(&waker);
-                            drains.push(drain);
-                        }
-                        if car.open.guard.is_draining() {
-                            close(set.get_ref(), &mut car);
-                            continue;
-                        }
-                        sweep = Some(sweep.map_or(until, |s| s.min(until)));
-                        entry.insert(car);
+                        held.admit(stream, open, &waker);
                     }
                 }
-                ready = set.readable_mut() => {
+                ready = held.set.readable_mut() => {
                     let mut ready = match ready {
                         Ok(ready) => ready,
                         Err(e) => {
@@ -186,7 +159,7 @@ impl Lot {
                         Err(e) => tracing::debug!(error = %e, "reading a parking lot's events failed"),
                     }
                     for event in &events {
-                        if let Some(mut car) = cars.try_remove(event.token().0) {
+                        if let Some(mut car) = held.cars.try_remove(event.token().0) {
                             close(ready.get_inner(), &mut car);
                             match TcpStream::from_std(car.stream) {
                                 Ok(stream) => resume(stream, car.open),
@@ -195,23 +168,73 @@ impl Lot {
                         }
                     }
                 }
-                () = sleep_until(sweep) => {
-                    let now = Instant::now();
-                    let mut next: Option<Instant> = None;
-                    cars.retain(|_, car| {
-                        if car.until <= now {
-                            return close(set.get_ref(), car);
-                        }
-                        next = Some(next.map_or(car.until, |n| n.min(car.until)));
-                        true
-                    });
-                    sweep = next.map(|n| n.max(now + SWEEP_GAP));
-                }
+                () = sleep_until(held.sweep) => held.close_expired(),
             }
         }
-        for (_, car) in cars.iter_mut() {
-            close(set.get_ref(), car);
+        let set = held.set.get_ref();
+        for (_, car) in held.cars.iter_mut() {
+            close(set, car);
         }
+    }
+}
+
+/// What a lot's task holds.
+struct Held {
+    set: AsyncFd<Set>,
+    cars: Slab<Car>,
+    /// The drains of the listeners whose connections are parked here, each watched once.
+    drains: Vec<Drain>,
+    /// When the next expiry is due, at the earliest.
+    sweep: Option<Instant>,
+}
+
+impl Held {
+    /// Takes a connection into the set, or closes it if that fails or its listener drains.
+    fn admit(&mut self, stream: std::net::TcpStream, open: Open, waker: &Waker) {
+        let until = Instant::now() + open.limits.idle.saturating_sub(PARK_AFTER);
+        let entry = self.cars.vacant_entry();
+        let token = Token(entry.key());
+        let mut car = Car { stream, open, until };
+        let set = self.set.get_ref();
+        if let Err(e) = set.0.registry().register(&mut SourceFd(&car.stream.as_raw_fd()), token, Interest::READABLE) {
+            tracing::debug!(peer = %car.open.peer, error = %e, "cannot park an idle connection; closing it");
+            close(set, &mut car);
+            return;
+        }
+        // The lot watches the drain instead of a waker of each connection.
+        car.open.guard.forget_waker();
+        let drain = car.open.guard.drain();
+        if !self.drains.iter().any(|d| d.same(&drain)) {
+            drain.watch(waker);
+            self.drains.push(drain);
+        }
+        if car.open.guard.is_draining() {
+            close(set, &mut car);
+            return;
+        }
+        self.sweep = Some(self.sweep.map_or(until, |s| s.min(until)));
+        entry.insert(car);
+    }
+
+    /// Closes the connections whose listener drains.
+    fn close_draining(&mut self) {
+        let set = self.set.get_ref();
+        self.cars.retain(|_, car| !car.open.guard.is_draining() || close(set, car));
+        self.drains.retain(|d| !d.is_draining());
+    }
+
+    /// Closes the connections whose idle time ran out, and sets the next sweep.
+    fn close_expired(&mut self) {
+        let (set, now) = (self.set.get_ref(), Instant::now());
+        let mut next: Option<Instant> = None;
+        self.cars.retain(|_, car| {
+            if car.until <= now {
+                return close(set, car);
+            }
+            next = Some(next.map_or(car.until, |n| n.min(car.until)));
+            true
+        });
+        self.sweep = next.map(|n| n.max(now + SWEEP_GAP));
     }
 }
 
