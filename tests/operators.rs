@@ -221,7 +221,7 @@ async fn check_diff_exits_2_when_the_admin_listener_cannot_be_reached() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("balancer.toml"), config_for(&[up.addr], "")).unwrap();
     // A port nothing listens on.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let closed = dead_addr();
     let (code, out, err) = run_cli(&["--check", "--diff", &format!("http://{closed}")], dir.path());
     assert_eq!((code, out.as_str()), (2, ""), "{err}");
     assert!(err.starts_with("error: cannot read the running config:") && err.contains(&closed.to_string()), "{err}");

@@ -217,7 +217,7 @@ async fn spans_are_batched_and_follow_a_reload() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_unreachable_collector_costs_requests_nothing() {
     let up = Upstream::start("a").await;
-    let dead = dead_addr();
+    let (dead, held) = held_port();
     let b = Balancer::start(&config_with_admin(&[up.addr], &tracing(dead)), &[]);
     let mut conn = Conn::open(b.addr()).await;
     for i in 0..500 {
@@ -239,6 +239,7 @@ async fn an_unreachable_collector_costs_requests_nothing() {
     assert!(up.hits() >= 500);
 
     // The collector comes up on that port: spans flow again, and that is logged.
+    drop(held);
     let collector = Collector::start_on(dead).await;
     let arrived = wait_until(Duration::from_secs(10), || async {
         get(b.addr(), "/again").await;

@@ -283,10 +283,23 @@ pub async fn read_head(s: &mut tokio::net::TcpStream) -> String {
     String::from_utf8_lossy(&read_head_bytes(s).await).into_owned()
 }
 
-/// A free port on 127.0.0.1 with nothing listening on it (connections are refused).
+/// A port on 127.0.0.1 with nothing listening on it (connections are refused), held for
+/// the rest of the test process: a socket stays bound to it without listening, so the
+/// kernel cannot hand the port to anything else — not even to the balancer's own admin
+/// listener, which once answered a "dead" backend with the dashboard.
 pub fn dead_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
+    let (addr, held) = held_port();
+    // Never closed: the port must not come free while the test runs.
+    std::mem::forget(held);
+    addr
+}
+
+/// A port on 127.0.0.1 nothing listens on, kept from anyone else until the returned socket
+/// is dropped (for a test that brings a server up on it later).
+pub fn held_port() -> (SocketAddr, tokio::net::TcpSocket) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    (socket.local_addr().unwrap(), socket)
 }
 
 /// Reads one request head from `s` as raw bytes, through its blank line (empty at EOF).
