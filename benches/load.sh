@@ -34,7 +34,8 @@ mkdir -p "$OUT"
 install_missing wrk nginx haproxy
 [ -z "$FEATURES" ] || install_missing h2load openssl
 cargo build --release -q --bin balancer --example demo_backend
-BAL=target/release/balancer
+# BAL=path runs another build of balancer (an A/B against an older commit's binary).
+BAL=${BAL:-target/release/balancer}
 DEMO=target/release/examples/demo_backend
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 

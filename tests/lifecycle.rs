@@ -71,6 +71,64 @@ async fn sigterm_drains_in_flight_requests_and_exits_0() {
     assert!(idle.get("/").await.is_err());
 }
 
+/// Each request's access line is written while balancer runs (a worker's kept lines go out
+/// as soon as it has nothing else to do) and none is lost at exit.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_access_line_is_written_while_running_and_before_exit() {
+    let up = Upstream::start("a").await;
+    let mut b = Balancer::start(&config_for(&[up.addr], ""), &["--set", "server.workers=2"]);
+    let addr = b.addr();
+    let mut conns = Vec::new();
+    for _ in 0..4 {
+        conns.push(Conn::open(addr).await);
+    }
+    // 201 requests on each connection at once, tagged with their round (201: batches of
+    // lines of one length could come out even at a round number).
+    async fn burst(conns: Vec<Conn>, round: u32) -> Vec<Conn> {
+        let tasks: Vec<_> = conns
+            .into_iter()
+            .enumerate()
+            .map(|(c, mut conn)| {
+                tokio::spawn(async move {
+                    for i in 0..201 {
+                        let r = conn.get(&format!("/{round}/{c}/{i}")).await.unwrap();
+                        assert_eq!(r.status, 200);
+                    }
+                    conn
+                })
+            })
+            .collect();
+        let mut conns = Vec::new();
+        for t in tasks {
+            conns.push(t.await.unwrap());
+        }
+        conns
+    }
+    let lines = |b: &Balancer, round: u32| {
+        b.access_logs()
+            .iter()
+            .filter(|l| l["path"].as_str().is_some_and(|p| p.starts_with(&format!("/{round}/"))))
+            .count()
+    };
+    let conns = burst(conns, 1).await;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while lines(&b, 1) < 804 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(lines(&b, 1), 804, "access lines of 804 answered requests, 2 s after the last");
+
+    // The same again, then SIGTERM as soon as the last answer is in.
+    let conns = burst(conns, 2).await;
+    b.signal("TERM");
+    assert!(b.wait_exit(Duration::from_secs(5)).success());
+    drop(conns);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while lines(&b, 2) < 804 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(lines(&b, 2), 804, "access lines of the 804 requests answered just before SIGTERM");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sigint_with_a_stuck_request_exits_0_after_shutdown_grace() {
     let up = Upstream::start("a").await;

@@ -1,10 +1,16 @@
 //! The access-log line, formatted by hand: the same text and JSON as `tracing`'s `fmt`
 //! layer writes for the `access` target (tests, the ELK config and users' parsers read it),
-//! at a fraction of the cost. The line goes into a per-thread buffer and, in one message,
-//! to the log thread's queue; no lock is taken and no `fmt::Arguments` built on the usual
-//! path (ASCII fields, IPv4 clients).
+//! at a fraction of the cost. The line goes into a per-thread buffer; no lock is taken and
+//! no `fmt::Arguments` built on the usual path (ASCII fields, IPv4 clients).
+//!
+//! On a worker thread ([`batch_here`]) the buffer collects lines until the thread runs
+//! out of work ([`flush_here`], called as its runtime parks) or holds [`FLUSH_AT`] bytes,
+//! then goes to the log thread's queue in one message: a busy worker queues, and wakes the
+//! log thread, once per batch of requests rather than per request (nginx's `buffer=`),
+//! and an idle one has written everything before it sleeps. Other threads queue each line
+//! as it is made.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io::Write as _;
 use std::net::IpAddr;
 use std::sync::OnceLock;
@@ -40,17 +46,48 @@ pub struct AccessLine<'a> {
     pub complete: bool,
 }
 
-/// A thread's line buffer, its clone of the log queue's sender, and the timestamp's
-/// formatted second (`2026-12-05T13:58:45.`), remade when the second changes.
+/// A worker's buffered lines are queued once they reach this many bytes (about 30 text
+/// lines), if the thread has not run out of work before.
+pub const FLUSH_AT: usize = 8 * 1024;
+
+/// A thread's lines not queued yet, its clone of the log queue's sender, and the
+/// timestamp's formatted second (`2026-12-05T13:58:45.`), remade when the second changes.
 struct Local {
-    line: Vec<u8>,
+    pending: Vec<u8>,
     writer: NonBlocking,
     second: u64,
     second_text: [u8; 20],
 }
 
+impl Local {
+    fn flush(&mut self) {
+        // The queue never fails a write but when the log thread is gone (shutdown).
+        let _ = self.writer.write_all(&self.pending);
+        self.pending.clear();
+    }
+}
+
 thread_local! {
     static LOCAL: RefCell<Option<Local>> = const { RefCell::new(None) };
+    /// Set on threads that call [`flush_here`] whenever they run out of work.
+    static BATCHED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Keeps this thread's lines until [`flush_here`] or [`FLUSH_AT`]: for threads that
+/// promise to call `flush_here` before they sleep (the workers, as their runtime parks).
+pub fn batch_here() {
+    BATCHED.with(|b| b.set(true));
+}
+
+/// Queues the lines this thread has kept, if any.
+pub fn flush_here() {
+    LOCAL.with(|local| {
+        let Ok(mut local) = local.try_borrow_mut() else { return };
+        match local.as_mut() {
+            Some(local) if !local.pending.is_empty() => local.flush(),
+            _ => {}
+        }
+    });
 }
 
 /// Formats `line` and queues it for the log thread. Does nothing when logging was not
@@ -60,12 +97,11 @@ pub fn write(line: &AccessLine<'_>) {
     LOCAL.with(|local| {
         let Ok(mut local) = local.try_borrow_mut() else { return };
         let local = local.get_or_insert_with(|| Local {
-            line: Vec::with_capacity(512),
+            pending: Vec::with_capacity(512),
             writer: sink.writer.clone(),
             second: u64::MAX,
             second_text: [0; 20],
         });
-        local.line.clear();
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         if now.as_secs() != local.second {
             local.second = now.as_secs();
@@ -80,11 +116,12 @@ pub fn write(line: &AccessLine<'_>) {
         zero_padded(&mut timestamp[20..26], now.subsec_micros());
         timestamp[26] = b'Z';
         match sink.format {
-            LogFormat::Text => text(&mut local.line, &timestamp, line),
-            LogFormat::Json => json(&mut local.line, &timestamp, line),
+            LogFormat::Text => text(&mut local.pending, &timestamp, line),
+            LogFormat::Json => json(&mut local.pending, &timestamp, line),
         }
-        // The queue never fails a write but when the log thread is gone (shutdown).
-        let _ = local.writer.write_all(&local.line);
+        if local.pending.len() >= FLUSH_AT || !BATCHED.with(Cell::get) {
+            local.flush();
+        }
     });
 }
 
@@ -357,6 +394,8 @@ mod tests {
     fn timestamps_are_rfc3339_with_microseconds() {
         let (writer, _guard) = tracing_appender::non_blocking(std::io::sink());
         let _ = SINK.set(Sink { writer, format: LogFormat::Text });
+        // Kept, so that the line can be read back.
+        batch_here();
         let before = SystemTime::now();
         write(&AccessLine {
             client: "127.0.0.1".parse().unwrap(),
@@ -371,7 +410,7 @@ mod tests {
             trace_id: "-",
             complete: true,
         });
-        let line = LOCAL.with(|l| String::from_utf8(l.borrow().as_ref().unwrap().line.clone()).unwrap());
+        let line = LOCAL.with(|l| String::from_utf8(l.borrow().as_ref().unwrap().pending.clone()).unwrap());
         let stamp = &line[..27];
         let parsed = humantime::parse_rfc3339(stamp).unwrap();
         let after = SystemTime::now();

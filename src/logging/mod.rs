@@ -4,8 +4,9 @@
 //! format is fixed at start-up.
 //!
 //! Lines are written by a thread of their own (tracing-appender's non-blocking writer):
-//! a request pays for formatting its access-log line and queueing it, not for a write(2)
-//! under stderr's lock; the thread writes whatever has queued up in one go. Nothing is
+//! a request pays for formatting its access-log line, not for a write(2) under stderr's
+//! lock; workers queue their access lines in batches (see [`access`]), and the thread
+//! writes whatever has queued up in one go. Nothing is
 //! dropped: past [`LINES_QUEUED`] waiting lines, loggers wait, as a blocking write would.
 
 pub mod access;

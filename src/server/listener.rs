@@ -216,6 +216,7 @@ impl Listeners {
             all &= d.await.unwrap_or(false);
         }
         self.lots_stop.cancel();
+        self.workers.flush_logs().await;
         all
     }
 }

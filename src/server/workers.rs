@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 use tokio::runtime::{Builder, Handle};
 
+use crate::logging::access;
+
 /// The worker threads; each runs an accept loop on every listener.
 #[derive(Debug)]
 pub struct Workers {
@@ -36,10 +38,12 @@ impl Workers {
     pub fn start(n: usize) -> std::io::Result<Workers> {
         let mut handles = Vec::with_capacity(n.max(1));
         for i in 0..n.max(1) {
-            let rt = Builder::new_current_thread().enable_all().build()?;
+            // Access-log lines are kept per worker and queued whenever it runs out of work.
+            let rt = Builder::new_current_thread().enable_all().on_thread_park(access::flush_here).build()?;
             handles.push(rt.handle().clone());
             std::thread::Builder::new().name(format!("balancer-worker-{i}")).spawn(move || {
                 crate::worker::set_current(i);
+                access::batch_here();
                 rt.block_on(std::future::pending::<()>());
             })?;
         }
@@ -62,6 +66,15 @@ impl Workers {
         let worker = if fewest + 2 + fewest / 4 <= mine { least } else { me };
         self.open[worker].fetch_add(1, Relaxed);
         (worker, Served { open: self.open.clone(), worker })
+    }
+
+    /// Queues the access-log lines the workers still keep: for the end, once their
+    /// connections are gone and before the log thread writes its last.
+    pub async fn flush_logs(&self) {
+        let flushes: Vec<_> = self.handles.iter().map(|h| h.spawn(async { access::flush_here() })).collect();
+        for f in flushes {
+            let _ = f.await;
+        }
     }
 
     pub fn handles(&self) -> &[Handle] {
