@@ -315,7 +315,7 @@ fn parse_at<B>(
     let headers = super::header_map(&head, spans, 0).ok_or(Reject::BadRequest("invalid header field"))?;
 
     let (mut close, mut keep) = (false, false);
-    for token in headers.get_all(header::CONNECTION).iter().flat_map(|v| super::tokens(v.as_bytes())) {
+    for token in super::values(&headers, &header::CONNECTION).flat_map(|v| super::tokens(v.as_bytes())) {
         close |= token.eq_ignore_ascii_case(b"close");
         keep |= token.eq_ignore_ascii_case(b"keep-alive");
     }
@@ -330,7 +330,7 @@ fn parse_at<B>(
     io.continue_left = 0;
     if has_body
         && version == Version::HTTP_11
-        && headers.get(header::EXPECT).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+        && super::value(&headers, &header::EXPECT).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
     {
         io.continue_left = CONTINUE.len();
     }

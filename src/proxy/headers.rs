@@ -9,7 +9,7 @@ use http::{Method, Version};
 use super::request_id::X_REQUEST_ID;
 use super::trace::{TRACEPARENT, TRACESTATE, TraceContext};
 use crate::backend::RequestFraming;
-use crate::http1::{HOP_BY_HOP, RawFields, put_field};
+use crate::http1::{HOP_BY_HOP, RawFields, put_field, value, values};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -22,7 +22,7 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// Calls `f` with each header name listed in `Connection` (lower-cased by `HeaderName`).
 /// Works on the raw bytes: a token that is not text is skipped, but cannot hide the others.
 pub(crate) fn connection_tokens(headers: &HeaderMap, mut f: impl FnMut(&str)) {
-    for v in headers.get_all(header::CONNECTION) {
+    for v in values(headers, &header::CONNECTION) {
         for token in crate::http1::tokens(v.as_bytes()) {
             if let Ok(t) = std::str::from_utf8(token) {
                 f(t);
@@ -59,7 +59,7 @@ fn is_connection_specific(name: &HeaderName, headers: &HeaderMap, has_connection
 pub fn client_host(parts: &Parts) -> Option<HeaderValue> {
     match parts.uri.authority() {
         Some(a) => HeaderValue::from_str(a.as_str()).ok(),
-        None => parts.headers.get(header::HOST).cloned(),
+        None => value(&parts.headers, &header::HOST).cloned(),
     }
 }
 
@@ -156,7 +156,7 @@ pub fn write_request_head(
     let src = &parts.headers;
     // A scan of the names is cheaper than a hashed lookup for the few a request has.
     let has_connection = src.keys().any(|n| n == header::CONNECTION);
-    let mut has_xff = false;
+    let (mut has_xff, mut has_length) = (false, false);
     // HTTP/2 clients may split Cookie into several fields; HTTP/1.1 wants one (RFC 9113 8.2.3).
     let join_cookies = parts.version == Version::HTTP_2 && src.get_all(header::COOKIE).iter().nth(1).is_some();
     let mut cookies_written = false;
@@ -165,8 +165,11 @@ pub fn write_request_head(
             has_xff = true;
             continue;
         }
+        if name == header::CONTENT_LENGTH {
+            has_length = true;
+            continue;
+        }
         if name == header::HOST
-            || name == header::CONTENT_LENGTH
             || name == header::EXPECT
             || name == X_FORWARDED_PROTO
             || name == X_FORWARDED_HOST
@@ -224,9 +227,7 @@ pub fn write_request_head(
         }
         RequestFraming::Empty => {
             // An empty body still says so where a body is expected or the client said so.
-            if src.contains_key(header::CONTENT_LENGTH)
-                || matches!(parts.method, Method::POST | Method::PUT | Method::PATCH)
-            {
+            if has_length || matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) {
                 out.extend_from_slice(b"content-length: 0\r\n");
             }
         }

@@ -70,7 +70,7 @@ pub async fn handle(
 ) -> Result<Response<ResponseBody>, Infallible> {
     let request_id = request_id::from_headers(req.headers());
     let trace = trace::TraceContext::from_headers(req.headers());
-    let client_upgrade = if req.headers().contains_key(header::UPGRADE) {
+    let client_upgrade = if crate::http1::value(req.headers(), &header::UPGRADE).is_some() {
         Some(match req.extensions_mut().remove::<PendingUpgrade>() {
             Some(pending) => ClientUpgrade::Http1(pending.take()),
             None => ClientUpgrade::Hyper(hyper::upgrade::on(&mut req)),

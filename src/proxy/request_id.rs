@@ -11,7 +11,7 @@ pub static X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-req
 
 /// The client's `X-Request-Id` if it is 1..=200 visible ASCII characters, else a new one.
 pub fn from_headers(headers: &HeaderMap) -> HeaderValue {
-    match headers.get(&X_REQUEST_ID) {
+    match crate::http1::value(headers, &X_REQUEST_ID) {
         Some(v) if (1..=200).contains(&v.len()) && v.as_bytes().iter().all(|b| b.is_ascii_graphic()) => v.clone(),
         _ => generate(),
     }
