@@ -11,7 +11,7 @@ use http::{HeaderValue, Response, StatusCode, header};
 use super::body::ResponseBody;
 use super::error::ProxyError;
 use super::log::RequestLog;
-use super::request_id::X_REQUEST_ID;
+use super::request_id::{RequestId, X_REQUEST_ID};
 
 /// What balancer answers on its own.
 #[derive(Debug)]
@@ -85,13 +85,13 @@ impl Answer {
     }
 
     /// The answer as a whole HTTP/1.1 response, for a connection that writes it raw.
-    pub fn to_bytes(&self, request_id: &HeaderValue) -> Bytes {
+    pub fn to_bytes(&self, request_id: &RequestId) -> Bytes {
         let mut out = format!(
             "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nx-request-id: {}\r\n",
             self.status.as_u16(),
             self.status.canonical_reason().unwrap_or(""),
             self.reason.len() + 1,
-            request_id.to_str().unwrap_or("-"),
+            request_id.as_str(),
         );
         if self.closes {
             out.push_str("connection: close\r\n");
@@ -113,7 +113,7 @@ impl Answer {
     /// The answer as the request path's response; `log` records its status.
     pub fn into_response(self, mut log: RequestLog) -> Response<ResponseBody> {
         log.status = self.status.as_u16();
-        let request_id = log.request_id.clone();
+        let request_id = log.request_id.to_header_value();
         let mut resp = Response::new(ResponseBody::full(Bytes::from(format!("{}\n", self.reason)), log));
         *resp.status_mut() = self.status;
         let h = resp.headers_mut();
@@ -138,7 +138,7 @@ impl ProxyError {
     /// Logs the error (server errors at warn) and answers it.
     pub fn into_response(self, log: RequestLog) -> Response<ResponseBody> {
         let answer = Answer::of(&self);
-        let request_id = log.request_id.to_str().unwrap_or("-");
+        let request_id = log.request_id.as_str();
         // A failing limit store is logged once per change of its state, not per request.
         if answer.status.is_server_error() && !matches!(self, ProxyError::LimitStoreDown { .. }) {
             tracing::warn!(status = answer.status.as_u16(), request_id, "{self}");
@@ -156,7 +156,7 @@ mod tests {
     #[test]
     fn a_raw_answer_is_one_whole_response() {
         let a = Answer::of(&ProxyError::UriTooLong { max: 64 });
-        let raw = a.to_bytes(&HeaderValue::from_static("rid"));
+        let raw = a.to_bytes(&RequestId::Sent(HeaderValue::from_static("rid")));
         let mut slots = [httparse::EMPTY_HEADER; 8];
         let mut r = httparse::Response::new(&mut slots);
         let len = match r.parse(&raw).unwrap() {

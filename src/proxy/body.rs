@@ -193,7 +193,7 @@ impl ResponseBody {
 
     /// The backend's fields, when [`Self::passing`] them, and the request id that goes
     /// with them; the server writes both.
-    pub fn take_fields(&mut self) -> Option<(RawFields, &http::HeaderValue)> {
+    pub fn take_fields(&mut self) -> Option<(RawFields, &super::request_id::RequestId)> {
         Some((self.fields.take()?, &self.log.request_id))
     }
 

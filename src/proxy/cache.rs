@@ -20,7 +20,7 @@ use super::conn::{ConnActivity, ConnInfo};
 use super::error::ProxyError;
 use super::forward::{self, Proxied};
 use super::log::RequestLog;
-use super::request_id::X_REQUEST_ID;
+use super::request_id::{RequestId, X_REQUEST_ID};
 use crate::backend::{ConnBody, Framing, InflightGuard};
 use crate::balance::Affinity;
 use crate::cache::{Cache, Counted, Entry, Fill, Found, Next, Outcome, Reader, Role, Storable, age_value};
@@ -98,7 +98,7 @@ impl Stored {
     pub(super) fn into_response(self, mut log: RequestLog) -> Response<ResponseBody> {
         log.status = self.status.as_u16();
         let mut headers = self.headers;
-        headers.insert(X_REQUEST_ID.clone(), log.request_id.clone());
+        headers.insert(X_REQUEST_ID.clone(), log.request_id.to_header_value());
         let body = match self.body {
             StoredBody::Whole(bytes) => ResponseBody::full(bytes, log),
             StoredBody::Arriving(reader) => ResponseBody::shared(reader, log),
@@ -455,7 +455,7 @@ struct Revalidation {
 }
 
 impl Revalidation {
-    async fn run(self, rt: Arc<Runtime>, conn: Arc<ConnInfo>, dest: Destination, request_id: HeaderValue) {
+    async fn run(self, rt: Arc<Runtime>, conn: Arc<ConnInfo>, dest: Destination, request_id: RequestId) {
         let Revalidation { cache, key, entry, sent, leader } = self;
         // Logged like any request, but holding no client connection busy.
         let mut log = RequestLog {

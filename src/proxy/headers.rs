@@ -6,7 +6,7 @@ use http::request::Parts;
 use http::uri::Authority;
 use http::{Method, Version};
 
-use super::request_id::X_REQUEST_ID;
+use super::request_id::{RequestId, X_REQUEST_ID};
 use super::trace::{TRACEPARENT, TRACESTATE, TraceContext};
 use crate::backend::RequestFraming;
 use crate::http1::{HOP_BY_HOP, RawFields, put_field, value, values};
@@ -68,7 +68,7 @@ pub struct Forwarded<'a> {
     /// The peer's address as text (formatted once per connection).
     pub client_ip: &'a str,
     pub proto: &'static str,
-    pub request_id: &'a HeaderValue,
+    pub request_id: &'a RequestId,
     /// The backend's `traceparent` (balancer's span as the parent); the client's
     /// `tracestate` goes along only when its trace is continued.
     pub trace: &'a TraceContext,
@@ -237,13 +237,13 @@ pub fn write_request_head(
 
 /// Strips hop-by-hop headers from a backend's response (keeping `Upgrade` on a 101) and
 /// sets the request id.
-pub fn rewrite_response(headers: &mut HeaderMap, switching: bool, request_id: &HeaderValue) {
+pub fn rewrite_response(headers: &mut HeaderMap, switching: bool, request_id: &RequestId) {
     // Most responses carry none of them: one pass over the names instead of a removal
     // (a hash and a probe) per name.
     if headers.keys().any(is_hop_by_hop) {
         strip_hop_by_hop(headers, switching);
     }
-    headers.insert(X_REQUEST_ID.clone(), request_id.clone());
+    headers.insert(X_REQUEST_ID.clone(), request_id.to_header_value());
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap, switching: bool) {
@@ -272,7 +272,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, switching: bool) {
 /// them: hop-by-hop fields out, this request's `X-Request-Id` in place of any the backend
 /// sent. Only for a response that does not switch protocols and whose `Connection` names no
 /// other field (`Head::names_fields`). Says whether `Date` and `Content-Length` were there.
-pub fn write_response_fields(out: &mut Vec<u8>, fields: &RawFields, request_id: &HeaderValue) -> (bool, bool) {
+pub fn write_response_fields(out: &mut Vec<u8>, fields: &RawFields, request_id: &RequestId) -> (bool, bool) {
     let (mut has_date, mut has_length) = (false, false);
     for (name, value) in fields.iter() {
         let is = |known: &str| name.eq_ignore_ascii_case(known.as_bytes());
@@ -336,7 +336,7 @@ mod tests {
             .body(())
             .unwrap();
         let (parts, ()) = req.into_parts();
-        let rid = HeaderValue::from_static("rid");
+        let rid = RequestId::Sent(HeaderValue::from_static("rid"));
         let trace = TraceContext::from_headers(&parts.headers);
         let host = client_host(&parts);
         let backend: Authority = "127.0.0.1:9000".parse().unwrap();

@@ -4,9 +4,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use http::{HeaderValue, Method, Uri};
+use http::{Method, Uri};
 
 use super::ActivityGuard;
+use super::request_id::RequestId;
 use super::trace::TraceContext;
 use crate::backend::Backend;
 use crate::logging::access::{self, AccessLine};
@@ -22,7 +23,7 @@ pub struct RequestLog {
     pub client: SocketAddr,
     pub method: Method,
     pub uri: Uri,
-    pub request_id: HeaderValue,
+    pub request_id: RequestId,
     /// The W3C trace this request belongs to (continued or started here).
     pub trace: TraceContext,
     pub status: u16,
@@ -71,7 +72,7 @@ impl RequestLog {
     pub fn note_broken(&mut self, e: &dyn std::fmt::Display) {
         self.broken = true;
         if let Some(b) = self.backend() {
-            tracing::warn!(backend = %b.url, error = %e, request_id = self.request_id.to_str().unwrap_or("-"), "backend response body broke off");
+            tracing::warn!(backend = %b.url, error = %e, request_id = self.request_id.as_str(), "backend response body broke off");
         }
     }
 }
@@ -104,7 +105,7 @@ impl Drop for RequestLog {
             backend: self.backend().map_or("-", |b| &*b.url),
             duration_micros: micros,
             bytes: self.bytes,
-            request_id: self.request_id.to_str().unwrap_or("-"),
+            request_id: self.request_id.as_str(),
             trace_id: self.trace.trace_id(),
             complete: !self.broken,
         });
