@@ -20,7 +20,7 @@ const STORABLE_STATUSES: &[u16] = &[200, 203, 204, 300, 301, 308, 404, 405, 410,
 /// Fields a stored response does not keep: per-connection ones, the length (the server
 /// writes the stored body's), and the request id (each answer carries its own).
 fn not_stored(name: &str) -> bool {
-    crate::http1::HOP_BY_HOP.contains(&name) || matches!(name, "content-length" | "x-request-id" | "cache-status")
+    crate::http1::is_hop_by_hop(name.as_bytes()) || matches!(name, "content-length" | "x-request-id" | "cache-status")
 }
 
 /// The options for a shared cache that never guesses a freshness lifetime.

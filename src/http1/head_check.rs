@@ -104,11 +104,13 @@ pub fn check(head: &[u8]) -> Result<Body, Reject> {
 
 /// Every LF must end a CRLF pair (leading empty lines included).
 pub fn check_line_ends(head: &[u8]) -> Result<(), Reject> {
-    // Counted rather than searched: both counts compile to vector code.
-    let lf = head.iter().filter(|&&b| b == b'\n').count();
-    let crlf = head.iter().zip(&head[1.min(head.len())..]).filter(|&(&a, &b)| a == b'\r' && b == b'\n').count();
-    if lf != crlf {
-        return Err(Reject::BadRequest("bare LF in the request head"));
+    // The LFs found by `memchr` (vector code), then the byte before each: a dozen checks
+    // for a usual head, where counting LFs and CRLF pairs took two passes of ~200
+    // instructions each.
+    for i in memchr::memchr_iter(b'\n', head) {
+        if i == 0 || head[i - 1] != b'\r' {
+            return Err(Reject::BadRequest("bare LF in the request head"));
+        }
     }
     Ok(())
 }
@@ -313,6 +315,18 @@ fn trim(v: &[u8]) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_lf_must_end_a_crlf() {
+        for ok in [&b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"[..], b"", b"no line end", b"\r\r\n"] {
+            assert!(check_line_ends(ok).is_ok(), "{:?}", String::from_utf8_lossy(ok));
+        }
+        for bad in
+            [&b"\nGET / HTTP/1.1\r\n\r\n"[..], b"GET / HTTP/1.1\nHost: a\r\n\r\n", b"GET / HTTP/1.1\r\n\n", b"\n"]
+        {
+            assert!(check_line_ends(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
 
     #[test]
     fn later_minor_versions_are_served_as_1_1_and_other_majors_refused() {

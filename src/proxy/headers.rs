@@ -16,7 +16,7 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 fn is_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP.contains(&name.as_str())
+    crate::http1::is_hop_by_hop(name.as_str().as_bytes())
 }
 
 /// Calls `f` with each header name listed in `Connection` (lower-cased by `HeaderName`).
@@ -276,7 +276,7 @@ pub fn write_response_fields(out: &mut Vec<u8>, fields: &RawFields, request_id: 
     let (mut has_date, mut has_length) = (false, false);
     for (name, value) in fields.iter() {
         let is = |known: &str| name.eq_ignore_ascii_case(known.as_bytes());
-        if HOP_BY_HOP.iter().any(|h| is(h)) || is(X_REQUEST_ID.as_str()) {
+        if crate::http1::is_hop_by_hop(name) || is(X_REQUEST_ID.as_str()) {
             continue;
         }
         has_date |= is("date");
