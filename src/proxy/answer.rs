@@ -111,7 +111,7 @@ impl Answer {
     }
 
     /// The answer as the request path's response; `log` records its status.
-    pub fn into_response(self, mut log: RequestLog) -> Response<ResponseBody> {
+    pub fn into_response(self, mut log: Box<RequestLog>) -> Response<ResponseBody> {
         log.status = self.status.as_u16();
         let request_id = log.request_id.to_header_value();
         let mut resp = Response::new(ResponseBody::full(Bytes::from(format!("{}\n", self.reason)), log));
@@ -136,7 +136,7 @@ impl Answer {
 
 impl ProxyError {
     /// Logs the error (server errors at warn) and answers it.
-    pub fn into_response(self, log: RequestLog) -> Response<ResponseBody> {
+    pub fn into_response(self, log: Box<RequestLog>) -> Response<ResponseBody> {
         let answer = Answer::of(&self);
         let request_id = log.request_id.as_str();
         // A failing limit store is logged once per change of its state, not per request.

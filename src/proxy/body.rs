@@ -167,22 +167,21 @@ enum Kind {
 }
 
 impl ResponseBody {
-    pub fn upstream(body: ConnBody, log: RequestLog, inflight: InflightGuard) -> ResponseBody {
-        let mut b =
-            ResponseBody { kind: Kind::Upstream(body), log: Box::new(log), inflight: Some(inflight), fields: None };
+    pub fn upstream(body: ConnBody, log: Box<RequestLog>, inflight: InflightGuard) -> ResponseBody {
+        let mut b = ResponseBody { kind: Kind::Upstream(body), log, inflight: Some(inflight), fields: None };
         if http_body::Body::is_end_stream(&b) {
             b.ended();
         }
         b
     }
 
-    pub fn full(bytes: Bytes, log: RequestLog) -> ResponseBody {
-        ResponseBody { kind: Kind::Full(Some(bytes)), log: Box::new(log), inflight: None, fields: None }
+    pub fn full(bytes: Bytes, log: Box<RequestLog>) -> ResponseBody {
+        ResponseBody { kind: Kind::Full(Some(bytes)), log, inflight: None, fields: None }
     }
 
     /// A response read from the cache's tee as the backend sends it.
-    pub(crate) fn shared(reader: Reader, log: RequestLog) -> ResponseBody {
-        ResponseBody { kind: Kind::Shared(reader), log: Box::new(log), inflight: None, fields: None }
+    pub(crate) fn shared(reader: Reader, log: Box<RequestLog>) -> ResponseBody {
+        ResponseBody { kind: Kind::Shared(reader), log, inflight: None, fields: None }
     }
 
     /// Carries the backend's `fields` to the server, which writes them.

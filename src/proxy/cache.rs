@@ -50,7 +50,7 @@ pub(super) struct Teeing {
 impl Teeing {
     /// Starts reading the backend's `body` into the store; gives this request's body.
     /// The client leaving then cancels nothing: the task reads on for the others.
-    pub(super) fn start(self, body: ConnBody, inflight: InflightGuard, log: RequestLog) -> ResponseBody {
+    pub(super) fn start(self, body: ConnBody, inflight: InflightGuard, log: Box<RequestLog>) -> ResponseBody {
         tokio::spawn(fill(self.fill, body, inflight, self.quiet));
         ResponseBody::shared(self.reader, log)
     }
@@ -95,7 +95,7 @@ pub(super) enum StoredBody {
 
 impl Stored {
     /// The client's response; `log` goes with its body.
-    pub(super) fn into_response(self, mut log: RequestLog) -> Response<ResponseBody> {
+    pub(super) fn into_response(self, mut log: Box<RequestLog>) -> Response<ResponseBody> {
         log.status = self.status.as_u16();
         let mut headers = self.headers;
         headers.insert(X_REQUEST_ID.clone(), log.request_id.to_header_value());
@@ -458,7 +458,7 @@ impl Revalidation {
     async fn run(self, rt: Arc<Runtime>, conn: Arc<ConnInfo>, dest: Destination, request_id: RequestId) {
         let Revalidation { cache, key, entry, sent, leader } = self;
         // Logged like any request, but holding no client connection busy.
-        let mut log = RequestLog {
+        let mut log = Box::new(RequestLog {
             start: Instant::now(),
             client: conn.peer,
             method: Method::GET,
@@ -472,7 +472,7 @@ impl Revalidation {
             bytes: 0,
             broken: false,
             _activity: Arc::new(ConnActivity::default()).begin(),
-        };
+        });
         let upstream = &rt.upstreams[dest.upstream];
         let result = forward::forward(
             &rt,

@@ -23,7 +23,7 @@ pub fn response(
     proxied: Proxied,
     conn: &ConnInfo,
     client_upgrade: Option<ClientUpgrade>,
-    mut log: RequestLog,
+    mut log: Box<RequestLog>,
     teeing: Option<Teeing>,
 ) -> Response<ResponseBody> {
     let Proxied { head, inflight, conn: backend_conn, upload, set_cookie } = proxied;
@@ -73,7 +73,7 @@ pub fn response(
 
 /// The client's body: the backend's, or, for a response being stored, its reader of the
 /// cache's copy.
-fn backend_body(body: ConnBody, log: RequestLog, inflight: InflightGuard, teeing: Option<Teeing>) -> ResponseBody {
+fn backend_body(body: ConnBody, log: Box<RequestLog>, inflight: InflightGuard, teeing: Option<Teeing>) -> ResponseBody {
     match teeing {
         Some(t) => t.start(body, inflight, log),
         None => ResponseBody::upstream(body, log, inflight),
