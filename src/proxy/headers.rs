@@ -154,8 +154,7 @@ pub fn write_request_head(
     }
     out.extend_from_slice(b"\r\n");
     let src = &parts.headers;
-    // A scan of the names is cheaper than a hashed lookup for the few a request has.
-    let has_connection = src.keys().any(|n| n == header::CONNECTION);
+    let has_connection = value(src, &header::CONNECTION).is_some();
     let (mut has_xff, mut has_length) = (false, false);
     // HTTP/2 clients may split Cookie into several fields; HTTP/1.1 wants one (RFC 9113 8.2.3).
     let join_cookies = parts.version == Version::HTTP_2 && src.get_all(header::COOKIE).iter().nth(1).is_some();

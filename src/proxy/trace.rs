@@ -33,8 +33,7 @@ pub struct TraceContext {
 impl TraceContext {
     /// Continues the client's trace when its `traceparent` is valid, else starts one.
     pub fn from_headers(headers: &HeaderMap) -> TraceContext {
-        // A scan of the few fields a request has costs less than a hashed lookup.
-        let mut all = headers.iter().filter(|(name, _)| **name == TRACEPARENT).map(|(_, v)| v);
+        let mut all = crate::http1::values(headers, &TRACEPARENT);
         let parent = match (all.next(), all.next()) {
             (Some(v), None) => parse(v.as_bytes()),
             // None, or several: not a trace to continue.

@@ -202,7 +202,8 @@ impl Listeners {
     }
 
     /// Stops accepting at once on every listener, then lets open connections finish their
-    /// requests for up to `grace`. Returns whether every connection was done in time.
+    /// requests for up to `grace`, then has every worker queue the access-log lines it
+    /// still keeps. Returns whether every connection was done in time.
     pub async fn shutdown(self, grace: Duration) -> bool {
         for e in &self.entries {
             e.stop.cancel();
